@@ -1,0 +1,143 @@
+"""The aiohttp application: routes, the shared runtime, start-up and shutdown.
+
+``Runtime`` holds what every handler shares: settings, the event hub, the STT provider, the live
+streams and the counters behind ``/api/stats``.  It is built in ``create_app`` and torn down on
+cleanup: every stream is closed with 1001 (going away) and the provider released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from api import media_stream, sse
+from api.hub import EventHub
+from api.settings import Settings
+from engine.metrics import LagHistogram
+from pipelines.stt.base import SttProvider
+
+log = logging.getLogger("switchboard.app")
+
+
+@dataclass(slots=True)
+class Stats:
+    frames: int = 0
+    streams_total: int = 0
+    sse_clients: int = 0
+    frame_lag: LagHistogram = field(default_factory=LagHistogram)
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    hub: EventHub
+    stt: SttProvider
+    phrases: tuple[str, ...] = ()
+    streams: dict[int, media_stream.MediaStream] = field(default_factory=dict)
+    calls: dict[str, media_stream.MediaStream] = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
+
+    def publisher(self, call_id: str) -> Any:
+        hub = self.hub
+
+        def publish(event: str, payload: dict[str, Any], droppable: bool, key: str) -> None:
+            hub.publish(call_id, event, payload, droppable=droppable, key=key)
+
+        return publish
+
+
+def make_provider(settings: Settings) -> SttProvider:
+    if settings.stt_provider == "null":
+        from pipelines.stt.scripted import NullProvider
+
+        return NullProvider()
+    from pipelines.stt.pocketsphinx import PocketsphinxProvider
+
+    return PocketsphinxProvider(
+        max_decoders=settings.stt_max_decoders,
+        max_workers=settings.stt_workers,
+        acquire_timeout=settings.stt_acquire_timeout,
+        max_buffer_ms=settings.stt_max_buffer_ms,
+    )
+
+
+def create_app(settings: Settings | None = None, *, stt: SttProvider | None = None) -> web.Application:
+    settings = settings or Settings()
+    app = web.Application(client_max_size=1 << 20)
+    rt = Runtime(
+        settings=settings,
+        hub=EventHub(
+            history=settings.sse_history,
+            client_buffer=settings.sse_client_buffer,
+            max_calls=settings.sse_max_calls,
+            retention_s=settings.sse_retention_s,
+        ),
+        stt=stt or make_provider(settings),
+        phrases=settings.phrases(),
+    )
+    app["runtime"] = rt
+    app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
+    app.router.add_get("/api/calls/{call_id}/events", sse.call_events)
+    app.router.add_get("/healthz", health)
+    if settings.stats_enabled:
+        app.router.add_get("/api/stats", stats)
+        app.router.add_post("/api/stats/reset", stats_reset)
+    app.on_shutdown.append(_on_shutdown)
+    app.on_cleanup.append(_on_cleanup)
+    if settings.telnyx_stream_token is None:
+        log.warning("config.no_stream_token", extra={"hint": "set SWITCHBOARD_TELNYX_STREAM_TOKEN in production"})
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    rt: Runtime = request.app["runtime"]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return web.json_response({
+        "streams_active": len(rt.streams),
+        "streams_total": rt.stats.streams_total,
+        "frames": rt.stats.frames,
+        "frame_lag": rt.stats.frame_lag.summary(),
+        "sse_clients": rt.stats.sse_clients,
+        "events_published": rt.hub.published,
+        "calls_tracked": len(rt.hub),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "rss_bytes": _rss_bytes(),
+        "pid": os.getpid(),
+        "time": time.time(),
+    })
+
+
+async def stats_reset(request: web.Request) -> web.Response:
+    rt: Runtime = request.app["runtime"]
+    rt.stats.frame_lag.reset()
+    return web.json_response({"reset": True})
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    rt: Runtime = app["runtime"]
+    for stream in list(rt.streams.values()):
+        await stream.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    rt.hub.close_all()
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    rt: Runtime = app["runtime"]
+    await rt.stt.aclose()

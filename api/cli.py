@@ -1,0 +1,83 @@
+"""``switchboard``: the command line.
+
+    switchboard serve [--host 127.0.0.1] [--port 8080]
+    switchboard simulate-call FILE.wav [--url ws://127.0.0.1:8080/api/media/telnyx] [--call-id ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+
+from api import logs
+from api.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__.splitlines()[0] if __doc__ else "")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the media server")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    sim = sub.add_parser("simulate-call", help="stream a WAV file to the server exactly as Telnyx does")
+    sim.add_argument("wav", help="WAV file (any rate, mono or first channel)")
+    sim.add_argument("--url", default="ws://127.0.0.1:8080/api/media/telnyx")
+    sim.add_argument("--call-id", default=None, help="call_control_id to send (default: a fresh v3: id)")
+    sim.add_argument("--encoding", default="PCMU", choices=["PCMU", "PCMA", "L16"])
+    sim.add_argument("--rate", type=int, default=8000, choices=[8000, 16000])
+    sim.add_argument("--token", default=None, help="stream auth token (header and connected field)")
+    sim.add_argument("--speed", type=float, default=1.0, help="pacing factor; 1.0 = real time")
+    sim.add_argument("--quiet", action="store_true", help="do not print the call's transcript events")
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        settings = Settings(**overrides)
+        logs.setup(settings.log_level)
+        uvloop.run(_serve(settings))
+        return 0
+    from api.simulator import simulate_call
+
+    logs.setup("WARNING")
+    return uvloop.run(simulate_call(
+        args.wav, url=args.url, call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
+        token=args.token, speed=args.speed, quiet=args.quiet,
+    ))
+
+
+def _raise_fd_limit() -> None:
+    """Each call holds a socket: lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _serve(settings: Settings) -> None:
+    from api.app import create_app
+
+    _raise_fd_limit()
+
+    runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+    await site.start()
+    logging.getLogger("switchboard").info("server.listening", extra={"host": settings.host, "port": settings.port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The per-call event hub behind the SSE endpoint.
+
+Each call has a ``CallChannel``: a monotonically numbered event log with a bounded replay history
+and a set of subscribers.  Publishing never blocks and never waits for a subscriber.
+
+Delivery policy per subscriber (the "slow client never slows the media path" rule):
+
+* *Droppable* events (``transcript.partial``) are coalesced: a subscriber holds at most the latest
+  one per key (per track), so an older partial that was never sent is replaced (counted in
+  ``dropped``).  They are not kept in the replay history either: a partial is stale by the time
+  anyone could replay it.
+* Every other event (``transcript.final``, ``call.*``) is queued, up to ``client_buffer`` events.  A
+  subscriber that falls that far behind is marked ``overflowed``; its SSE handler ends the response,
+  and the browser's EventSource reconnects with ``Last-Event-ID`` and replays from the history.
+  Nothing final is dropped unless the client stays away past the history bound, which the replay
+  reports with a ``stream.gap`` event.
+
+Bounds: ``history`` events per call, ``client_buffer`` per subscriber, ``max_calls`` channels.  Ended
+calls stay replayable for ``retention_s``; when the table is full the oldest ended call without
+subscribers is evicted, and if every call is live a new one is refused (``Overflow``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from engine.errors import Overflow
+
+
+@dataclass(frozen=True, slots=True)
+class HubEvent:
+    id: int
+    event: str
+    data: bytes  # JSON object
+    droppable: bool = False
+    key: str = ""
+
+    def encode(self) -> bytes:
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.event.encode(), self.data)
+
+
+class Subscriber:
+    def __init__(self, client_buffer: int) -> None:
+        self._queue: deque[HubEvent] = deque()
+        self._latest: dict[str, HubEvent] = {}
+        self._max = client_buffer
+        self._wake = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+        self.dropped = 0
+
+    def offer(self, event: HubEvent) -> None:
+        if event.droppable:
+            if event.key in self._latest:
+                self.dropped += 1
+            self._latest[event.key] = event
+        elif len(self._queue) >= self._max:
+            self.overflowed = True
+        else:
+            self._queue.append(event)
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def next_batch(self, timeout: float) -> list[HubEvent]:
+        """Events ready to send, in id order; ``[]`` after ``timeout`` seconds of nothing."""
+        if not self._queue and not self._latest and not self.closed:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                return []
+        batch = list(self._queue)
+        self._queue.clear()
+        if self._latest:
+            batch.extend(self._latest.values())
+            self._latest.clear()
+            batch.sort(key=lambda e: e.id)
+        return batch
+
+
+class CallChannel:
+    def __init__(self, call_id: str, history: int, client_buffer: int) -> None:
+        self.call_id = call_id
+        self.history: deque[HubEvent] = deque(maxlen=history)
+        self.subscribers: set[Subscriber] = set()
+        self.last_id = 0
+        self.ended_at: float | None = None
+        self._client_buffer = client_buffer
+
+    def publish(self, event: str, payload: dict[str, Any], droppable: bool, key: str) -> HubEvent:
+        self.last_id += 1
+        ev = HubEvent(self.last_id, event, orjson.dumps(payload), droppable, key)
+        if not droppable:
+            self.history.append(ev)
+        for sub in self.subscribers:
+            sub.offer(ev)
+        return ev
+
+    def replay_after(self, last_id: int) -> tuple[list[HubEvent], bool]:
+        """Events after ``last_id`` still in history, and whether some were lost off its end."""
+        events = [ev for ev in self.history if ev.id > last_id]
+        oldest = self.history[0].id if self.history else self.last_id + 1
+        gap = last_id + 1 < oldest and last_id < self.last_id and len(self.history) == self.history.maxlen
+        return events, gap
+
+
+class EventHub:
+    def __init__(
+        self,
+        *,
+        history: int = 1000,
+        client_buffer: int = 256,
+        max_calls: int = 10_000,
+        retention_s: float = 600.0,
+    ) -> None:
+        self._channels: OrderedDict[str, CallChannel] = OrderedDict()
+        self._history = history
+        self._client_buffer = client_buffer
+        self._max_calls = max_calls
+        self._retention = retention_s
+        self.published = 0
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def get(self, call_id: str) -> CallChannel | None:
+        return self._channels.get(call_id)
+
+    def channel(self, call_id: str) -> CallChannel:
+        """The call's channel, created on first use (a subscriber may arrive before the call)."""
+        ch = self._channels.get(call_id)
+        if ch is None:
+            self._make_room()
+            ch = self._channels[call_id] = CallChannel(call_id, self._history, self._client_buffer)
+        return ch
+
+    def publish(
+        self, call_id: str, event: str, payload: dict[str, Any], *, droppable: bool = False, key: str = ""
+    ) -> HubEvent:
+        self.published += 1
+        return self.channel(call_id).publish(event, payload, droppable, key)
+
+    def start(self, call_id: str) -> CallChannel:
+        ch = self.channel(call_id)
+        ch.ended_at = None
+        return ch
+
+    def end(self, call_id: str) -> None:
+        ch = self._channels.get(call_id)
+        if ch is not None:
+            ch.ended_at = time.monotonic()
+
+    def subscribe(self, call_id: str) -> tuple[CallChannel, Subscriber]:
+        ch = self.channel(call_id)
+        sub = Subscriber(self._client_buffer)
+        ch.subscribers.add(sub)
+        return ch, sub
+
+    def unsubscribe(self, ch: CallChannel, sub: Subscriber) -> None:
+        ch.subscribers.discard(sub)
+        sub.close()
+        if not ch.subscribers and ch.last_id == 0 and self._channels.get(ch.call_id) is ch:
+            del self._channels[ch.call_id]  # waited for a call that never came: nothing to keep
+
+    def close_all(self) -> None:
+        for ch in self._channels.values():
+            for sub in ch.subscribers:
+                sub.close()
+
+    def _make_room(self) -> None:
+        now = time.monotonic()
+        for call_id, ch in list(self._channels.items()):
+            if ch.ended_at is not None and not ch.subscribers and now - ch.ended_at >= self._retention:
+                del self._channels[call_id]
+        if len(self._channels) < self._max_calls:
+            return
+        for call_id, ch in self._channels.items():  # oldest first
+            if ch.ended_at is not None and not ch.subscribers:
+                del self._channels[call_id]
+                return
+        raise Overflow(f"event hub full: {self._max_calls} live calls")

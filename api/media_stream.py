@@ -1,0 +1,203 @@
+"""The Telnyx media-stream WebSocket endpoint: ``/api/media/telnyx``.
+
+The handler only moves text between the socket and ``TelnyxStreamProtocol`` and hands decoded
+audio to the call's ``CallPipeline``.  Every protocol error closes *this* socket with the error's
+close code and a logged reason; no other stream shares any state that an error could touch.
+
+``MediaStream`` is the sending side for bidirectional streams (``send_media``, ``send_mark``,
+``send_clear``); live streams are registered in ``app[STREAMS]`` by stream id and by call id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from api.telnyx_protocol import (
+    AUTH_FIELD,
+    Dtmf,
+    MarkPlayed,
+    Media,
+    Started,
+    Stopped,
+    StreamFailed,
+    TelnyxStreamProtocol,
+)
+from engine.errors import ProtocolError
+from engine.segmenter import SegmenterConfig
+from pipelines.call import CallPipeline
+
+if TYPE_CHECKING:
+    from api.app import Runtime
+
+log = logging.getLogger("switchboard.media")
+
+
+class MediaStream:
+    """One live Telnyx stream; the handle later features (the WebRTC bridge) send audio through."""
+
+    def __init__(self, ws: web.WebSocketResponse, protocol: TelnyxStreamProtocol) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.pipeline: CallPipeline | None = None
+        self.call_id = ""
+        self.opened = time.monotonic()
+        # Frame-lag baseline: the earliest (arrival - audio time) seen; lag is measured against it.
+        self._t0: float | None = None
+
+    @property
+    def stream_id(self) -> str:
+        return self.protocol.stream_id
+
+    async def send_media(self, pcm: bytes) -> None:
+        await self.ws.send_str(self.protocol.media(pcm))
+
+    async def send_mark(self, name: str) -> None:
+        await self.ws.send_str(self.protocol.mark(name))
+
+    async def send_clear(self) -> None:
+        await self.ws.send_str(self.protocol.clear())
+
+    def lag_ms(self, timestamp_ms: int, now: float) -> float:
+        base = now - timestamp_ms / 1000.0
+        if self._t0 is None or base < self._t0:
+            self._t0 = base
+        return (base - self._t0) * 1000.0
+
+
+async def telnyx_media(request: web.Request) -> web.StreamResponse:
+    rt: Runtime = request.app["runtime"]
+    s = rt.settings
+    if len(rt.streams) >= s.max_streams:
+        log.warning("stream.refused", extra={"reason": "max_streams", "limit": s.max_streams})
+        raise web.HTTPServiceUnavailable(text="too many media streams", headers={"Retry-After": "1"})
+    ws = web.WebSocketResponse(max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None)
+    await ws.prepare(request)
+    token = s.telnyx_stream_token.get_secret_value() if s.telnyx_stream_token else None
+    protocol = TelnyxStreamProtocol(
+        expected_token=token,
+        header_token=request.headers.get(AUTH_FIELD),
+        reorder_window=s.reorder_window,
+        max_message_bytes=s.max_message_bytes,
+    )
+    stream = MediaStream(ws, protocol)
+    key = id(stream)
+    rt.streams[key] = stream
+    end_reason = "socket closed"
+    try:
+        end_reason = await _run(rt, stream)
+    except ProtocolError as exc:
+        end_reason = f"protocol error {exc.close_code}: {exc.reason}"
+        log.warning(
+            "stream.protocol_error",
+            extra={"stream_id": stream.stream_id or None, "call_id": stream.call_id or None,
+                   "close_code": exc.close_code, "reason": exc.reason, "remote": request.remote},
+        )
+        await ws.close(code=exc.close_code, message=exc.reason[:120].encode())
+    finally:
+        del rt.streams[key]
+        await _end_call(rt, stream, end_reason)
+    return ws
+
+
+async def _run(rt: Runtime, stream: MediaStream) -> str:
+    ws, protocol = stream.ws, stream.protocol
+    lag = rt.stats.frame_lag
+    clock = time.monotonic
+    async for msg in ws:
+        if msg.type is WSMsgType.TEXT:
+            events = protocol.receive_text(msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            events = protocol.receive_binary(msg.data)
+        elif msg.type is WSMsgType.ERROR:
+            exc = ws.exception()
+            code = ws.close_code or WSCloseCode.INTERNAL_ERROR
+            log.warning("stream.ws_error", extra={"stream_id": stream.stream_id or None,
+                                                  "close_code": int(code), "reason": str(exc)})
+            return f"websocket error {int(code)}: {exc}"
+        else:
+            continue
+        for ev in events:
+            if isinstance(ev, Media):
+                if stream.pipeline is not None:
+                    stream.pipeline.feed(ev.track, ev.pcm, protocol.started.sample_rate, ev.timestamp_ms)  # type: ignore[union-attr]
+                if ev.track.value == "inbound":
+                    lag.record(stream.lag_ms(ev.timestamp_ms, clock()))
+                rt.stats.frames += 1
+            elif isinstance(ev, Started):
+                _start_call(rt, stream, ev)
+            elif isinstance(ev, Stopped):
+                await ws.close(code=WSCloseCode.OK, message=b"stopped")
+                return f"stop: {ev.reason}"
+            elif isinstance(ev, Dtmf):
+                rt.hub.publish(stream.call_id, "call.dtmf", {"call_id": stream.call_id, "digit": ev.digit})
+            elif isinstance(ev, StreamFailed):
+                log.warning("stream.telnyx_error", extra={"stream_id": stream.stream_id or None,
+                                                          "code": ev.code, "detail": ev.detail})
+            elif isinstance(ev, MarkPlayed):
+                log.debug("stream.mark", extra={"stream_id": stream.stream_id, "mark": ev.name})
+    for ev in protocol.eof():  # the socket ended without `stop`: deliver what was held back
+        if isinstance(ev, Media) and stream.pipeline is not None and protocol.started is not None:
+            stream.pipeline.feed(ev.track, ev.pcm, protocol.started.sample_rate, ev.timestamp_ms)
+    return "socket closed"
+
+
+def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
+    s = rt.settings
+    stream.call_id = ev.call_control_id
+    rt.calls[stream.call_id] = stream
+    rt.stats.streams_total += 1
+    rt.hub.start(stream.call_id)
+    publish = rt.publisher(stream.call_id)
+    stream.pipeline = CallPipeline(
+        call_id=stream.call_id,
+        stream_id=ev.stream_id,
+        provider=rt.stt,
+        publish=publish,
+        segmenter=SegmenterConfig(
+            aggressiveness=s.vad_aggressiveness,
+            start_voiced=s.vad_start_voiced,
+            start_window=s.vad_start_window,
+            hangover_ms=s.vad_hangover_ms,
+            preroll_ms=s.vad_preroll_ms,
+            max_utterance_ms=s.vad_max_utterance_ms,
+        ),
+        phrases=rt.phrases,
+    )
+    rt.hub.publish(stream.call_id, "call.started", {
+        "call_id": stream.call_id,
+        "stream_id": ev.stream_id,
+        "call_session_id": ev.call_session_id,
+        "encoding": ev.encoding,
+        "sample_rate": ev.sample_rate,
+        "from": ev.from_,
+        "to": ev.to,
+    })
+    log.info("stream.started", extra={"stream_id": ev.stream_id, "call_id": stream.call_id,
+                                      "encoding": ev.encoding, "sample_rate": ev.sample_rate})
+
+
+async def _end_call(rt: Runtime, stream: MediaStream, reason: str) -> None:
+    if not stream.call_id:
+        return
+    pipeline = stream.pipeline
+    stats: dict[str, int] = {}
+    if pipeline is not None:
+        try:
+            await asyncio.shield(pipeline.aclose())
+        except asyncio.CancelledError:
+            pass  # the server is shutting down; aclose goes on under the shield
+        stats = {k: getattr(pipeline.stats, k) for k in pipeline.stats.__slots__}  # type: ignore[attr-defined]
+    p = stream.protocol.stats
+    stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track)
+    rt.hub.publish(stream.call_id, "call.ended", {"call_id": stream.call_id, "stream_id": stream.stream_id,
+                                                  "reason": reason, "stats": stats})
+    rt.hub.end(stream.call_id)
+    if rt.calls.get(stream.call_id) is stream:
+        del rt.calls[stream.call_id]
+    log.info("stream.ended", extra={"stream_id": stream.stream_id, "call_id": stream.call_id,
+                                    "reason": reason, **stats})

@@ -1,0 +1,59 @@
+"""Configuration: one typed object, read from ``SWITCHBOARD_*`` environment variables.
+
+Defaults are the embedded, loopback-only set-up that ``make run`` starts: no external service, no
+API key.  Secrets are ``SecretStr`` so they never print in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    log_level: str = "INFO"
+
+    # Telnyx media streams
+    telnyx_stream_token: SecretStr | None = None  # the call's stream_auth_token; unset = no check
+    max_message_bytes: int = Field(65536, ge=1024)  # larger WebSocket messages close with 1009
+    reorder_window: int = Field(4, ge=0, le=64)  # sequenced frames held to restore order
+    max_streams: int = Field(2000, ge=1)  # concurrent media streams; more are refused with 503
+
+    # VAD segmenter
+    vad_aggressiveness: int = Field(2, ge=0, le=3)
+    vad_start_voiced: int = Field(3, ge=1)
+    vad_start_window: int = Field(5, ge=1)
+    vad_hangover_ms: int = Field(500, ge=20)
+    vad_preroll_ms: int = Field(200, ge=0)
+    vad_max_utterance_ms: int = Field(15_000, ge=200)
+
+    # Speech-to-text
+    stt_provider: Literal["pocketsphinx", "null"] = "pocketsphinx"
+    stt_max_decoders: int = Field(2, ge=1)  # decoders alive per language model
+    stt_workers: int = Field(2, ge=1)  # threads running decoders
+    stt_acquire_timeout: float = Field(10.0, gt=0)  # wait for a free decoder before giving up
+    stt_phrases_file: Path | None = None  # one phrase per line: the domain language model
+    stt_max_buffer_ms: int = Field(30_000, ge=1000)  # audio a session may hold while behind
+
+    # Server-sent events
+    sse_history: int = Field(1000, ge=10)  # replayable events kept per call
+    sse_client_buffer: int = Field(256, ge=8)  # undelivered final events per client before it is cut
+    sse_heartbeat_s: float = Field(15.0, gt=0)
+    sse_retry_ms: int = Field(2000, ge=100)
+    sse_max_calls: int = Field(10_000, ge=1)  # call channels kept (live plus recently ended)
+    sse_retention_s: float = Field(600.0, ge=0)  # how long an ended call's history stays replayable
+
+    stats_enabled: bool = True  # GET /api/stats (loopback deployments; the benchmark reads it)
+
+    def phrases(self) -> tuple[str, ...]:
+        if self.stt_phrases_file is None:
+            return ()
+        lines = self.stt_phrases_file.read_text(encoding="utf-8").splitlines()
+        return tuple(line.strip() for line in lines if line.strip())

@@ -1,0 +1,382 @@
+"""The Telnyx media-streaming protocol, without I/O.
+
+Feed it each text frame with ``receive_text``; it returns the events the frame completes, in
+sequence order, or raises a ``ProtocolError`` whose ``close_code`` the transport puts on the close
+frame.  Outbound messages (bidirectional streams) come back as JSON text from ``media``, ``mark``
+and ``clear``; the transport only moves text.  Nothing here imports asyncio or aiohttp.
+
+Rules (see ../shared/PROTOCOLS.md):
+
+* ``connected`` comes first; the stream auth token arrives in the ``x-telnyx-streaming-auth-token``
+  header (given to the constructor) or in the field of the same name on ``connected``.  When a token
+  is configured, a stream whose token matches neither is refused (1008) before any media.
+* ``start`` carries ``media_format``; audio is always decoded by *its* encoding (PCMU, PCMA, L16 at
+  8 or 16 kHz).  ``media`` before ``start``, or a second ``start``, is refused (1008).
+* Frames may arrive out of order.  Sequenced events after ``start`` pass through a reorder window
+  of ``reorder_window`` events: a frame ahead of the next expected sequence number waits there;
+  when the window overflows, the missing numbers are declared lost (counted in ``stats.lost``) and
+  delivery resumes from the oldest waiting frame.  A frame older than the next expected number is
+  late and dropped (``stats.late``).  ``stop`` flushes the window.
+* Payloads must be strict base64 of a whole number of 20 ms frames of the stream's codec (1007).
+* Unknown events, binary frames and unsupported encodings are refused (1003); malformed JSON or
+  missing fields (1007); a message over ``max_message_bytes`` (1009).
+
+State table (``_ALLOWED`` lists which events each state accepts)::
+
+    AWAITING --connected--> CONNECTED --start--> STREAMING --stop--> STOPPED
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hmac
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from engine.codecs import Codec, get_codec
+from engine.errors import (
+    CodecError,
+    InvalidPayload,
+    MessageTooBig,
+    Overflow,
+    PolicyViolation,
+    UnsupportedData,
+)
+from engine.frames import FRAME_MS, Track
+
+
+class StreamState(enum.Enum):
+    AWAITING = "awaiting"
+    CONNECTED = "connected"
+    STREAMING = "streaming"
+    STOPPED = "stopped"
+
+
+_ALLOWED: dict[StreamState, frozenset[str]] = {
+    StreamState.AWAITING: frozenset({"connected", "start", "error"}),
+    StreamState.CONNECTED: frozenset({"start", "error"}),
+    StreamState.STREAMING: frozenset({"media", "dtmf", "mark", "stop", "error"}),
+    StreamState.STOPPED: frozenset({"media", "dtmf", "mark", "stop", "error"}),  # stragglers, ignored
+}
+KNOWN_EVENTS = frozenset({"connected", "start", "media", "dtmf", "mark", "stop", "error"})
+AUTH_FIELD = "x-telnyx-streaming-auth-token"
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    stream_id: str
+    call_control_id: str
+    call_session_id: str
+    encoding: str
+    sample_rate: int
+    channels: int
+    from_: str = ""
+    to: str = ""
+    client_state: str = ""
+    custom_parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    track: Track
+    sequence: int
+    timestamp_ms: int  # stream-relative, per track, counted from decoded samples
+    pcm: bytes  # int16 LE mono at the stream's sample rate, a whole number of 20 ms frames
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf:
+    digit: str
+    sequence: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkPlayed:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFailed:
+    code: str
+    detail: str
+
+
+Event = Connected | Started | Media | Dtmf | MarkPlayed | Stopped | StreamFailed
+
+
+@dataclass(slots=True)
+class ProtocolStats:
+    media_frames: int = 0
+    late: int = 0
+    lost: int = 0
+    unknown_track: int = 0
+    after_stop: int = 0
+
+
+class TelnyxStreamProtocol:
+    """One Telnyx media stream.  Not thread-safe; one instance per WebSocket."""
+
+    def __init__(
+        self,
+        *,
+        expected_token: str | None = None,
+        header_token: str | None = None,
+        reorder_window: int = 4,
+        max_message_bytes: int = 65536,
+        max_pending_marks: int = 64,
+    ) -> None:
+        self.state = StreamState.AWAITING
+        self.stats = ProtocolStats()
+        self.stream_id = ""
+        self.started: Started | None = None
+        self.codec: Codec | None = None
+        self._expected_token = expected_token
+        self._authenticated = expected_token is None or _token_ok(header_token, expected_token)
+        self._header_token_given = header_token is not None
+        self._window = reorder_window
+        self._max_bytes = max_message_bytes
+        self._next_seq = 0
+        self._held: dict[int, dict[str, Any]] = {}
+        self._samples: dict[Track, int] = {}
+        self._frame_bytes = 0
+        self._send_codec: Codec | None = None
+        self.pending_marks: deque[str] = deque()
+        self._max_marks = max_pending_marks
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def receive_binary(self, data: bytes) -> list[Event]:
+        raise UnsupportedData("binary frames are not part of the Telnyx media protocol")
+
+    def receive_text(self, text: str | bytes) -> list[Event]:
+        if len(text) > self._max_bytes:
+            raise MessageTooBig(f"message of {len(text)} bytes exceeds {self._max_bytes}")
+        try:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidPayload(f"malformed JSON: {exc}") from None
+        if not isinstance(msg, dict):
+            raise InvalidPayload("message is not a JSON object")
+        event = msg.get("event")
+        if not isinstance(event, str):
+            raise InvalidPayload("message has no string 'event'")
+        if event not in KNOWN_EVENTS:
+            raise UnsupportedData(f"unknown event {event[:40]!r}")
+        if event not in _ALLOWED[self.state]:
+            raise PolicyViolation(f"{event!r} not allowed in state {self.state.value}")
+        if self.state is StreamState.STOPPED:
+            self.stats.after_stop += 1
+            return []
+        if event == "connected":
+            return [self._on_connected(msg)]
+        if event == "start":
+            return [self._on_start(msg)]
+        if event == "error":
+            return [self._on_error(msg)]
+        if event == "stop":
+            events = self._flush()
+            self.state = StreamState.STOPPED
+            stop = msg.get("stop")
+            reason = stop.get("reason", "") if isinstance(stop, dict) else ""
+            events.append(Stopped(str(reason) or "stop"))
+            return events
+        if event != "media" and msg.get("sequence_number") is None:
+            return [self._decode(-1, msg)]  # an unsequenced dtmf/mark cannot be ordered: deliver now
+        return self._reorder(_sequence(msg), msg)
+
+    def eof(self) -> list[Event]:
+        """The socket closed: deliver what the reorder window still holds."""
+        events = self._flush()
+        self.state = StreamState.STOPPED
+        return events
+
+    def _on_connected(self, msg: dict[str, Any]) -> Event:
+        if not self._authenticated:
+            token = msg.get(AUTH_FIELD)
+            if not _token_ok(token, self._expected_token) or self._header_token_given:
+                # A header that was sent and did not match is not rescued by the field.
+                raise PolicyViolation("stream auth token missing or wrong")
+            self._authenticated = True
+        self.state = StreamState.CONNECTED
+        return Connected(str(msg.get("version", "")))
+
+    def _on_start(self, msg: dict[str, Any]) -> Event:
+        if not self._authenticated:
+            raise PolicyViolation("stream auth token missing or wrong")
+        start = msg.get("start")
+        stream_id = msg.get("stream_id") or (start.get("stream_id") if isinstance(start, dict) else None)
+        if not isinstance(start, dict) or not isinstance(stream_id, str) or not stream_id:
+            raise InvalidPayload("start needs 'stream_id' and a 'start' object")
+        fmt = start.get("media_format")
+        if not isinstance(fmt, dict):
+            raise InvalidPayload("start.media_format missing")
+        encoding = str(fmt.get("encoding", ""))
+        try:
+            rate = int(fmt.get("sample_rate", 8000))
+            channels = int(fmt.get("channels", 1))
+        except (TypeError, ValueError):
+            raise InvalidPayload("media_format.sample_rate/channels must be integers") from None
+        if channels != 1:
+            raise UnsupportedData(f"{channels} channels: only mono is supported")
+        try:
+            self.codec = get_codec(encoding, rate)
+        except CodecError as exc:
+            raise UnsupportedData(str(exc)) from None
+        self._send_codec = self.codec
+        self._frame_bytes = self.codec.frame_payload_bytes(FRAME_MS)
+        self._next_seq = _sequence(msg) + 1
+        self.stream_id = stream_id
+        params = start.get("custom_parameters")
+        self.started = Started(
+            stream_id=stream_id,
+            call_control_id=str(start.get("call_control_id") or stream_id),
+            call_session_id=str(start.get("call_session_id", "")),
+            encoding=self.codec.name,
+            sample_rate=rate,
+            channels=channels,
+            from_=str(start.get("from", "")),
+            to=str(start.get("to", "")),
+            client_state=str(start.get("client_state", "")),
+            custom_parameters=params if isinstance(params, dict) else {},
+        )
+        self.state = StreamState.STREAMING
+        return self.started
+
+    def _on_error(self, msg: dict[str, Any]) -> Event:
+        payload = msg.get("payload") or msg.get("error") or {}
+        if not isinstance(payload, dict):
+            payload = {"detail": str(payload)}
+        return StreamFailed(str(payload.get("code", "")), str(payload.get("detail") or payload.get("title", "")))
+
+    def _reorder(self, seq: int, msg: dict[str, Any]) -> list[Event]:
+        if seq == self._next_seq and not self._held:  # the common case: in order, nothing waiting
+            self._next_seq += 1
+            return [self._decode(seq, msg)]
+        if seq < self._next_seq or seq in self._held:
+            self.stats.late += 1
+            return []
+        self._held[seq] = msg
+        events: list[Event] = []
+        self._drain(events)
+        if len(self._held) > self._window:
+            oldest = min(self._held)
+            self.stats.lost += oldest - self._next_seq
+            self._next_seq = oldest
+            self._drain(events)
+        return events
+
+    def _drain(self, events: list[Event]) -> None:
+        while self._next_seq in self._held:
+            seq = self._next_seq
+            events.append(self._decode(seq, self._held.pop(seq)))
+            self._next_seq += 1
+
+    def _flush(self) -> list[Event]:
+        events: list[Event] = []
+        for seq in sorted(self._held):
+            if seq > self._next_seq:
+                self.stats.lost += seq - self._next_seq
+            events.append(self._decode(seq, self._held[seq]))
+            self._next_seq = seq + 1
+        self._held.clear()
+        return events
+
+    def _decode(self, seq: int, msg: dict[str, Any]) -> Event:
+        event = msg["event"]
+        if event == "dtmf":
+            dtmf = msg.get("dtmf")
+            digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+            if not isinstance(digit, str) or not digit:
+                raise InvalidPayload("dtmf.digit missing")
+            return Dtmf(digit, seq)
+        if event == "mark":
+            mark = msg.get("mark")
+            name = mark.get("name") if isinstance(mark, dict) else None
+            if not isinstance(name, str):
+                raise InvalidPayload("mark.name missing")
+            if name in self.pending_marks:
+                self.pending_marks.remove(name)
+            return MarkPlayed(name)
+        media = msg.get("media")
+        if not isinstance(media, dict):
+            raise InvalidPayload("media object missing")
+        payload = media.get("payload")
+        if not isinstance(payload, str):
+            raise InvalidPayload("media.payload missing")
+        try:
+            raw = binascii.a2b_base64(payload, strict_mode=True)
+        except binascii.Error as exc:
+            raise InvalidPayload(f"media.payload is not valid base64: {exc}") from None
+        if not raw or len(raw) % self._frame_bytes:
+            raise InvalidPayload(
+                f"media.payload of {len(raw)} bytes is not whole {FRAME_MS} ms frames "
+                f"({self._frame_bytes} bytes each for {self.started.encoding if self.started else '?'})"
+            )
+        track = _TRACKS.get(media.get("track", "inbound"))
+        if track is None:
+            self.stats.unknown_track += 1
+            track = Track.INBOUND
+        assert self.codec is not None  # STREAMING implies a codec
+        pcm = self.codec.decode(raw)
+        done = self._samples.get(track, 0)
+        self._samples[track] = done + len(pcm) // 2
+        self.stats.media_frames += 1
+        return Media(track, seq, done * 1000 // self.codec.sample_rate, pcm)
+
+    # -- sending (bidirectional streams) ---------------------------------------------------------
+
+    def set_send_codec(self, encoding: str, sample_rate: int) -> None:
+        """Encode outbound audio differently from the inbound format (``stream_bidirectional_codec``)."""
+        self._send_codec = get_codec(encoding, sample_rate)
+
+    def media(self, pcm: bytes) -> str:
+        """JSON text that plays ``pcm`` (int16 LE at the send codec's rate) to the call."""
+        if self.state is not StreamState.STREAMING or self._send_codec is None:
+            raise PolicyViolation("cannot send media before start or after stop")
+        payload = base64.b64encode(self._send_codec.encode(pcm)).decode("ascii")
+        return orjson.dumps({"event": "media", "media": {"payload": payload}}).decode()
+
+    def mark(self, name: str) -> str:
+        """JSON text of a mark; Telnyx echoes it once the audio queued before it has played."""
+        if len(self.pending_marks) >= self._max_marks:
+            raise Overflow(f"more than {self._max_marks} marks awaiting playback")
+        self.pending_marks.append(name)
+        return orjson.dumps({"event": "mark", "mark": {"name": name}}).decode()
+
+    def clear(self) -> str:
+        """JSON text that drops audio queued for playback (Telnyx then releases pending marks)."""
+        return '{"event":"clear"}'
+
+
+_TRACKS = {"inbound": Track.INBOUND, "outbound": Track.OUTBOUND}
+
+
+def _sequence(msg: dict[str, Any]) -> int:
+    raw = msg.get("sequence_number")
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidPayload(f"{msg.get('event')}: sequence_number {raw!r} is not an integer") from None
+
+
+def _token_ok(given: object, expected: str | None) -> bool:
+    if expected is None:
+        return True
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode(), expected.encode())

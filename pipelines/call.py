@@ -1,0 +1,201 @@
+"""The per-call pipeline: decoded audio in, transcript events out.
+
+    Media (per track) -> 20 ms AudioFrames -> Segmenter (webrtcvad)
+        -> utterance audio -> Resampler (to the provider's rate) -> SttSession.push
+        -> utterance end   -> SttSession.finalize
+    SttSession emit -> Publish("transcript.partial" | "transcript.final", payload)
+
+``feed`` runs synchronously on the event loop in the WebSocket reader: VAD and segmentation cost a
+few microseconds per frame, and the only buffer on this path is the session's own, declared bound
+(``SttSession.max_buffer_ms``).  When a session refuses a frame (its recogniser fell behind), the
+frame is counted in ``stats.stt_dropped`` and the utterance goes on: the rule is "never block the
+stream, never hide a loss".  Sessions are opened lazily per track on a task kept in ``_tasks``;
+frames that arrive while a session is opening wait in a bounded backlog (``open_backlog_ms``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import Overflow, SwitchboardError
+from engine.frames import FRAME_MS, AudioFrame, Track, frame_bytes
+from engine.resample import Resampler
+from engine.segmenter import Segmenter, SegmenterConfig, SpeechStarted, UtteranceAudio, UtteranceEnded
+from pipelines.stt.base import SessionOptions, SttProvider, SttSession, Transcript
+
+log = logging.getLogger("switchboard.call")
+
+Publish = Callable[[str, dict[str, Any], bool, str], None]
+"""(event type, payload, droppable, coalescing key) -> None; must not block."""
+
+
+@dataclass(slots=True)
+class CallStats:
+    frames: int = 0
+    speech_frames: int = 0
+    utterances: int = 0
+    stt_dropped: int = 0
+    partials: int = 0
+    finals: int = 0
+    stt_errors: int = 0
+
+
+class _Track:
+    """Segmenter, resampler and recogniser session of one track."""
+
+    def __init__(self, track: Track, rate: int, seg: SegmenterConfig, provider_rate: int, backlog: int) -> None:
+        self.track = track
+        self.rate = rate
+        self.frame_len = frame_bytes(rate)
+        self.segmenter = Segmenter(seg)
+        self.resampler = Resampler(rate, provider_rate)
+        self.session: SttSession | None = None
+        self.failed = False
+        # Frames (or finalize markers, None) waiting while the session opens.
+        self.backlog: deque[AudioFrame | None] = deque(maxlen=backlog)
+
+
+class CallPipeline:
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        stream_id: str,
+        provider: SttProvider,
+        publish: Publish,
+        segmenter: SegmenterConfig | None = None,
+        phrases: tuple[str, ...] = (),
+        language: str = "en",
+        open_backlog_ms: int = 5000,
+    ) -> None:
+        self.call_id = call_id
+        self.stream_id = stream_id
+        self.stats = CallStats()
+        self._provider = provider
+        self._publish = publish
+        self._seg_config = segmenter or SegmenterConfig()
+        self._phrases = phrases
+        self._language = language
+        self._backlog = max(1, open_backlog_ms // FRAME_MS)
+        self._tracks: dict[Track, _Track] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def feed(self, track: Track, pcm: bytes, sample_rate: int, timestamp_ms: int) -> None:
+        """Take decoded PCM (a whole number of 20 ms frames) of one track.  Never blocks."""
+        t = self._tracks.get(track)
+        if t is None:
+            t = self._open_track(track, sample_rate)
+        n = t.frame_len
+        for off in range(0, len(pcm), n):
+            frame = AudioFrame(pcm[off : off + n], sample_rate, timestamp_ms + off // n * FRAME_MS, track)
+            self.stats.frames += 1
+            events = t.segmenter.process(frame)
+            if events:
+                self._on_segments(t, events)
+
+    async def aclose(self, drain_timeout: float = 5.0) -> None:
+        """End open utterances, let sessions deliver their finals, and release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tracks.values():
+            self._on_segments(t, t.segmenter.flush())
+        if self._tasks:  # sessions still opening: give them the drain time, then cancel
+            _, pending = await asyncio.wait(self._tasks, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for t in self._tracks.values():
+            if t.session is not None:
+                await t.session.aclose(drain_timeout)
+                t.session = None
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _open_track(self, track: Track, rate: int) -> _Track:
+        t = _Track(track, rate, self._seg_config, self._provider.sample_rate, self._backlog)
+        self._tracks[track] = t
+        task = asyncio.get_running_loop().create_task(self._open_session(t), name=f"stt-open-{track}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return t
+
+    async def _open_session(self, t: _Track) -> None:
+        options = SessionOptions(self.call_id, t.track, self._language, self._phrases)
+        try:
+            session = await self._provider.open_session(options, lambda tr: self._on_transcript(t, tr))
+        except (SwitchboardError, OSError) as exc:
+            t.failed = True
+            self.stats.stt_errors += 1
+            log.warning("stt.open_failed", extra={"call_id": self.call_id, "track": t.track.value,
+                                                   "provider": self._provider.name, "error": str(exc)})
+            return
+        t.session = session
+        while t.backlog:
+            item = t.backlog.popleft()
+            if item is None:
+                session.finalize()
+            else:
+                self._push(t, item)
+
+    def _on_segments(self, t: _Track, events: Any) -> None:
+        for ev in events:
+            if isinstance(ev, UtteranceAudio):
+                self.stats.speech_frames += 1
+                self._push(t, ev.frame)
+            elif isinstance(ev, UtteranceEnded):
+                if t.session is not None:
+                    t.session.finalize()
+                elif not t.failed:
+                    t.backlog.append(None)
+            elif isinstance(ev, SpeechStarted):
+                self.stats.utterances += 1
+                t.resampler.reset()  # utterances are not contiguous audio: no filter history across them
+
+    def _push(self, t: _Track, frame: AudioFrame) -> None:
+        session = t.session
+        if session is None:
+            if t.failed:
+                self.stats.stt_dropped += 1
+            else:
+                if len(t.backlog) == t.backlog.maxlen:
+                    self.stats.stt_dropped += 1  # the oldest waiting frame falls off
+                t.backlog.append(frame)
+            return
+        if t.resampler.identity:
+            out = frame
+        else:
+            out = AudioFrame(t.resampler.process(frame.pcm), session.sample_rate, frame.timestamp_ms, frame.track)
+        try:
+            session.push(out)
+        except Overflow:
+            self.stats.stt_dropped += 1
+
+    def _on_transcript(self, t: _Track, tr: Transcript) -> None:
+        if tr.is_final:
+            self.stats.finals += 1
+            event = "transcript.final"
+        else:
+            self.stats.partials += 1
+            event = "transcript.partial"
+        payload = {
+            "call_id": self.call_id,
+            "stream_id": self.stream_id,
+            "track": t.track.value,
+            "text": tr.text,
+            "words": [
+                {"word": w.text, "start": w.start_ms, "end": w.end_ms, "confidence": round(w.confidence, 3)}
+                for w in tr.words
+            ],
+            "confidence": round(tr.confidence, 3),
+            "seq": tr.utterance,
+            "start": tr.start_ms,
+            "end": tr.end_ms,
+        }
+        self._publish(event, payload, not tr.is_final, f"partial:{t.track.value}")

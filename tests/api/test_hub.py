@@ -1,0 +1,88 @@
+"""The event hub: ids, bounded history, replay, partial coalescing, slow-client cut-off, eviction."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from api.hub import EventHub
+from engine.errors import Overflow
+
+
+def test_event_ids_increase_per_call_and_encode_as_sse() -> None:
+    hub = EventHub()
+    a1 = hub.publish("a", "call.started", {"n": 1})
+    b1 = hub.publish("b", "call.started", {"n": 1})
+    a2 = hub.publish("a", "transcript.final", {"text": "hi"})
+    assert (a1.id, a2.id, b1.id) == (1, 2, 1)
+    assert a2.encode() == b'id: 2\nevent: transcript.final\ndata: {"text":"hi"}\n\n'
+
+
+def test_history_is_bounded_and_replay_reports_a_gap() -> None:
+    hub = EventHub(history=10)
+    for i in range(25):
+        hub.publish("a", "transcript.final", {"i": i})
+    ch = hub.channel("a")
+    assert len(ch.history) == 10
+    events, gap = ch.replay_after(3)
+    assert [e.id for e in events] == list(range(16, 26)) and gap
+    events, gap = ch.replay_after(20)
+    assert [e.id for e in events] == [21, 22, 23, 24, 25] and not gap
+
+
+def test_partials_are_not_kept_in_history() -> None:
+    hub = EventHub()
+    hub.publish("a", "transcript.partial", {}, droppable=True, key="partial:inbound")
+    hub.publish("a", "transcript.final", {})
+    events, _ = hub.channel("a").replay_after(0)
+    assert [e.event for e in events] == ["transcript.final"]
+
+
+async def test_slow_subscriber_keeps_only_latest_partial_per_track_but_every_final() -> None:
+    hub = EventHub(client_buffer=100)
+    _, sub = hub.subscribe("a")
+    for i in range(50):
+        hub.publish("a", "transcript.partial", {"i": i}, droppable=True, key="partial:inbound")
+        hub.publish("a", "transcript.partial", {"i": i}, droppable=True, key="partial:outbound")
+        if i % 10 == 9:
+            hub.publish("a", "transcript.final", {"i": i})
+    batch = await sub.next_batch(1)
+    finals = [e for e in batch if e.event == "transcript.final"]
+    partials = [orjson.loads(e.data)["i"] for e in batch if e.event == "transcript.partial"]
+    assert len(finals) == 5 and partials == [49, 49]
+    assert sub.dropped == 98
+    assert [e.id for e in batch] == sorted(e.id for e in batch)
+
+
+async def test_subscriber_that_falls_behind_on_finals_is_marked_overflowed() -> None:
+    hub = EventHub(client_buffer=8)
+    _, sub = hub.subscribe("a")
+    for i in range(9):
+        hub.publish("a", "transcript.final", {"i": i})
+    assert sub.overflowed
+    assert len(await sub.next_batch(1)) == 8  # what it holds is still delivered in order
+
+
+async def test_next_batch_times_out_empty_for_heartbeats() -> None:
+    _, sub = EventHub().subscribe("a")
+    assert await asyncio.wait_for(sub.next_batch(0.05), 1) == []
+
+
+def test_full_hub_evicts_ended_calls_first_then_refuses() -> None:
+    hub = EventHub(max_calls=2, retention_s=3600)
+    hub.publish("a", "call.started", {})
+    hub.publish("b", "call.started", {})
+    hub.end("a")
+    hub.publish("c", "call.started", {})  # evicts ended "a"
+    assert hub.get("a") is None and hub.get("c") is not None
+    with pytest.raises(Overflow):
+        hub.publish("d", "call.started", {})
+
+
+def test_subscription_to_a_call_that_never_started_leaves_nothing_behind() -> None:
+    hub = EventHub()
+    ch, sub = hub.subscribe("never")
+    hub.unsubscribe(ch, sub)
+    assert hub.get("never") is None and len(hub) == 0
