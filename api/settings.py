@@ -28,8 +28,8 @@ class Settings(BaseSettings):
 
     # VAD segmenter
     vad_aggressiveness: int = Field(2, ge=0, le=3)
-    vad_start_voiced: int = Field(3, ge=1)
-    vad_start_window: int = Field(5, ge=1)
+    vad_start_voiced: int = Field(6, ge=1)
+    vad_start_window: int = Field(10, ge=1)
     vad_hangover_ms: int = Field(500, ge=20)
     vad_preroll_ms: int = Field(200, ge=0)
     vad_max_utterance_ms: int = Field(15_000, ge=200)

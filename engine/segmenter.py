@@ -73,8 +73,10 @@ _TRANSITIONS: dict[tuple[VadState, _Input], VadState] = {
 @dataclass(frozen=True, slots=True)
 class SegmenterConfig:
     aggressiveness: int = 2  # webrtcvad mode 0 (least) .. 3 (most aggressive at calling noise unvoiced)
-    start_voiced: int = 3
-    start_window: int = 5  # frames
+    # 6 voiced of 10 frames (120 of 200 ms): webrtcvad calls the first ~80 ms of any new noise floor
+    # voiced while it adapts; this rule does not start an utterance on that.  Preroll covers the onset.
+    start_voiced: int = 6
+    start_window: int = 10  # frames
     hangover_ms: int = 500
     preroll_ms: int = 100
     max_utterance_ms: int = 15_000
