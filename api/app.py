@@ -1,8 +1,7 @@
-"""The aiohttp application: routes, the shared runtime, start-up and shutdown.
+"""The aiohttp application: routes, start-up and shutdown.
 
-``Runtime`` holds what every handler shares: settings, the event hub, the STT provider, the live
-streams and the counters behind ``/api/stats``.  It is built in ``create_app`` and torn down on
-cleanup: every stream is closed with 1001 (going away) and the provider released.
+The shared ``Runtime`` (``api.runtime``) is built in ``create_app`` and torn down on shutdown and
+cleanup: every stream is closed with 1001 (going away), every SSE client released, the provider closed.
 """
 
 from __future__ import annotations
@@ -11,45 +10,16 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from aiohttp import WSCloseCode, web
 
 from api import media_stream, sse
 from api.hub import EventHub
+from api.runtime import RUNTIME, Runtime
 from api.settings import Settings
-from engine.metrics import LagHistogram
 from pipelines.stt.base import SttProvider
 
 log = logging.getLogger("switchboard.app")
-
-
-@dataclass(slots=True)
-class Stats:
-    frames: int = 0
-    streams_total: int = 0
-    sse_clients: int = 0
-    frame_lag: LagHistogram = field(default_factory=LagHistogram)
-
-
-@dataclass(slots=True)
-class Runtime:
-    settings: Settings
-    hub: EventHub
-    stt: SttProvider
-    phrases: tuple[str, ...] = ()
-    streams: dict[int, media_stream.MediaStream] = field(default_factory=dict)
-    calls: dict[str, media_stream.MediaStream] = field(default_factory=dict)
-    stats: Stats = field(default_factory=Stats)
-
-    def publisher(self, call_id: str) -> Any:
-        hub = self.hub
-
-        def publish(event: str, payload: dict[str, Any], droppable: bool, key: str) -> None:
-            hub.publish(call_id, event, payload, droppable=droppable, key=key)
-
-        return publish
 
 
 def make_provider(settings: Settings) -> SttProvider:
@@ -81,7 +51,7 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
         stt=stt or make_provider(settings),
         phrases=settings.phrases(),
     )
-    app["runtime"] = rt
+    app[RUNTIME] = rt
     app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
     app.router.add_get("/api/calls/{call_id}/events", sse.call_events)
     app.router.add_get("/healthz", health)
@@ -100,7 +70,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    rt: Runtime = request.app["runtime"]
+    rt = request.app[RUNTIME]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
         "streams_active": len(rt.streams),
@@ -118,7 +88,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def stats_reset(request: web.Request) -> web.Response:
-    rt: Runtime = request.app["runtime"]
+    rt = request.app[RUNTIME]
     rt.stats.frame_lag.reset()
     return web.json_response({"reset": True})
 
@@ -132,12 +102,12 @@ def _rss_bytes() -> int:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    rt: Runtime = app["runtime"]
+    rt = app[RUNTIME]
     for stream in list(rt.streams.values()):
         await stream.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
     rt.hub.close_all()
 
 
 async def _on_cleanup(app: web.Application) -> None:
-    rt: Runtime = app["runtime"]
+    rt = app[RUNTIME]
     await rt.stt.aclose()

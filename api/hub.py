@@ -70,12 +70,12 @@ class Subscriber:
         self.closed = True
         self._wake.set()
 
-    async def next_batch(self, timeout: float) -> list[HubEvent]:
-        """Events ready to send, in id order; ``[]`` after ``timeout`` seconds of nothing."""
+    async def next_batch(self, idle_s: float) -> list[HubEvent]:
+        """Events ready to send, in id order; ``[]`` after ``idle_s`` seconds of nothing (heartbeat time)."""
         if not self._queue and not self._latest and not self.closed:
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), idle_s)
             except TimeoutError:
                 return []
         batch = list(self._queue)

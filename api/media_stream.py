@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from api.runtime import RUNTIME, Runtime
 from api.telnyx_protocol import (
     AUTH_FIELD,
     Dtmf,
@@ -30,9 +30,6 @@ from api.telnyx_protocol import (
 from engine.errors import ProtocolError
 from engine.segmenter import SegmenterConfig
 from pipelines.call import CallPipeline
-
-if TYPE_CHECKING:
-    from api.app import Runtime
 
 log = logging.getLogger("switchboard.media")
 
@@ -70,7 +67,7 @@ class MediaStream:
 
 
 async def telnyx_media(request: web.Request) -> web.StreamResponse:
-    rt: Runtime = request.app["runtime"]
+    rt = request.app[RUNTIME]
     s = rt.settings
     if len(rt.streams) >= s.max_streams:
         log.warning("stream.refused", extra={"reason": "max_streams", "limit": s.max_streams})
@@ -115,7 +112,8 @@ async def _run(rt: Runtime, stream: MediaStream) -> str:
             events = protocol.receive_binary(msg.data)
         elif msg.type is WSMsgType.ERROR:
             exc = ws.exception()
-            code = ws.close_code or WSCloseCode.INTERNAL_ERROR
+            # aiohttp has already closed the socket with the error's own code (1009 for size).
+            code = getattr(exc, "code", None) or ws.close_code or WSCloseCode.INTERNAL_ERROR
             log.warning("stream.ws_error", extra={"stream_id": stream.stream_id or None,
                                                   "close_code": int(code), "reason": str(exc)})
             return f"websocket error {int(code)}: {exc}"

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from api.runtime import RUNTIME
 from engine.errors import Overflow
-
-if TYPE_CHECKING:
-    from api.app import Runtime
 
 log = logging.getLogger("switchboard.sse")
 
@@ -42,7 +39,7 @@ def _last_event_id(request: web.Request) -> int:
 
 
 async def call_events(request: web.Request) -> web.StreamResponse:
-    rt: Runtime = request.app["runtime"]
+    rt = request.app[RUNTIME]
     call_id = request.match_info["call_id"]
     if not CALL_ID.match(call_id):
         raise web.HTTPBadRequest(text="call_id must be 1-256 characters of [A-Za-z0-9:_-.]")
@@ -66,7 +63,8 @@ async def call_events(request: web.Request) -> web.StreamResponse:
         replay, gap = channel.replay_after(last_id)
         if gap:
             first = replay[0].id if replay else channel.last_id + 1
-            await resp.write(b"event: stream.gap\ndata: {\"lost_from\":%d,\"lost_to\":%d}\n\n" % (last_id + 1, first - 1))
+            gap_event = b'event: stream.gap\ndata: {"lost_from":%d,"lost_to":%d}\n\n' % (last_id + 1, first - 1)
+            await resp.write(gap_event)
         sent = last_id
         ended = False
         for ev in replay:

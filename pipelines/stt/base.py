@@ -11,7 +11,8 @@ Contract of a session:
   caller's to count as dropped.  Frames arrive at the provider's ``sample_rate``.
 * ``finalize()`` marks the end of an utterance: every frame pushed before it is decoded, then exactly
   one final ``Transcript`` (possibly with empty text) is emitted for the utterance, unless the
-  utterance held no audio at all.
+  utterance held no audio at all, or the provider failed on it: a failure is logged with its reason
+  and counted in the session's ``failed_utterances``, never silent.
 * ``emit`` is called on the event loop, never from a worker thread, and must not block.
 * ``aclose()`` finishes what was pushed (bounded by ``drain_timeout``), emits the last final if an
   utterance was open, releases every resource (decoder, socket, task) and is idempotent.
@@ -61,6 +62,7 @@ class SessionOptions:
 class SttSession(abc.ABC):
     sample_rate: int
     max_buffer_ms: int
+    failed_utterances: int = 0
 
     @abc.abstractmethod
     def push(self, frame: AudioFrame) -> None: ...

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.app import Runtime, create_app
+from api.app import create_app
+from api.runtime import RUNTIME, Runtime
 from api.settings import Settings
 from tests.sse_client import read_sse
 
@@ -19,7 +20,7 @@ async def client(aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
 
 
 def runtime(client: TestClient) -> Runtime:
-    return client.app["runtime"]  # type: ignore[index,no-any-return]
+    return client.app[RUNTIME]
 
 
 def publish_call(rt: Runtime, call_id: str, finals: int) -> None:

@@ -36,7 +36,9 @@ def run(seg: Segmenter, audio: list[AudioFrame]) -> list[object]:
     return events
 
 
-def speech_with_pauses(pause_ms: int = 1000, noise_db: float | None = None, seed: int = 7) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def speech_with_pauses(
+    pause_ms: int = 1000, noise_db: float | None = None, seed: int = 7
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Three sentences separated by pauses; returns audio and each sentence's (start_ms, end_ms)."""
     gap = np.zeros(RATE * pause_ms // 1000, dtype=np.float64)
     parts: list[np.ndarray] = [gap]
