@@ -48,7 +48,7 @@ def main() -> None:
     app.router.add_get("/healthz", lambda r: web.json_response({"status": "ok"}))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, backlog=4096,
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None, backlog=4096, shutdown_timeout=1,
                 loop=uvloop.new_event_loop())
 
 

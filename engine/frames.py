@@ -8,7 +8,7 @@ to and from this form at the edge; nothing past the edge sees mu-law, A-law or b
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 FRAME_MS = 20
 """Telnyx, webrtcvad and the segmenter all work in 20 ms frames."""
@@ -22,12 +22,13 @@ class Track(enum.StrEnum):
     AGENT = "agent"  # an agent's browser microphone (WebRTC)
 
 
-@dataclass(frozen=True, slots=True)
-class AudioFrame:
+class AudioFrame(NamedTuple):
     """A slice of PCM audio.
 
     ``pcm`` holds ``len(pcm) // 2`` int16 little-endian samples at ``sample_rate``;
     ``timestamp_ms`` is where the slice starts, in milliseconds from the start of its stream.
+    Immutable like the engine's other events, but a NamedTuple: 50 are built per second per track,
+    and a frozen dataclass's ``__init__`` costs several times a tuple's.
     """
 
     pcm: bytes

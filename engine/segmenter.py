@@ -30,13 +30,17 @@ import enum
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import _webrtcvad  # the C module behind webrtcvad.Vad; see Segmenter.__init__
 import webrtcvad
 
 from engine.frames import FRAME_MS, AudioFrame
 
 
 class VadState(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code
+
     SILENCE = "silence"
     ONSET = "onset"
     SPEECH = "speech"
@@ -44,6 +48,8 @@ class VadState(enum.Enum):
 
 
 class _Input(enum.Enum):
+    __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code
+
     VOICED = enum.auto()
     UNVOICED = enum.auto()
     ONSET_CONFIRMED = enum.auto()
@@ -90,20 +96,21 @@ class SegmenterConfig:
             raise ValueError("hangover_ms >= 20 and max_utterance_ms >= 200 required")
 
 
-@dataclass(frozen=True, slots=True)
-class SpeechStarted:
+# Segmenter events are NamedTuples (immutable, and far cheaper to build than frozen dataclasses):
+# one UtteranceAudio is built per speech frame.
+
+
+class SpeechStarted(NamedTuple):
     utterance: int
     timestamp_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class UtteranceAudio:
+class UtteranceAudio(NamedTuple):
     utterance: int
     frame: AudioFrame
 
 
-@dataclass(frozen=True, slots=True)
-class UtteranceEnded:
+class UtteranceEnded(NamedTuple):
     utterance: int
     start_ms: int
     end_ms: int
@@ -124,22 +131,34 @@ class Segmenter:
     def __init__(self, config: SegmenterConfig | None = None) -> None:
         self.config = config or SegmenterConfig()
         self._vad = webrtcvad.Vad(self.config.aggressiveness)
+        # Vad.is_speech is a Python wrapper that only recomputes the sample count; calling its C
+        # function directly saves that call on every frame of every call.
+        self._vad_handle = self._vad._vad
+        self._vad_process = _webrtcvad.process
         self.state = VadState.SILENCE
         self.utterances = 0  # utterances started so far
         self._window: deque[tuple[AudioFrame, bool]] = deque(maxlen=self.config.start_window)
         self._preroll: deque[AudioFrame] = deque(maxlen=max(0, self.config.preroll_ms // FRAME_MS))
+        self._max_ms = self.config.max_utterance_ms
         self._start_ms = 0
         self._silent_ms = 0
         self._last_end_ms = 0
 
     def process(self, frame: AudioFrame) -> Sequence[SegmenterEvent]:
-        voiced = self._vad.is_speech(frame.pcm, frame.sample_rate)
+        pcm = frame.pcm
+        voiced = self._vad_process(self._vad_handle, frame.sample_rate, pcm, len(pcm) >> 1)
         state = self.state
         if state is VadState.SILENCE and not voiced:
             # The hot path for most of a call: no allocation beyond the preroll append.
             self._preroll.append(frame)
-            self._last_end_ms = frame.end_ms
             return _NONE
+        if state is VadState.SPEECH and voiced:
+            end = frame.timestamp_ms + FRAME_MS
+            if end - self._start_ms < self._max_ms:
+                # The other hot path: speech goes on (the table's SPEECH --voiced--> SPEECH).
+                self._last_end_ms = end
+                self._silent_ms = 0
+                return (UtteranceAudio(self.utterances, frame),)
         return self._step(frame, voiced)
 
     def flush(self) -> Sequence[SegmenterEvent]:

@@ -92,6 +92,12 @@ class CallPipeline:
         if t is None:
             t = self._open_track(track, sample_rate)
         n = t.frame_len
+        if len(pcm) == n:  # the usual single 20 ms frame
+            self.stats.frames += 1
+            events = t.segmenter.process(AudioFrame(pcm, sample_rate, timestamp_ms, track))
+            if events:
+                self._on_segments(t, events)
+            return
         for off in range(0, len(pcm), n):
             frame = AudioFrame(pcm[off : off + n], sample_rate, timestamp_ms + off // n * FRAME_MS, track)
             self.stats.frames += 1
