@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from engine.errors import Overflow
+from engine.pipeline import BoundedChannel, Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,9 +48,8 @@ class HubEvent:
 
 class Subscriber:
     def __init__(self, client_buffer: int) -> None:
-        self._queue: deque[HubEvent] = deque()
+        self._queue: BoundedChannel[HubEvent] = BoundedChannel(client_buffer, Policy.EVERY, name="sse-client")
         self._latest: dict[str, HubEvent] = {}
-        self._max = client_buffer
         self._wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
@@ -60,10 +60,8 @@ class Subscriber:
             if event.key in self._latest:
                 self.dropped += 1
             self._latest[event.key] = event
-        elif len(self._queue) >= self._max:
+        elif not self._queue.put(event):
             self.overflowed = True
-        else:
-            self._queue.append(event)
         self._wake.set()
 
     def close(self) -> None:
@@ -78,8 +76,8 @@ class Subscriber:
                 await asyncio.wait_for(self._wake.wait(), idle_s)
             except TimeoutError:
                 return []
-        batch = list(self._queue)
-        self._queue.clear()
+        queue = self._queue
+        batch = [queue.get_nowait() for _ in range(len(queue))]
         if self._latest:
             batch.extend(self._latest.values())
             self._latest.clear()

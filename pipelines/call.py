@@ -159,7 +159,7 @@ class CallPipeline:
                 if t.session is not None:
                     t.session.finalize()
                 elif not t.failed:
-                    t.backlog.append(None)
+                    self._wait_in_backlog(t, None)
             elif isinstance(ev, SpeechStarted):
                 self.stats.utterances += 1
                 t.resampler.reset()  # utterances are not contiguous audio: no filter history across them
@@ -170,9 +170,7 @@ class CallPipeline:
             if t.failed:
                 self.stats.stt_dropped += 1
             else:
-                if len(t.backlog) == t.backlog.maxlen:
-                    self.stats.stt_dropped += 1  # the oldest waiting frame falls off
-                t.backlog.append(frame)
+                self._wait_in_backlog(t, frame)
             return
         if t.resampler.identity:
             out = frame
@@ -182,6 +180,11 @@ class CallPipeline:
             session.push(out)
         except Overflow:
             self.stats.stt_dropped += 1
+
+    def _wait_in_backlog(self, t: _Track, item: AudioFrame | None) -> None:
+        if len(t.backlog) == t.backlog.maxlen:
+            self.stats.stt_dropped += 1  # the oldest waiting item falls off, counted
+        t.backlog.append(item)
 
     def _on_transcript(self, t: _Track, tr: Transcript) -> None:
         if tr.is_final:

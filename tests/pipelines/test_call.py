@@ -1,0 +1,47 @@
+"""The per-call pipeline with the scripted recogniser: events, numbering, backlog while opening."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from engine.frames import Track
+from pipelines.call import CallPipeline
+from pipelines.stt.scripted import ScriptedProvider
+from tests.speech import utterances_with_pauses
+
+TEXTS = ["please confirm your account number", "can you call me back tomorrow morning"]
+
+
+async def test_two_utterances_give_partials_and_finals_in_order_with_resampled_audio() -> None:
+    published: list[tuple[str, dict[str, Any], bool, str]] = []
+    provider = ScriptedProvider(["first one", "second one here"], sample_rate=16000)
+    pipe = CallPipeline(call_id="c", stream_id="s", provider=provider,
+                        publish=lambda *a: published.append(a))
+    pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
+    pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
+    for i in range(0, len(pcm), 320):
+        pipe.feed(Track.INBOUND, pcm[i : i + 320], 8000, i // 16)
+        await asyncio.sleep(0)  # as the event loop runs between frames: the session opens at once
+    await pipe.aclose()
+    finals = [p for e, p, d, _ in published if e == "transcript.final"]
+    partials = [(p, d) for e, p, d, _ in published if e == "transcript.partial"]
+    assert [f["text"] for f in finals] == ["first one", "second one here"]
+    assert [f["seq"] for f in finals] == [1, 2] and all(f["track"] == "inbound" for f in finals)
+    assert partials and all(droppable for _, droppable in partials)
+    assert pipe.stats.stt_dropped == 0 and pipe.stats.utterances == 2
+    assert provider.sessions[0].sample_rate == 16000  # 8 kHz audio was upsampled for it
+    assert finals[0]["end"] < finals[1]["start"]
+
+
+async def test_frames_beyond_the_open_backlog_are_dropped_and_counted() -> None:
+    published: list[Any] = []
+    pipe = CallPipeline(call_id="c", stream_id="s", provider=ScriptedProvider(["a", "b"]),
+                        publish=lambda *a: published.append(a), open_backlog_ms=1000)
+    pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
+    pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
+    for i in range(0, len(pcm), 320):  # no yield: the session cannot open while this runs
+        pipe.feed(Track.INBOUND, pcm[i : i + 320], 8000, i // 16)
+    # Everything waiting (speech frames and 2 utterance-end markers) beyond 1 s (50 items) is counted.
+    assert pipe.stats.stt_dropped == pipe.stats.speech_frames + 2 - 50
+    await pipe.aclose()
