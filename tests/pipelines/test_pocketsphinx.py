@@ -36,17 +36,28 @@ async def speak(session, frames: list[AudioFrame]) -> None:  # type: ignore[no-u
     session.finalize()
 
 
-async def wait_finals(results: list[Transcript], n: int, timeout: float = 30) -> list[Transcript]:
-    async def until() -> None:
-        while sum(r.is_final for r in results) < n:
-            await asyncio.sleep(0.02)
+class Results(list[Transcript]):
+    """The session's emit callback: collects transcripts and wakes whoever waits for finals."""
 
-    await asyncio.wait_for(until(), timeout)
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Event()
+
+    def append(self, item: Transcript) -> None:
+        super().append(item)
+        self.changed.set()
+
+
+async def wait_finals(results: Results, n: int, deadline_s: float = 30) -> list[Transcript]:
+    async with asyncio.timeout(deadline_s):
+        while sum(r.is_final for r in results) < n:
+            results.changed.clear()
+            await results.changed.wait()
     return [r for r in results if r.is_final]
 
 
 async def test_partials_then_a_final_with_stream_relative_word_timings(provider: PocketsphinxProvider) -> None:
-    results: list[Transcript] = []
+    results = Results()
     session = await provider.open_session(SessionOptions("c1", phrases=SENTENCES), results.append)
     frames = frames_of(synthesize(SENTENCES[0], rate=16000), start_ms=5000)
     await speak(session, frames)
@@ -62,7 +73,7 @@ async def test_partials_then_a_final_with_stream_relative_word_timings(provider:
 
 
 async def test_one_decoder_serves_two_sessions_in_turn(provider: PocketsphinxProvider) -> None:
-    results: dict[str, list[Transcript]] = {"a": [], "b": []}
+    results = {"a": Results(), "b": Results()}
     a = await provider.open_session(SessionOptions("a", phrases=SENTENCES), results["a"].append)
     b = await provider.open_session(SessionOptions("b", phrases=SENTENCES), results["b"].append)
     await asyncio.gather(speak(a, frames_of(synthesize(SENTENCES[0], rate=16000))),
@@ -103,7 +114,7 @@ async def test_push_past_the_buffer_bound_raises_overflow() -> None:
 
 async def test_aclose_delivers_the_open_utterance_and_leaves_no_task(provider: PocketsphinxProvider) -> None:
     before = {t for t in asyncio.all_tasks() if not t.done()}
-    results: list[Transcript] = []
+    results = Results()
     session = await provider.open_session(SessionOptions("c2", phrases=SENTENCES), results.append)
     for f in frames_of(synthesize(SENTENCES[1], rate=16000)):
         session.push(f)
