@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
     if settings.stats_enabled:
         app.router.add_get("/api/stats", stats)
         app.router.add_post("/api/stats/reset", stats_reset)
+    app.on_startup.append(_on_startup)
     app.on_shutdown.append(_on_shutdown)
     app.on_cleanup.append(_on_cleanup)
     if settings.telnyx_stream_token is None:
@@ -99,6 +100,11 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+async def _on_startup(app: web.Application) -> None:
+    rt = app[RUNTIME]
+    await rt.stt.warm(rt.phrases)
 
 
 async def _on_shutdown(app: web.Application) -> None:

@@ -93,26 +93,36 @@ async def simulate_call(
     print(f"call_id {call_id}: streaming {len(messages) - 3} frames of {encoding}/{sample_rate}", file=sys.stderr)
     headers = {"x-telnyx-streaming-auth-token": token} if token else {}
     try:
-        async with websockets.connect(url, additional_headers=headers, max_size=2**20) as ws:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            interval = FRAME_MS / 1000 / speed
-            for i, msg in enumerate(messages):
-                if i >= 2:  # media frames (and stop) are paced
-                    delay = t0 + (i - 2) * interval - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                await ws.send(msg)
-            with contextlib.suppress(websockets.ConnectionClosed):
-                await asyncio.wait_for(ws.recv(), 5)  # the server closes after stop
-            if ws.close_code not in (None, 1000):
-                print(f"server closed with {ws.close_code}: {ws.close_reason}", file=sys.stderr)
-                return 1
-        if printer is not None:
-            await asyncio.wait_for(printer, 60)
+        return await _stream(url, headers, messages, speed, printer)
+    except (OSError, websockets.InvalidHandshake) as exc:
+        print(f"cannot stream to {url}: {exc}", file=sys.stderr)
+        return 2
     finally:
         if printer is not None and not printer.done():
             printer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError, aiohttp.ClientError):
+                await printer
+
+
+async def _stream(url: str, headers: dict[str, str], messages: list[str], speed: float,
+                  printer: asyncio.Task[None] | None) -> int:
+    async with websockets.connect(url, additional_headers=headers, max_size=2**20) as ws:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        interval = FRAME_MS / 1000 / speed
+        for i, msg in enumerate(messages):
+            if i >= 2:  # media frames (and stop) are paced
+                delay = t0 + (i - 2) * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await ws.send(msg)
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)  # the server closes after stop
+        if ws.close_code not in (None, 1000):
+            print(f"server closed with {ws.close_code}: {ws.close_reason}", file=sys.stderr)
+            return 1
+    if printer is not None:
+        await asyncio.wait_for(printer, 60)
     return 0
 
 

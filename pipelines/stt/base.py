@@ -83,5 +83,8 @@ class SttProvider(abc.ABC):
     @abc.abstractmethod
     async def open_session(self, options: SessionOptions, emit: Emit) -> SttSession: ...
 
+    async def warm(self, phrases: Sequence[str] = ()) -> None:  # noqa: B027 - optional hook
+        """Prepare what sessions for ``phrases`` will need (models, decoders) before calls arrive."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release what the provider shares between sessions."""

@@ -11,6 +11,11 @@ Two passes per utterance, both in a bounded thread pool, never on the event loop
 The second pass costs another ~0.04 s of CPU per second of audio; the utterance audio it needs is
 held in the session, bounded by ``max_buffer_ms`` like everything else the session holds.
 
+Known limit: pocketsphinx holds the GIL inside ``process_raw`` and ``Decoder()``.  The thread pool
+keeps the work off the event loop's *code path* but not off its *time*: a final pass stalls the
+loop thread about 40 ms per second of utterance.  Decoders are created at start-up (``warm``) so
+that cost never lands on a live call; moving decoding into worker processes is the real fix.
+
 Decoders come from a ``DecoderPool`` per language model (the bundled LM, or a domain LM built from
 the organisation's phrase list) and are held for one utterance only.
 """
@@ -22,7 +27,7 @@ import contextlib
 import logging
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -154,6 +159,17 @@ class PocketsphinxProvider(SttProvider):
                 raise ProviderUnavailable(f"{self.max_models} language models all in use")
             del self._pools[victim]  # its idle decoders are freed with it
 
+    async def warm(self, phrases: Sequence[str] = ()) -> None:
+        """Build the model and create every decoder of its pool now, before calls arrive.
+
+        Creating a decoder holds the GIL for ~0.3 s (pocketsphinx does not release it), which would
+        stall every live call if it happened on a call's first utterance.
+        """
+        pool = await self.pool(tuple(phrases))
+        decoders = [await pool.acquire() for _ in range(pool.max_decoders)]
+        for decoder in decoders:
+            await pool.release(decoder)
+
     async def open_session(self, options: SessionOptions, emit: Emit) -> SttSession:
         pool = await self.pool(tuple(options.phrases))
         return PocketsphinxSession(self, pool, options, emit)
@@ -225,6 +241,7 @@ class PocketsphinxSession(SttSession):
         utterance = bytearray()
         start_ms = end_ms = 0
         pending = bytearray()
+        last_partial = ""
         try:
             while True:
                 if not self._queue:
@@ -258,7 +275,8 @@ class PocketsphinxSession(SttSession):
                     text, first_cmn = await self._provider.run(_live_chunk, decoder, bytes(pending), cmn is None)
                     cmn = cmn or first_cmn
                     pending.clear()
-                    if text:
+                    if text and text != last_partial:
+                        last_partial = text
                         self._emit(Transcript(text, False, start_ms, end_ms, utterance=self._utterance))
                 if item is None and utterance:
                     text, words = await self._provider.run(_final_pass, decoder, bytes(utterance), cmn)
@@ -268,6 +286,7 @@ class PocketsphinxSession(SttSession):
                     self._held_ms = 0
                     self._emit(self._final(text, words, start_ms, end_ms))
                     utterance.clear()
+                    last_partial = ""
         except asyncio.CancelledError:
             raise
         except SwitchboardError as exc:
