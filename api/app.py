@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
             retention_s=settings.sse_retention_s,
         ),
         stt=stt or make_provider(settings),
+        segmenter=settings.segmenter(),
         phrases=settings.phrases(),
     )
     app[RUNTIME] = rt

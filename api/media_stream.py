@@ -29,7 +29,6 @@ from api.telnyx_protocol import (
 )
 from engine.errors import ProtocolError
 from engine.frames import Track
-from engine.segmenter import SegmenterConfig
 from pipelines.call import CallPipeline
 
 log = logging.getLogger("switchboard.media")
@@ -152,7 +151,6 @@ async def _run(rt: Runtime, stream: MediaStream) -> str:
 
 
 def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
-    s = rt.settings
     stream.call_id = ev.call_control_id
     rt.calls[stream.call_id] = stream
     rt.stats.streams_total += 1
@@ -163,14 +161,7 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
         stream_id=ev.stream_id,
         provider=rt.stt,
         publish=publish,
-        segmenter=SegmenterConfig(
-            aggressiveness=s.vad_aggressiveness,
-            start_voiced=s.vad_start_voiced,
-            start_window=s.vad_start_window,
-            hangover_ms=s.vad_hangover_ms,
-            preroll_ms=s.vad_preroll_ms,
-            max_utterance_ms=s.vad_max_utterance_ms,
-        ),
+        segmenter=rt.segmenter,
         phrases=rt.phrases,
     )
     rt.hub.publish(stream.call_id, "call.started", {

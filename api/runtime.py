@@ -10,6 +10,7 @@ from aiohttp import web
 from api.hub import EventHub
 from api.settings import Settings
 from engine.metrics import LagHistogram
+from engine.segmenter import SegmenterConfig
 from pipelines.stt.base import SttProvider
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ class Runtime:
     settings: Settings
     hub: EventHub
     stt: SttProvider
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     phrases: tuple[str, ...] = ()
     streams: dict[int, MediaStream] = field(default_factory=dict)
     calls: dict[str, MediaStream] = field(default_factory=dict)

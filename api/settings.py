@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.segmenter import SegmenterConfig
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
@@ -51,6 +53,16 @@ class Settings(BaseSettings):
     sse_retention_s: float = Field(600.0, ge=0)  # how long an ended call's history stays replayable
 
     stats_enabled: bool = True  # GET /api/stats (loopback deployments; the benchmark reads it)
+
+    def segmenter(self) -> SegmenterConfig:
+        return SegmenterConfig(
+            aggressiveness=self.vad_aggressiveness,
+            start_voiced=self.vad_start_voiced,
+            start_window=self.vad_start_window,
+            hangover_ms=self.vad_hangover_ms,
+            preroll_ms=self.vad_preroll_ms,
+            max_utterance_ms=self.vad_max_utterance_ms,
+        )
 
     def phrases(self) -> tuple[str, ...]:
         if self.stt_phrases_file is None:
