@@ -86,13 +86,12 @@ class Subscriber:
 
 
 class CallChannel:
-    def __init__(self, call_id: str, history: int, client_buffer: int) -> None:
+    def __init__(self, call_id: str, history: int) -> None:
         self.call_id = call_id
         self.history: deque[HubEvent] = deque(maxlen=history)
         self.subscribers: set[Subscriber] = set()
         self.last_id = 0
         self.ended_at: float | None = None
-        self._client_buffer = client_buffer
 
     def publish(self, event: str, payload: dict[str, Any], droppable: bool, key: str) -> HubEvent:
         self.last_id += 1
@@ -138,7 +137,7 @@ class EventHub:
         ch = self._channels.get(call_id)
         if ch is None:
             self._make_room()
-            ch = self._channels[call_id] = CallChannel(call_id, self._history, self._client_buffer)
+            ch = self._channels[call_id] = CallChannel(call_id, self._history)
         return ch
 
     def publish(

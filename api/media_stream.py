@@ -42,7 +42,6 @@ class MediaStream:
         self.protocol = protocol
         self.pipeline: CallPipeline | None = None
         self.call_id = ""
-        self.opened = time.monotonic()
         # Frame-lag baseline: the earliest (arrival - audio time) seen; lag is measured against it.
         self._t0: float | None = None
 
