@@ -153,7 +153,20 @@ class DecoderPool:
             self._cond.notify()
 
     async def discard(self, decoder: object) -> None:
+        _close(decoder)
         async with self._cond:
             self.in_use -= 1
             self.created -= 1
             self._cond.notify()
+
+    def close(self) -> None:
+        """Close the idle decoders (decoders in use are closed by their sessions' ``discard``)."""
+        for decoder in self._idle:
+            _close(decoder)
+        self._idle.clear()
+
+
+def _close(decoder: object) -> None:
+    close = getattr(decoder, "close", None)
+    if close is not None:
+        close()

@@ -1,6 +1,7 @@
 """Offline speech-to-text on pocketsphinx (English model shipped in the wheel).
 
-Two passes per utterance, both in a bounded thread pool, never on the event loop:
+Two passes per utterance, both in the decoder's own worker process (``sphinx_worker``), never on
+the event loop nor under its GIL:
 
 1. *live*: while the utterance goes on, audio is decoded in ``chunk_ms`` chunks; each change of
    the running hypothesis is emitted as a partial;
@@ -11,10 +12,11 @@ Two passes per utterance, both in a bounded thread pool, never on the event loop
 The second pass costs another ~0.04 s of CPU per second of audio; the utterance audio it needs is
 held in the session, bounded by ``max_buffer_ms`` like everything else the session holds.
 
-Known limit: pocketsphinx holds the GIL inside ``process_raw`` and ``Decoder()``.  The thread pool
-keeps the work off the event loop's *code path* but not off its *time*: a final pass stalls the
-loop thread about 40 ms per second of utterance.  Decoders are created at start-up (``warm``) so
-that cost never lands on a live call; moving decoding into worker processes is the real fix.
+Decoder processes are started at start-up (``warm``) so a spawn and model load (~0.5 s) never
+delays a live call's first utterance.  A small thread pool (``max_workers``) runs the blocking
+set-up work: language-model builds and process starts.  ``python -m bench.stt_stall`` measures
+what the event loop feels: with decoders in threads a 10 s utterance stalled it up to 1.3 s
+(pocketsphinx holds the GIL in ``process_raw``); in processes, 2 ms.
 
 Decoders come from a ``DecoderPool`` per language model (the bundled LM, or a domain LM built from
 the organisation's phrase list) and are held for one utterance only.
@@ -42,54 +44,11 @@ from pipelines.stt.decoder_pool import (
     build_domain_model,
     model_key,
 )
+from pipelines.stt.sphinx_worker import DecoderProcess
 
 log = logging.getLogger("switchboard.stt.pocketsphinx")
 
 FRAME_RATE = 100  # pocketsphinx feature frames per second (10 ms)
-DOMAIN_LM_WEIGHT = 10.0
-_FILLERS = {"<s>", "</s>", "<sil>"}
-
-
-def _new_decoder(model: LanguageModel) -> Any:
-    from pocketsphinx import Decoder
-
-    if model.lm_path is None:
-        return Decoder(samprate=16000, loglevel="FATAL")
-    # A phrase-list LM is narrow, close to a grammar: trusting it more than the generic LM's weight
-    # (6.5) helps.  On espeak speech through G.711, lw 10 took the final-pass WER from 0.30 to 0.25.
-    return Decoder(samprate=16000, lm=model.lm_path, dict=model.dict_path, lw=DOMAIN_LM_WEIGHT, loglevel="FATAL")
-
-
-def _live_chunk(decoder: Any, pcm: bytes, first: bool) -> tuple[str, str | None]:
-    """Decode a chunk of the open utterance; on the first, also return the CMN state to restore."""
-    cmn = None
-    if first:
-        cmn = decoder.get_cmn()
-        decoder.start_utt()
-    decoder.process_raw(pcm, False, False)
-    hyp = decoder.hyp()
-    return (hyp.hypstr if hyp is not None else ""), cmn
-
-
-def _final_pass(decoder: Any, utterance: bytes, cmn: str | None) -> tuple[str, list[tuple[str, int, int, float]]]:
-    if cmn is not None:
-        # The live pass adapted the front end (cepstral mean, noise estimate) to this utterance; the
-        # final pass starts from the state the previous final pass left.  Measured on the test
-        # sentences: WER 0.40 without the reset, 0.30 with it (as good as no live pass at all).
-        decoder.end_utt()
-        decoder.reinit_feat()
-        decoder.set_cmn(cmn)
-    decoder.start_utt()
-    decoder.process_raw(utterance, False, True)
-    decoder.end_utt()
-    hyp = decoder.hyp()
-    words = []
-    for seg in decoder.seg():
-        word = seg.word
-        if word in _FILLERS or word.startswith(("[", "+")):
-            continue
-        words.append((word.split("(", 1)[0], seg.start_frame, seg.end_frame, float(seg.prob)))
-    return (hyp.hypstr if hyp is not None else ""), words
 
 
 class PocketsphinxProvider(SttProvider):
@@ -139,7 +98,7 @@ class PocketsphinxProvider(SttProvider):
         if pool is None:
             self._make_room()
             pool = self._pools[key] = DecoderPool(
-                model, _new_decoder, max_decoders=self.max_decoders, acquire_timeout=self.acquire_timeout,
+                model, DecoderProcess.start, max_decoders=self.max_decoders, acquire_timeout=self.acquire_timeout,
                 run=self.run,
             )
         return pool
@@ -157,14 +116,10 @@ class PocketsphinxProvider(SttProvider):
             victim = next((k for k, p in self._pools.items() if p.in_use == 0), None)
             if victim is None:
                 raise ProviderUnavailable(f"{self.max_models} language models all in use")
-            del self._pools[victim]  # its idle decoders are freed with it
+            self._pools.pop(victim).close()
 
     async def warm(self, phrases: Sequence[str] = ()) -> None:
-        """Build the model and create every decoder of its pool now, before calls arrive.
-
-        Creating a decoder holds the GIL for ~0.3 s (pocketsphinx does not release it), which would
-        stall every live call if it happened on a call's first utterance.
-        """
+        """Build the model and start every decoder process of its pool now, before calls arrive."""
         pool = await self.pool(tuple(phrases))
         decoders = [await pool.acquire() for _ in range(pool.max_decoders)]
         for decoder in decoders:
@@ -175,6 +130,8 @@ class PocketsphinxProvider(SttProvider):
         return PocketsphinxSession(self, pool, options, emit)
 
     async def aclose(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
         self._pools.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._tmp is not None:
@@ -236,7 +193,7 @@ class PocketsphinxSession(SttSession):
     # -- worker ------------------------------------------------------------------------------------
 
     async def _work(self) -> None:
-        decoder: Any = None
+        decoder: DecoderProcess | None = None
         cmn: str | None = None  # set while a live pass is open
         utterance = bytearray()
         start_ms = end_ms = 0
@@ -272,14 +229,14 @@ class PocketsphinxSession(SttSession):
                         self._drop_until_marker()
                         continue
                 if pending:
-                    text, first_cmn = await self._provider.run(_live_chunk, decoder, bytes(pending), cmn is None)
+                    text, first_cmn = await decoder.live_chunk(bytes(pending), cmn is None)
                     cmn = cmn or first_cmn
                     pending.clear()
                     if text and text != last_partial:
                         last_partial = text
                         self._emit(Transcript(text, False, start_ms, end_ms, utterance=self._utterance))
                 if item is None and utterance:
-                    text, words = await self._provider.run(_final_pass, decoder, bytes(utterance), cmn)
+                    text, words = await decoder.final_pass(bytes(utterance), cmn)
                     cmn = None
                     await self._pool.release(decoder)
                     decoder = None
