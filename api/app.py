@@ -6,6 +6,7 @@ cleanup: every stream is closed with 1001 (going away), every SSE client release
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import resource
@@ -73,6 +74,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    gc_stats = gc.get_stats()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
         "streams_active": len(rt.streams),
@@ -83,6 +85,8 @@ async def stats(request: web.Request) -> web.Response:
         "events_published": rt.hub.published,
         "calls_tracked": len(rt.hub),
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "gc_collections": [g["collections"] for g in gc_stats],
+        "gc_pause": rt.stats.gc_pause.summary(),
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
@@ -92,6 +96,7 @@ async def stats(request: web.Request) -> web.Response:
 async def stats_reset(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     rt.stats.frame_lag.reset()
+    rt.stats.gc_pause.reset()
     return web.json_response({"reset": True})
 
 
@@ -105,6 +110,7 @@ def _rss_bytes() -> int:
 
 async def _on_startup(app: web.Application) -> None:
     rt = app[RUNTIME]
+    rt.stats.watch_gc()
     await rt.stt.warm(rt.phrases)
 
 
@@ -117,4 +123,5 @@ async def _on_shutdown(app: web.Application) -> None:
 
 async def _on_cleanup(app: web.Application) -> None:
     rt = app[RUNTIME]
+    rt.stats.unwatch_gc()
     await rt.stt.aclose()

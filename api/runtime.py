@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,21 @@ class Stats:
     streams_total: int = 0
     sse_clients: int = 0
     frame_lag: LagHistogram = field(default_factory=LagHistogram)
+    gc_pause: LagHistogram = field(default_factory=LagHistogram)  # how long each cyclic GC run held the loop
+    _gc_started: float = 0.0
+
+    def watch_gc(self) -> None:
+        gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause.record((time.perf_counter() - self._gc_started) * 1000)
 
 
 @dataclass(slots=True)

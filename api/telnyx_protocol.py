@@ -334,14 +334,16 @@ class TelnyxStreamProtocol:
         return self._media(seq, msg)
 
     def _media(self, seq: int, msg: dict[str, Any]) -> Media:
-        media = msg.get("media")
-        if not isinstance(media, dict):
-            raise InvalidPayload("media object missing")
-        payload = media.get("payload")
-        if not isinstance(payload, str):
-            raise InvalidPayload("media.payload missing")
+        # Validation by exception: free when the message is well formed, which is the hot path.
         try:
+            media = msg["media"]
+            payload = media["payload"]
+            if not isinstance(payload, str):
+                raise TypeError
             raw = binascii.a2b_base64(payload, strict_mode=True)
+            track = _TRACKS.get(media.get("track", "inbound"))
+        except (KeyError, TypeError, AttributeError):
+            raise InvalidPayload("media.payload missing or not a string") from None
         except binascii.Error as exc:
             raise InvalidPayload(f"media.payload is not valid base64: {exc}") from None
         if not raw or len(raw) % self._frame_bytes:
@@ -349,7 +351,6 @@ class TelnyxStreamProtocol:
                 f"media.payload of {len(raw)} bytes is not whole {FRAME_MS} ms frames "
                 f"({self._frame_bytes} bytes each for {self.started.encoding if self.started else '?'})"
             )
-        track = _TRACKS.get(media.get("track", "inbound"))
         if track is None:
             self.stats.unknown_track += 1
             track = Track.INBOUND

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +141,7 @@ class Load:
     late_ticks: int = 0
     ticks: int = 0
     running: bool = True
+    lateness_ms: list[float] = field(default_factory=list)  # per tick, bounded by the run's length
 
     async def run_group(self, group: int, t0: float) -> None:
         loop = asyncio.get_running_loop()
@@ -153,6 +154,7 @@ class Load:
                 await asyncio.sleep(delay)
             elif delay < -FRAME_S:
                 self.late_ticks += 1
+            self.lateness_ms.append(max(0.0, -delay) * 1000)
             self.ticks += 1
             for s in mine:
                 payload = self.payloads[(s.seq + s.index) % len(self.payloads)]
@@ -196,6 +198,7 @@ async def measure(port: int, pid: int, n: int, payloads: list[bytes], seconds: f
         await fetch(f"{base}/api/stats/reset", "POST")
         s0, sent0, (cpu0, _), w0 = await fetch(f"{base}/api/stats"), load.sent, proc_stat(pid), time.monotonic()
         late0, ticks0 = load.late_ticks, load.ticks
+        lateness_from = len(load.lateness_ms)
         await asyncio.sleep(seconds)
         s1, sent1, (cpu1, rss1), w1 = await fetch(f"{base}/api/stats"), load.sent, proc_stat(pid), time.monotonic()
         late1, ticks1 = load.late_ticks, load.ticks
@@ -222,6 +225,7 @@ async def measure(port: int, pid: int, n: int, payloads: list[bytes], seconds: f
         "rss_mb": rss1 / 2**20,
         "rss_kb_per_stream": (rss1 - rss0) / 1024 / n,
         "generator_late_ticks": (late1 - late0) / max(1, ticks1 - ticks0),
+        "generator_p99_late_ms": float(np.percentile(load.lateness_ms[lateness_from:] or [0.0], 99)),
         "frames_per_s": (s1["frames"] - s0["frames"]) / wall,
         "closed_by_server": dead,
     }
@@ -280,6 +284,7 @@ async def run(args: argparse.Namespace) -> int:
                   f"backlog {r['backlog_start']:6}->{r['backlog_end']:6} cpu={r['cpu_share']*100:5.1f}% "
                   f"{r['cpu_us_per_frame']:5.1f}us/frame rss={r['rss_mb']:6.1f}MB "
                   f"({r['rss_kb_per_stream']:5.1f}KB/stream) gen_late={r['generator_late_ticks']:.3f} "
+                  f"gen_p99={r['generator_p99_late_ms']:.1f}ms "
                   f"{'PASS' if r['pass'] else 'FAIL'}", flush=True)
         best = max((r["streams"] for r in rows if r["pass"]), default=0)
         results[label] = {"rows": rows, "max_streams": best}

@@ -2,8 +2,9 @@
 
 Every codec converts between its wire payload and the engine's PCM (int16 little-endian mono).
 G.711 runs through lookup tables built once at import from the ITU-T G.711 rules (the classic
-Sun/CCITT ``g711.c``): decoding is one table take over the payload bytes, encoding one take over
-the samples' uint16 view, which keeps a 20 ms frame to a couple of microseconds.  No ``audioop``
+Sun/CCITT ``g711.c``): decoding is two ``bytes.translate`` passes (low and high byte of each
+sample), encoding one numpy take over the samples' uint16 view, which keeps a 20 ms frame to about
+a microsecond.  No ``audioop``
 (removed in Python 3.13).
 """
 
@@ -80,16 +81,29 @@ class Codec(abc.ABC):
         return f"{type(self).__name__}({self.sample_rate})"
 
 
+def _byte_tables(table: np.ndarray) -> tuple[bytes, bytes]:
+    """The low and high bytes of each int16 table entry, as ``bytes.translate`` tables."""
+    u = table.astype("<i2").view(np.uint16)
+    return (u & 0xFF).astype(np.uint8).tobytes(), (u >> 8).astype(np.uint8).tobytes()
+
+
 class _G711(Codec):
     payload_bytes_per_sample = 1
     _decode: np.ndarray
     _encode: np.ndarray
+    _low: bytes
+    _high: bytes
 
     def __init__(self, sample_rate: int = 8000) -> None:
         self.sample_rate = sample_rate
 
     def decode(self, payload: bytes) -> bytes:
-        return self._decode.take(np.frombuffer(payload, dtype=np.uint8)).tobytes()
+        # Two C-level byte translations interleaved into the little-endian samples: cheaper than a
+        # numpy round trip for a 160-byte frame (1.05 against 1.34 us).
+        out = bytearray(2 * len(payload))
+        out[0::2] = payload.translate(self._low)
+        out[1::2] = payload.translate(self._high)
+        return bytes(out)
 
     def encode(self, pcm: bytes) -> bytes:
         if len(pcm) % 2:
@@ -101,12 +115,14 @@ class PcmuCodec(_G711):
     name = "PCMU"
     _decode = ULAW_DECODE
     _encode = ULAW_ENCODE
+    _low, _high = _byte_tables(ULAW_DECODE)
 
 
 class PcmaCodec(_G711):
     name = "PCMA"
     _decode = ALAW_DECODE
     _encode = ALAW_ENCODE
+    _low, _high = _byte_tables(ALAW_DECODE)
 
 
 class L16Codec(Codec):
