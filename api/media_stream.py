@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
+from api.inline_ws import InlineWebSocketResponse
 from api.runtime import RUNTIME, Runtime
 from api.telnyx_protocol import (
     AUTH_FIELD,
     Dtmf,
+    Event,
     MarkPlayed,
     Media,
     Started,
@@ -27,7 +30,7 @@ from api.telnyx_protocol import (
     StreamFailed,
     TelnyxStreamProtocol,
 )
-from engine.errors import ProtocolError
+from engine.errors import InternalError, ProtocolError
 from engine.frames import Track
 from pipelines.call import CallPipeline
 
@@ -37,11 +40,15 @@ log = logging.getLogger("switchboard.media")
 class MediaStream:
     """One live Telnyx stream; the handle later features (the WebRTC bridge) send audio through."""
 
-    def __init__(self, ws: web.WebSocketResponse, protocol: TelnyxStreamProtocol) -> None:
-        self.ws = ws
+    def __init__(self, protocol: TelnyxStreamProtocol) -> None:
+        self.ws: web.WebSocketResponse = web.WebSocketResponse()  # replaced before prepare()
         self.protocol = protocol
         self.pipeline: CallPipeline | None = None
+        self.feed: Callable[[Track, bytes, int, int], None] | None = None  # pipeline.feed, once started
+        self.rate = 0
         self.call_id = ""
+        # Set when the stream must end: the stop reason, or the protocol error to close with.
+        self.ending: str | ProtocolError | None = None
         # Frame-lag baseline: the earliest (arrival - audio time) seen; lag is measured against it.
         self._t0: float | None = None
 
@@ -71,12 +78,6 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
     if len(rt.streams) >= s.max_streams:
         log.warning("stream.refused", extra={"reason": "max_streams", "limit": s.max_streams})
         raise web.HTTPServiceUnavailable(text="too many media streams", headers={"Retry-After": "1"})
-    # decode_text=False: text frames arrive as bytes and orjson validates the UTF-8 itself (invalid
-    # UTF-8 is then a 1007 from the protocol), sparing a decode per frame.  compress=False: deflate
-    # buys nothing on base64 audio and costs CPU on every frame.
-    ws = web.WebSocketResponse(max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None,
-                               decode_text=False, compress=False)
-    await ws.prepare(request)
     token = s.telnyx_stream_token.get_secret_value() if s.telnyx_stream_token else None
     protocol = TelnyxStreamProtocol(
         expected_token=token,
@@ -84,7 +85,16 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
         reorder_window=s.reorder_window,
         max_message_bytes=s.max_message_bytes,
     )
-    stream = MediaStream(ws, protocol)
+    stream = MediaStream(protocol)
+    # decode_text=False: text frames arrive as bytes and orjson validates the UTF-8 itself (invalid
+    # UTF-8 is then a 1007 from the protocol), sparing a decode per frame.  compress=False: deflate
+    # buys nothing on base64 audio and costs CPU on every frame.  Messages are handled inline (see
+    # api.inline_ws): the handler task below only wakes to close the socket.
+    ws = InlineWebSocketResponse(on_message=lambda msg: _on_message(rt, stream, msg),
+                                 max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None,
+                                 decode_text=False, compress=False)
+    stream.ws = ws
+    await ws.prepare(request)
     key = id(stream)
     rt.streams[key] = stream
     end_reason = "socket closed"
@@ -104,19 +114,35 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _run(rt: Runtime, stream: MediaStream) -> str:
-    ws, protocol = stream.ws, stream.protocol
-    lag = rt.stats.frame_lag
-    clock = time.monotonic
-    stats = rt.stats
-    rate = 0
-    feed = None
-    while True:
-        msg = await ws.receive()  # not `async for`: one layer less on the per-frame path
+def _on_message(rt: Runtime, stream: MediaStream, msg: WSMessage) -> bool:
+    """Inline path: handle one data message inside data_received.  ``False`` wakes ``_run``."""
+    if stream.ending is not None:
+        return True  # the stream is closing: what still arrives is dropped (counted by the protocol)
+    try:
         if msg.type is WSMsgType.TEXT:
-            events = protocol.receive_text(msg.data)
+            events = stream.protocol.receive_text(msg.data)
+        else:
+            events = stream.protocol.receive_binary(msg.data)
+        stream.ending = _dispatch(rt, stream, events)
+    except ProtocolError as exc:
+        stream.ending = exc
+    except Exception as exc:  # a bug must close this stream, not escape into aiohttp's transport
+        log.exception("stream.internal_error", extra={"stream_id": stream.stream_id or None})
+        stream.ending = InternalError(f"internal error: {type(exc).__name__}")
+    return stream.ending is None
+
+
+async def _run(rt: Runtime, stream: MediaStream) -> str:
+    """Wait for the stream to end; data messages only reach here when inline handling is off."""
+    ws, protocol = stream.ws, stream.protocol
+    while stream.ending is None:
+        msg = await ws.receive()
+        if stream.ending is not None:
+            break
+        if msg.type is WSMsgType.TEXT:
+            stream.ending = _dispatch(rt, stream, protocol.receive_text(msg.data))
         elif msg.type is WSMsgType.BINARY:
-            events = protocol.receive_binary(msg.data)
+            stream.ending = _dispatch(rt, stream, protocol.receive_binary(msg.data))
         elif msg.type is WSMsgType.ERROR:
             exc = ws.exception()
             # aiohttp has already closed the socket with the error's own code (1009 for size).
@@ -125,34 +151,37 @@ async def _run(rt: Runtime, stream: MediaStream) -> str:
                                                   "close_code": int(code), "reason": str(exc)})
             return f"websocket error {int(code)}: {exc}"
         elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-            break
-        else:
-            continue
-        for ev in events:
-            if isinstance(ev, Media):
-                if feed is not None:
-                    feed(ev.track, ev.pcm, rate, ev.timestamp_ms)
-                if ev.track is Track.INBOUND and not ev.sequence & 3:  # a 1-in-4 sample is plenty
-                    lag.record(stream.lag_ms(ev.timestamp_ms, clock()))
-                stats.frames += 1
-            elif isinstance(ev, Started):
-                _start_call(rt, stream, ev)
-                rate = ev.sample_rate
-                feed = stream.pipeline.feed if stream.pipeline is not None else None
-            elif isinstance(ev, Stopped):
-                await ws.close(code=WSCloseCode.OK, message=b"stopped")
-                return f"stop: {ev.reason}"
-            elif isinstance(ev, Dtmf):
-                rt.hub.publish(stream.call_id, "call.dtmf", {"call_id": stream.call_id, "digit": ev.digit})
-            elif isinstance(ev, StreamFailed):
-                log.warning("stream.telnyx_error", extra={"stream_id": stream.stream_id or None,
-                                                          "code": ev.code, "detail": ev.detail})
-            elif isinstance(ev, MarkPlayed):
-                log.debug("stream.mark", extra={"stream_id": stream.stream_id, "mark": ev.name})
-    for ev in protocol.eof():  # the socket ended without `stop`: deliver what was held back
-        if isinstance(ev, Media) and stream.pipeline is not None and protocol.started is not None:
-            stream.pipeline.feed(ev.track, ev.pcm, protocol.started.sample_rate, ev.timestamp_ms)
-    return "socket closed"
+            for ev in protocol.eof():  # the socket ended without `stop`: deliver what was held back
+                if isinstance(ev, Media) and stream.feed is not None:
+                    stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
+            return "socket closed"
+    if isinstance(stream.ending, ProtocolError):
+        raise stream.ending
+    await ws.close(code=WSCloseCode.OK, message=b"stopped")
+    return stream.ending
+
+
+def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> str | None:
+    """Act on protocol events; returns the end reason when the stream stopped."""
+    for ev in events:
+        if isinstance(ev, Media):
+            if stream.feed is not None:
+                stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
+            if ev.track is Track.INBOUND and not ev.sequence & 3:  # a 1-in-4 sample is plenty
+                rt.stats.frame_lag.record(stream.lag_ms(ev.timestamp_ms, time.monotonic()))
+            rt.stats.frames += 1
+        elif isinstance(ev, Started):
+            _start_call(rt, stream, ev)
+        elif isinstance(ev, Stopped):
+            return f"stop: {ev.reason}"
+        elif isinstance(ev, Dtmf):
+            rt.hub.publish(stream.call_id, "call.dtmf", {"call_id": stream.call_id, "digit": ev.digit})
+        elif isinstance(ev, StreamFailed):
+            log.warning("stream.telnyx_error", extra={"stream_id": stream.stream_id or None,
+                                                      "code": ev.code, "detail": ev.detail})
+        elif isinstance(ev, MarkPlayed):
+            log.debug("stream.mark", extra={"stream_id": stream.stream_id, "mark": ev.name})
+    return None
 
 
 def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
@@ -161,6 +190,7 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
     rt.stats.streams_total += 1
     rt.hub.start(stream.call_id)
     publish = rt.publisher(stream.call_id)
+    stream.rate = ev.sample_rate
     stream.pipeline = CallPipeline(
         call_id=stream.call_id,
         stream_id=ev.stream_id,
@@ -169,6 +199,7 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
         segmenter=rt.segmenter,
         phrases=rt.phrases,
     )
+    stream.feed = stream.pipeline.feed
     rt.hub.publish(stream.call_id, "call.started", {
         "call_id": stream.call_id,
         "stream_id": ev.stream_id,

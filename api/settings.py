@@ -38,8 +38,8 @@ class Settings(BaseSettings):
 
     # Speech-to-text
     stt_provider: Literal["pocketsphinx", "null"] = "pocketsphinx"
-    stt_max_decoders: int = Field(2, ge=1)  # decoders alive per language model
-    stt_workers: int = Field(2, ge=1)  # threads running decoders
+    stt_max_decoders: int = Field(2, ge=1)  # decoder processes per language model (32-118 MB each)
+    stt_workers: int = Field(2, ge=1)  # threads for blocking set-up: LM builds, decoder process starts
     stt_acquire_timeout: float = Field(10.0, gt=0)  # wait for a free decoder before giving up
     stt_phrases_file: Path | None = None  # one phrase per line: the domain language model
     stt_max_buffer_ms: int = Field(30_000, ge=1000)  # audio a session may hold while behind

@@ -5,7 +5,8 @@
     │   ├── UnsupportedData      1003: a frame type, event or encoding we do not accept
     │   ├── InvalidPayload       1007: malformed JSON, bad base64, a payload that is not whole frames
     │   ├── PolicyViolation      1008: wrong auth token, events in an order the protocol forbids
-    │   └── MessageTooBig        1009: a message over the configured size
+    │   ├── MessageTooBig        1009: a message over the configured size
+    │   └── InternalError        1011: our own failure while handling the stream
     ├── CodecError               audio that cannot be decoded/encoded by the codec asked for
     ├── Overflow                 a bounded buffer refused an item under its ``raise`` policy
     └── ProviderError            a speech or translation provider failed
@@ -44,6 +45,10 @@ class PolicyViolation(ProtocolError):
 
 class MessageTooBig(ProtocolError):
     close_code = 1009
+
+
+class InternalError(ProtocolError):
+    close_code = 1011
 
 
 class CodecError(SwitchboardError):

@@ -46,6 +46,8 @@ class LagHistogram:
         return {
             "count": self.count,
             "p50_ms": self.percentile(50),
+            "p90_ms": self.percentile(90),
             "p99_ms": self.percentile(99),
+            "p999_ms": self.percentile(99.9),
             "max_ms": round(self.max_ms, 3),
         }

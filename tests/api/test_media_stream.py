@@ -148,3 +148,28 @@ async def test_sse_subscriber_before_the_call_receives_its_events(server: Server
     assert [e.event for e in stream.events] == ["call.started", "call.ended"]
     assert [e.id for e in stream.events] == ["1", "2"]
     assert stream.retry is not None
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "receive-loop"])
+async def test_both_delivery_paths_stream_a_call_and_refuse_bad_input(aiohttp_client, monkeypatch, inline) -> None:  # type: ignore[no-untyped-def]
+    from api import inline_ws
+    from api.app import create_app
+    from api.settings import Settings
+
+    monkeypatch.setattr(inline_ws, "ENABLED", inline)
+    client = await aiohttp_client(create_app(Settings(stt_provider="null")))
+    ws = await client.ws_connect("/api/media/telnyx")
+    await ws.send_str(j(event="connected", version="1.0.0"))
+    await ws.send_str(start_msg("p1", "v3:path"))
+    for seq in range(2, 12):
+        await ws.send_str(media_msg("p1", seq, SILENCE))
+    await ws.send_str(j(event="stop", sequence_number="12", stream_id="p1"))
+    await ws.receive()
+    assert ws.close_code == 1000
+    stream = await read_sse(client.session, str(client.make_url("/api/calls/v3:path/events")))
+    assert stream.events[-1].json()["stats"]["frames"] == 10
+    bad = await client.ws_connect("/api/media/telnyx")
+    await bad.send_str(start_msg("p2", "v3:path2"))
+    await bad.send_str('{"event":"media",')
+    await bad.receive()
+    assert bad.close_code == 1007
