@@ -6,6 +6,7 @@ cleanup: every stream is closed with 1001 (going away), every SSE client release
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -21,6 +22,7 @@ from api.settings import Settings
 from pipelines.stt.base import SttProvider
 
 log = logging.getLogger("switchboard.app")
+STALL_TASK = web.AppKey("stall_task", asyncio.Task)
 
 
 def make_provider(settings: Settings) -> SttProvider:
@@ -87,6 +89,7 @@ async def stats(request: web.Request) -> web.Response:
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "gc_collections": [g["collections"] for g in gc_stats],
         "gc_pause": rt.stats.gc_pause.summary(),
+        "loop_stall": rt.stats.loop_stall.summary(),
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
@@ -97,6 +100,7 @@ async def stats_reset(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     rt.stats.frame_lag.reset()
     rt.stats.gc_pause.reset()
+    rt.stats.loop_stall.reset()
     return web.json_response({"reset": True})
 
 
@@ -111,11 +115,22 @@ def _rss_bytes() -> int:
 async def _on_startup(app: web.Application) -> None:
     rt = app[RUNTIME]
     rt.stats.watch_gc()
+    app[STALL_TASK] = asyncio.create_task(_watch_loop(rt), name="loop-stall-watch")
     await rt.stt.warm(rt.phrases)
+
+
+async def _watch_loop(rt: Runtime) -> None:
+    """Sleep 10 ms at a time and record how late the wake-up is: the event loop's own latency."""
+    hist = rt.stats.loop_stall
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.01)
+        hist.record((time.perf_counter() - t0 - 0.01) * 1000)
 
 
 async def _on_shutdown(app: web.Application) -> None:
     rt = app[RUNTIME]
+    app[STALL_TASK].cancel()
     for stream in list(rt.streams.values()):
         await stream.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
     rt.hub.close_all()

@@ -40,8 +40,8 @@ log = logging.getLogger("switchboard.media")
 class MediaStream:
     """One live Telnyx stream; the handle later features (the WebRTC bridge) send audio through."""
 
-    def __init__(self, protocol: TelnyxStreamProtocol) -> None:
-        self.ws: web.WebSocketResponse = web.WebSocketResponse()  # replaced before prepare()
+    def __init__(self, ws: web.WebSocketResponse, protocol: TelnyxStreamProtocol) -> None:
+        self.ws = ws
         self.protocol = protocol
         self.pipeline: CallPipeline | None = None
         self.feed: Callable[[Track, bytes, int, int], None] | None = None  # pipeline.feed, once started
@@ -85,7 +85,6 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
         reorder_window=s.reorder_window,
         max_message_bytes=s.max_message_bytes,
     )
-    stream = MediaStream(protocol)
     # decode_text=False: text frames arrive as bytes and orjson validates the UTF-8 itself (invalid
     # UTF-8 is then a 1007 from the protocol), sparing a decode per frame.  compress=False: deflate
     # buys nothing on base64 audio and costs CPU on every frame.  Messages are handled inline (see
@@ -93,7 +92,7 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
     ws = InlineWebSocketResponse(on_message=lambda msg: _on_message(rt, stream, msg),
                                  max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None,
                                  decode_text=False, compress=False)
-    stream.ws = ws
+    stream = MediaStream(ws, protocol)  # bound before prepare(), so before any message arrives
     await ws.prepare(request)
     key = id(stream)
     rt.streams[key] = stream
@@ -117,7 +116,8 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
 def _on_message(rt: Runtime, stream: MediaStream, msg: WSMessage) -> bool:
     """Inline path: handle one data message inside data_received.  ``False`` wakes ``_run``."""
     if stream.ending is not None:
-        return True  # the stream is closing: what still arrives is dropped (counted by the protocol)
+        stream.protocol.stats.after_stop += 1  # the stream is closing: what still arrives is counted, dropped
+        return True
     try:
         if msg.type is WSMsgType.TEXT:
             events = stream.protocol.receive_text(msg.data)

@@ -26,6 +26,7 @@ class Stats:
     sse_clients: int = 0
     frame_lag: LagHistogram = field(default_factory=LagHistogram)
     gc_pause: LagHistogram = field(default_factory=LagHistogram)  # how long each cyclic GC run held the loop
+    loop_stall: LagHistogram = field(default_factory=LagHistogram)  # how late a 10 ms timer fires
     _gc_started: float = 0.0
 
     def watch_gc(self) -> None:

@@ -152,9 +152,10 @@ class Load:
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            elif delay < -FRAME_S:
+            late = loop.time() - due  # measured after the sleep: oversleeping is lateness too
+            if late > FRAME_S:
                 self.late_ticks += 1
-            self.lateness_ms.append(max(0.0, -delay) * 1000)
+            self.lateness_ms.append(max(0.0, late) * 1000)
             self.ticks += 1
             for s in mine:
                 payload = self.payloads[(s.seq + s.index) % len(self.payloads)]
