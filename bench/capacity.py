@@ -14,9 +14,11 @@ period as independent calls are), warms up, then measures for ``--seconds``:
   (growing = the server is falling behind);
 * server CPU (share of its core) and RSS, per stream.
 
-N passes when p99 lag < 20 ms, the backlog does not grow (by more than one frame per stream) and
-the generator itself kept its schedule.  ``--baseline`` runs the same load against a bare aiohttp
-receive-and-discard server (``bench.bare_server``) to print Switchboard's capacity as a ratio.
+A run passes when p99 lag < 20 ms, the backlog does not grow (by more than one frame per stream)
+and the generator itself kept its schedule; with ``--repeat R``, N passes when most of its R runs
+do (this shared machine's speed varies from run to run by about 10 %).
+``--baseline`` runs the same load against a bare aiohttp receive-and-discard server
+(``bench.bare_server``) to print Switchboard's cost per frame as a ratio of it.
 """
 
 from __future__ import annotations
@@ -275,19 +277,26 @@ async def run(args: argparse.Namespace) -> int:
     servers += [("bare-aiohttp", True)] if args.baseline or args.baseline_only else []
     for label, baseline in servers:
         rows = []
+        passing = []
         for n in counts:
-            port = 20000 + n % 1000 + (500 if baseline else 0)
-            with server(baseline, port) as pid:
-                r = await measure(port, pid, n, payloads, args.seconds, args.warmup)
-            r["pass"] = passed(r, baseline)
-            rows.append(r)
+            votes = 0
+            for attempt in range(args.repeat):
+                port = 20000 + n % 1000 + (500 if baseline else 0) + 100 * attempt
+                with server(baseline, port) as pid:
+                    r = await measure(port, pid, n, payloads, args.seconds, args.warmup)
+                r["pass"] = passed(r, baseline)
+                votes += r["pass"]
+                rows.append(r)
             print(f"{label:13} N={n:5} p99_lag={r['p99_lag_ms']:6.1f}ms max={r['max_lag_ms']:7.1f}ms "
                   f"backlog {r['backlog_start']:6}->{r['backlog_end']:6} cpu={r['cpu_share']*100:5.1f}% "
                   f"{r['cpu_us_per_frame']:5.1f}us/frame rss={r['rss_mb']:6.1f}MB "
                   f"({r['rss_kb_per_stream']:5.1f}KB/stream) gen_late={r['generator_late_ticks']:.3f} "
                   f"gen_p99={r['generator_p99_late_ms']:.1f}ms "
                   f"{'PASS' if r['pass'] else 'FAIL'}", flush=True)
-        best = max((r["streams"] for r in rows if r["pass"]), default=0)
+            if votes * 2 > args.repeat:
+                passing.append(n)
+            print(f"{label:13} N={n:5} passed {votes} of {args.repeat} runs", flush=True)
+        best = max(passing, default=0)
         results[label] = {"rows": rows, "max_streams": best}
         print(f"{label}: largest passing N = {best} streams on one core", flush=True)
     sb = results.get("switchboard", {}).get("max_streams", 0)
@@ -313,6 +322,7 @@ def main() -> None:
     parser.add_argument("--streams", default="300,600,900,1200,1500")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per N; N passes on a majority")
     parser.add_argument("--baseline", action="store_true", help="also measure a bare aiohttp server")
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help="write the figures to this file")
