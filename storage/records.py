@@ -1,0 +1,173 @@
+"""What the real-time path writes to PostgreSQL, as small frozen records that know their own SQL.
+
+Each record is written inside a tenant transaction (``Database.tenant(record.org_id)``) and is
+idempotent: a retried batch after an ambiguous failure (the connection dropped during COMMIT) writes
+nothing twice.  Calls are keyed by (org_id, call_control_id), transcripts by (call_id, track, seq),
+audit entries and recordings by ids the application chose.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+class MissingParent(LookupError):
+    """A record refers to a call that is not stored (its ``CallStarted`` was rejected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallStarted:
+    org_id: uuid.UUID
+    call_id: uuid.UUID
+    call_control_id: str
+    call_session_id: str | None
+    stream_id: str | None
+    from_number: str | None
+    to_number: str | None
+    codec: str
+    sample_rate: int
+    started_at: datetime
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        # A second stream for the same call (a reconnect) makes the call active again, keeping its id.
+        await conn.execute(
+            """
+            INSERT INTO calls (id, org_id, call_control_id, call_session_id, stream_id, from_number, to_number,
+                               status, codec, sample_rate, started_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10)
+            ON CONFLICT (org_id, call_control_id) DO UPDATE
+               SET status = 'active', stream_id = EXCLUDED.stream_id, ended_at = NULL, end_reason = NULL,
+                   updated_at = now()
+            """,
+            self.call_id, self.org_id, self.call_control_id, self.call_session_id, self.stream_id,
+            self.from_number, self.to_number, self.codec, self.sample_rate, self.started_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    org_id: uuid.UUID
+    call_control_id: str
+    status: str  # 'completed' or 'failed'
+    reason: str
+    ended_at: datetime
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            """
+            UPDATE calls SET status = $3, end_reason = $4, ended_at = $5, stats = $6, updated_at = now()
+             WHERE org_id = $1 AND call_control_id = $2
+            """,
+            self.org_id, self.call_control_id, self.status, self.reason[:500], self.ended_at, self.stats,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptFinal:
+    org_id: uuid.UUID
+    call_control_id: str  # resolved to calls.id in SQL, so the writer needs no lookup of its own
+    track: str
+    seq: int
+    text: str
+    confidence: float | None
+    words: list[dict[str, Any]]
+    start_ms: int | None
+    end_ms: int | None
+    provider: str
+    language: str = "en"
+    redacted: bool = False
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        status = await conn.execute(
+            """
+            INSERT INTO transcriptions (org_id, call_id, track, seq, text, language, confidence, words,
+                                        start_ms, end_ms, provider, redacted)
+            SELECT $1, c.id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+              FROM calls c WHERE c.org_id = $1 AND c.call_control_id = $2
+            ON CONFLICT (call_id, track, seq) DO NOTHING
+            """,
+            self.org_id, self.call_control_id, self.track, self.seq, self.text, self.language, self.confidence,
+            self.words, self.start_ms, self.end_ms, self.provider, self.redacted,
+        )
+        if status == "INSERT 0 0":
+            await _require_call(conn, self.org_id, self.call_control_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingStored:
+    org_id: uuid.UUID
+    recording_id: uuid.UUID
+    call_control_id: str
+    storage_key: str
+    bytes: int
+    duration_ms: int
+    channels: int
+    sample_rate: int
+    sha256: str
+    content_type: str = "audio/wav"
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        status = await conn.execute(
+            """
+            INSERT INTO recordings (id, org_id, call_id, storage_key, content_type, bytes, duration_ms, channels,
+                                    sample_rate, sha256)
+            SELECT $1, $2, c.id, $4, $5, $6, $7, $8, $9, $10
+              FROM calls c WHERE c.org_id = $2 AND c.call_control_id = $3
+            ON CONFLICT (id) DO NOTHING
+            """,
+            self.recording_id, self.org_id, self.call_control_id, self.storage_key, self.content_type, self.bytes,
+            self.duration_ms, self.channels, self.sample_rate, self.sha256,
+        )
+        if status == "INSERT 0 0":
+            await _require_call(conn, self.org_id, self.call_control_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    org_id: uuid.UUID
+    action: str
+    resource_type: str
+    resource_id: str | None
+    actor_type: str = "system"
+    actor_id: str | None = None
+    old_value: dict[str, Any] | None = None
+    new_value: dict[str, Any] | None = None
+    ip: str | None = None
+    request_id: str | None = None
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            """
+            INSERT INTO audit_logs (id, org_id, actor_type, actor_id, action, resource_type, resource_id,
+                                    old_value, new_value, ip, request_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            ON CONFLICT (id) DO NOTHING
+            """,
+            self.id, self.org_id, self.actor_type, self.actor_id, self.action, self.resource_type, self.resource_id,
+            self.old_value, self.new_value, self.ip, self.request_id,
+        )
+
+
+Record = CallStarted | CallEnded | TranscriptFinal | RecordingStored | AuditEntry
+
+
+async def ensure_organization(conn: asyncpg.Connection, org_id: uuid.UUID, name: str, slug: str) -> None:
+    """Create the organisation if it is missing (inside ``Database.tenant(org_id)``)."""
+    await conn.execute(
+        "INSERT INTO organizations (id, name, slug) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        org_id, name, slug,
+    )
+
+
+async def _require_call(conn: asyncpg.Connection, org_id: uuid.UUID, call_control_id: str) -> None:
+    """Tell "already written" (a retry: fine) from "no such call" (the row would be lost: an error)."""
+    if not await conn.fetchval("SELECT 1 FROM calls WHERE org_id = $1 AND call_control_id = $2",
+                               org_id, call_control_id):
+        raise MissingParent(f"call {call_control_id!r} is not stored")
