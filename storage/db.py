@@ -171,13 +171,14 @@ class Database:
         return PoolStats(p.get_size(), p.get_idle_size(), p.get_max_size())
 
     @asynccontextmanager
-    async def tenant(self, org_id: uuid.UUID | str, *, timeout: float | None = 5.0) -> AsyncIterator[asyncpg.Connection]:
+    async def tenant(self, org_id: uuid.UUID | str, *,
+                     acquire_timeout: float | None = 5.0) -> AsyncIterator[asyncpg.Connection]:
         """A transaction scoped to one tenant: RLS shows and accepts only ``org_id``'s rows.
 
         The tenant setting is transaction-local; it is gone when the block exits, commit or rollback.
         """
         org = str(uuid.UUID(str(org_id)))  # a malformed id fails here, before it reaches SQL
-        async with self.pool.acquire(timeout=timeout) as conn, conn.transaction():
+        async with self.pool.acquire(timeout=acquire_timeout) as conn, conn.transaction():
             await conn.execute("SELECT set_config('app.org_id', $1, true)", org)
             yield conn
 

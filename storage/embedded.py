@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -123,7 +123,7 @@ def start_weed(data_dir: Path, *, access_key: str = "switchboard", secret_key: s
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     port = free_port()
-    log_file = open(data_dir / "weed.log", "ab")  # noqa: SIM115 - handed to the child process
+    log_file = open(data_dir / "weed.log", "ab")
     # Loopback only, no telemetry, no UIs; the other components keep weed's default ports.
     proc = subprocess.Popen(
         [weed, "mini", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -136,7 +136,7 @@ def start_weed(data_dir: Path, *, access_key: str = "switchboard", secret_key: s
     deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(endpoint + "/", timeout=1)  # noqa: S310 - loopback
+            urllib.request.urlopen(endpoint + "/", timeout=1)
         except urllib.error.HTTPError:
             break  # 403 for an unsigned request: the S3 gateway is answering
         except OSError:
@@ -146,6 +146,5 @@ def start_weed(data_dir: Path, *, access_key: str = "switchboard", secret_key: s
             time.sleep(0.2)
         else:
             break
-    # The gateway answers before the filer behind it is ready to store: wait for a real write path.
     log.info("embedded.weed_started", extra={"endpoint": endpoint})
     return WeedS3(endpoint, access_key, secret_key, proc)

@@ -20,7 +20,7 @@ Rules:
   is counted in ``dropped`` and logged with its kind, so it is reported, never silently lost.  While
   the buffer is below the bound nothing is lost: a database outage shorter than
   ``max_items / write rate`` loses no record.
-- **Close.**  ``aclose(timeout)`` stops accepting, writes what it can within ``timeout`` and reports
+- **Close.**  ``aclose(drain_s)`` stops accepting, writes what it can within ``drain_s`` and reports
   what is left in ``unsaved`` (logged).
 """
 
@@ -105,19 +105,19 @@ class PersistWriter:
         self._wake.set()
         return True
 
-    async def flush(self, timeout: float | None = None) -> bool:
+    async def flush(self, wait_s: float | None = None) -> bool:
         """Wait until everything submitted so far is written (or rejected); False on timeout."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), wait_s)
         except TimeoutError:
             return False
         return True
 
-    async def aclose(self, timeout: float = 10.0) -> None:
+    async def aclose(self, drain_s: float = 10.0) -> None:
         self._closing = True
         self._wake.set()
         if self._task is not None:
-            done, _ = await asyncio.wait({self._task}, timeout=timeout)
+            done, _ = await asyncio.wait({self._task}, timeout=drain_s)
             if not done:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -148,7 +148,7 @@ class PersistWriter:
             try:
                 await self._write(batch)
             except TRANSIENT as exc:
-                self._on_transient(exc)  # and retry until it works, or aclose's timeout cancels us
+                self._on_transient(exc)  # and retry until it works, or aclose's drain time runs out
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._retry_max)
                 continue
