@@ -15,14 +15,18 @@ import time
 
 from aiohttp import WSCloseCode, web
 
-from api import media_stream, sse
+from api import blobs, media_stream, sse
 from api.hub import EventHub
+from api.persistence import BusForwarder, Persistence
 from api.runtime import RUNTIME, Runtime
 from api.settings import Settings
+from api.tiers import Tiers, local_blob_store, open_tiers
 from pipelines.stt.base import SttProvider
 
 log = logging.getLogger("switchboard.app")
 STALL_TASK = web.AppKey("stall_task", asyncio.Task)
+TIERS = web.AppKey("tiers", Tiers)
+LOCAL_BLOBS = web.AppKey("local_blobs", object)
 
 
 def make_provider(settings: Settings) -> SttProvider:
@@ -59,6 +63,11 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
     app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
     app.router.add_get("/api/calls/{call_id}/events", sse.call_events)
     app.router.add_get("/healthz", health)
+    if settings.persist:
+        local = local_blob_store(settings)
+        app[LOCAL_BLOBS] = local
+        if local is not None:
+            blobs.add_routes(app, local)
     if settings.stats_enabled:
         app.router.add_get("/api/stats", stats)
         app.router.add_post("/api/stats/reset", stats_reset)
@@ -90,6 +99,8 @@ async def stats(request: web.Request) -> web.Response:
         "gc_collections": [g["collections"] for g in gc_stats],
         "gc_pause": rt.stats.gc_pause.summary(),
         "loop_stall": rt.stats.loop_stall.summary(),
+        "persistence": rt.persistence.stats() if rt.persistence else None,
+        "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors} if rt.bus else None,
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
@@ -116,6 +127,16 @@ async def _on_startup(app: web.Application) -> None:
     rt = app[RUNTIME]
     rt.stats.watch_gc()
     app[STALL_TASK] = asyncio.create_task(_watch_loop(rt), name="loop-stall-watch")
+    s = rt.settings
+    if s.persist:
+        tiers = await open_tiers(s, app[LOCAL_BLOBS])  # type: ignore[arg-type]
+        app[TIERS] = tiers
+        rt.persistence = Persistence(tiers, spool_dir=s.data_dir.resolve() / "spool", recording=s.recording_enabled,
+                                     recording_max_s=s.recording_max_s, uploads=s.recording_uploads)
+        if s.bus_enabled:
+            rt.bus = BusForwarder(tiers.bus, s.bus_buffer)
+            rt.bus.start()
+            rt.hub.taps.append(rt.bus.tap)
     await rt.stt.warm(rt.phrases)
 
 
@@ -140,3 +161,10 @@ async def _on_cleanup(app: web.Application) -> None:
     rt = app[RUNTIME]
     rt.stats.unwatch_gc()
     await rt.stt.aclose()
+    if rt.persistence is not None:
+        await rt.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+    if rt.bus is not None:
+        await rt.bus.aclose()
+    tiers = app.get(TIERS)
+    if tiers is not None:
+        await tiers.aclose()

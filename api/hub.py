@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +126,8 @@ class EventHub:
         self._max_calls = max_calls
         self._retention = retention_s
         self.published = 0
+        # Called with every non-droppable event after it is published (the cross-node bus); must not block.
+        self.taps: list[Callable[[str, HubEvent], None]] = []
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -144,7 +147,11 @@ class EventHub:
         self, call_id: str, event: str, payload: dict[str, Any], *, droppable: bool = False, key: str = ""
     ) -> HubEvent:
         self.published += 1
-        return self.channel(call_id).publish(event, payload, droppable, key)
+        ev = self.channel(call_id).publish(event, payload, droppable, key)
+        if not droppable:
+            for tap in self.taps:
+                tap(call_id, ev)
+        return ev
 
     def start(self, call_id: str) -> CallChannel:
         ch = self.channel(call_id)

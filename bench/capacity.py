@@ -46,6 +46,8 @@ import uvloop
 
 from engine.codecs import get_codec
 
+PERSIST = False  # --persist: the server runs with its storage tiers
+
 FRAME_S = 0.02
 GROUPS = 10  # staggered send slots within each 20 ms period
 TEXTS = [
@@ -245,7 +247,8 @@ def server(baseline: bool, port: int):  # type: ignore[no-untyped-def]
     cmd = [sys.executable, "-m", "bench.bare_server", "--port", str(port)] if baseline else [
         sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
     env = {**os.environ, "SWITCHBOARD_STT_PROVIDER": "null", "SWITCHBOARD_MAX_STREAMS": "100000",
-           "SWITCHBOARD_LOG_LEVEL": "WARNING"}
+           "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_PERSIST": "true" if PERSIST else "false",
+           "SWITCHBOARD_DATA_DIR": os.path.join(tempfile.gettempdir(), "switchboard-bench")}
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     proc = subprocess.Popen(taskset + cmd, env=env)
     try:
@@ -325,8 +328,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per N; N passes on a majority")
     parser.add_argument("--baseline", action="store_true", help="also measure a bare aiohttp server")
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--persist", action="store_true",
+                        help="storage tiers on (embedded PostgreSQL, Valkey, local recordings)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
-    sys.exit(uvloop.run(run(parser.parse_args())))
+    args = parser.parse_args()
+    global PERSIST
+    PERSIST = args.persist
+    sys.exit(uvloop.run(run(args)))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,9 @@ class Server:
 def running_server(tmp: Path, **env: str) -> Iterator[Server]:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    full_env = {**os.environ, "SWITCHBOARD_LOG_LEVEL": "INFO", **env}
+    # Storage tiers are off unless a test turns them on (and points them at its servers).
+    full_env = {**os.environ, "SWITCHBOARD_LOG_LEVEL": "INFO", "SWITCHBOARD_PERSIST": "false",
+                "SWITCHBOARD_DATA_DIR": str(tmp / "data"), **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],

@@ -1,0 +1,204 @@
+"""What the real-time path keeps: call rows, final transcripts, recordings, audit entries, bus events.
+
+Nothing here is awaited by the media path.  Rows go through the bounded ``PersistWriter``;
+events for other nodes go through ``BusForwarder`` (bounded, oldest dropped and counted); the
+recording is built and uploaded by a task after the call ends, a bounded number at a time.
+
+A recording whose upload fails after ``UPLOAD_ATTEMPTS`` stays in the spool directory and is logged
+with its path (``recording.upload_failed``): kept, reported, never deleted unsaved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis.exceptions import RedisError
+
+from api.hub import HubEvent
+from api.tiers import Tiers
+from pipelines.recording import CallRecorder, RecordingFile
+from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal
+from storage.warm import EventBus
+
+log = logging.getLogger("switchboard.persist")
+
+UPLOAD_ATTEMPTS = 4
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What persistence knows about one live call."""
+
+    org_id: uuid.UUID
+    call_id: uuid.UUID
+    call_control_id: str
+    recorder: CallRecorder | None
+
+
+class Persistence:
+    def __init__(self, tiers: Tiers, *, spool_dir: Path, recording: bool, recording_max_s: int,
+                 uploads: int) -> None:
+        self.tiers = tiers
+        self._spool = spool_dir
+        self._recording = recording
+        self._recording_max_ms = recording_max_s * 1000
+        self._uploads = asyncio.Semaphore(uploads)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.recordings_stored = 0
+        self.recordings_failed = 0
+
+    def call_started(self, *, call_control_id: str, call_session_id: str | None, stream_id: str,
+                     from_number: str | None, to_number: str | None, encoding: str, sample_rate: int) -> CallRecord:
+        org = self.tiers.media_org_id
+        call_id = uuid.uuid4()
+        w = self.tiers.writer
+        w.submit(CallStarted(org, call_id, call_control_id, call_session_id, stream_id, from_number, to_number,
+                             encoding, sample_rate, datetime.now(UTC)))
+        w.submit(AuditEntry(org, "call.started", "call", str(call_id), actor_type="provider", actor_id="telnyx",
+                            new_value={"call_control_id": call_control_id, "stream_id": stream_id,
+                                       "codec": encoding, "sample_rate": sample_rate}))
+        recorder = None
+        if self._recording:
+            recorder = CallRecorder(self._spool, call_id.hex, sample_rate, max_ms=self._recording_max_ms)
+        return CallRecord(org, call_id, call_control_id, recorder)
+
+    def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str) -> None:
+        self.tiers.writer.submit(TranscriptFinal(
+            call.org_id, call.call_control_id, payload["track"], payload["seq"], payload["text"],
+            payload.get("confidence"), payload.get("words", []), payload.get("start"), payload.get("end"), provider,
+        ))
+
+    def call_ended(self, call: CallRecord, *, reason: str, failed: bool, stats: dict[str, Any]) -> None:
+        w = self.tiers.writer
+        status = "failed" if failed else "completed"
+        if call.recorder is not None:
+            call.recorder.close_spools()
+            stats = {**stats, "recording_truncated_ms": call.recorder.truncated_ms}
+        w.submit(CallEnded(call.org_id, call.call_control_id, status, reason, datetime.now(UTC), stats))
+        w.submit(AuditEntry(call.org_id, "call.ended", "call", str(call.call_id), actor_type="system",
+                            old_value={"status": "active"}, new_value={"status": status, "reason": reason[:200]}))
+        if call.recorder is not None:
+            task = asyncio.get_running_loop().create_task(self._store_recording(call), name="recording-upload")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _store_recording(self, call: CallRecord) -> None:
+        assert call.recorder is not None
+        async with self._uploads:
+            rec = await asyncio.to_thread(call.recorder.finish)
+            if rec is None:
+                return
+            day = datetime.now(UTC).strftime("%Y/%m/%d")
+            key = f"recordings/{call.org_id}/{day}/{call.call_id}.wav"
+            if not await self._upload(key, rec, call):
+                return
+            rec.path.unlink(missing_ok=True)
+            self.recordings_stored += 1
+            self.tiers.writer.submit(RecordingStored(
+                call.org_id, uuid.uuid4(), call.call_control_id, key, rec.bytes, rec.duration_ms, rec.channels,
+                rec.sample_rate, rec.sha256))
+            self.tiers.writer.submit(AuditEntry(call.org_id, "recording.stored", "recording", key,
+                                                new_value={"bytes": rec.bytes, "duration_ms": rec.duration_ms}))
+
+    async def _upload(self, key: str, rec: RecordingFile, call: CallRecord) -> bool:
+        delay = 0.5
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                await self.tiers.blobs.put_file(key, rec.path, "audio/wav")
+                return True
+            except Exception as exc:  # any failure: retry, then keep the file and report it
+                if attempt == UPLOAD_ATTEMPTS:
+                    self.recordings_failed += 1
+                    log.error("recording.upload_failed", extra={"call_id": call.call_control_id, "key": key,
+                                                                "path": str(rec.path), "error": type(exc).__name__})
+                    return False
+                await asyncio.sleep(delay)
+                delay *= 2
+        return False
+
+    async def drain(self, wait_s: float) -> None:
+        """Wait for recording uploads in flight (at shutdown)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=wait_s)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.tiers.writer.stats
+        return {"writer_pending": self.tiers.writer.pending, "writer_written": s.written,
+                "writer_dropped": s.dropped, "writer_rejected": s.rejected, "writer_retries": s.retries,
+                "writer_last_error": s.last_error, "recordings_stored": self.recordings_stored,
+                "recordings_failed": self.recordings_failed, "uploads_in_flight": len(self._tasks)}
+
+
+class BusForwarder:
+    """Copies non-droppable hub events (call lifecycle, final transcripts) to Redis Streams for other nodes.
+
+    Bounded: at most ``max_items`` events wait; past that the oldest is dropped and counted in
+    ``dropped`` (SSE clients on this node are unaffected: they read the hub, not the bus).  Failures
+    to reach Redis are retried with backoff while the buffer holds.
+    """
+
+    def __init__(self, bus: EventBus, max_items: int) -> None:
+        self._bus = bus
+        self._buf: deque[tuple[str, str, bytes]] = deque(maxlen=max_items)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.forwarded = 0
+        self.dropped = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="bus-forwarder")
+
+    def tap(self, call_id: str, ev: HubEvent) -> None:
+        if ev.droppable:
+            return
+        if len(self._buf) == self._buf.maxlen:
+            self.dropped += 1
+        self._buf.append((call_id, ev.event, ev.data))
+        self._wake.set()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            if not self._buf:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self._buf[0]
+            call_id, event, data = item
+            try:
+                await self._bus.publish(call_id, event, orjson.loads(data))
+                if event == "call.ended":
+                    await self._bus.end(call_id)
+            except (OSError, RedisError) as exc:
+                self.errors += 1
+                log.warning("bus.publish_failed", extra={"error": type(exc).__name__, "pending": len(self._buf)})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            except ValueError as exc:  # an event the bus refuses (too large): report it, go on
+                self.errors += 1
+                log.error("bus.event_refused", extra={"call_id": call_id, "event": event, "error": str(exc)})
+            if self._buf and self._buf[0] is item:  # unless overflow already pushed it out
+                self._buf.popleft()
+            self.forwarded += 1
+            backoff = 0.1
+
+    async def aclose(self, drain_s: float = 2.0) -> None:
+        """Give waiting events ``drain_s`` to reach Redis, then stop; what is left is logged."""
+        deadline = asyncio.get_running_loop().time() + drain_s
+        while self._buf and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a deque
+            await asyncio.sleep(0.02)
+        if self._buf:
+            log.warning("bus.unforwarded", extra={"count": len(self._buf)})
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,0 +1,124 @@
+"""Opening and closing the three storage tiers from ``Settings``.
+
+Each tier uses its configured URL, or starts its embedded default (``storage.embedded``) under
+``settings.data_dir``: PostgreSQL (``DATABASE_URL``), Redis (``REDIS_URL``) and, for the cold tier,
+S3 (``S3_ENDPOINT_URL``, or AWS when only credentials are set) or a local directory with signed URLs.
+Start-up blocks nowhere on the event loop: embedded servers start in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.settings import Settings
+from storage import embedded
+from storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
+from storage.db import APP_ROLE, Database, database_of, ensure_database, migrate, with_database, with_user
+from storage.records import ensure_organization
+from storage.warm import EventBus, WarmStore
+from storage.writer import PersistWriter
+
+log = logging.getLogger("switchboard.tiers")
+
+# The organisation media streams belong to when none is configured: fixed, so restarts agree.
+DEFAULT_ORG_ID = uuid.uuid5(uuid.NAMESPACE_URL, "switchboard:default-organization")
+
+
+@dataclass
+class Tiers:
+    db: Database
+    writer: PersistWriter
+    warm: WarmStore
+    bus: EventBus
+    blobs: BlobStore
+    media_org_id: uuid.UUID
+    local_blobs: LocalBlobStore | None = None
+    _embedded: list[Any] = field(default_factory=list)
+
+    async def aclose(self, drain_s: float = 10.0) -> None:
+        await self.writer.aclose(drain_s)
+        await self.db.aclose()
+        await self.warm.aclose()
+        await self.blobs.aclose()
+        for server in reversed(self._embedded):
+            await asyncio.to_thread(server.shutdown if hasattr(server, "shutdown") else server.stop)
+
+
+def local_blob_store(s: Settings) -> LocalBlobStore | None:
+    """The embedded cold tier, or None when S3 is configured (an endpoint, or credentials for AWS).
+
+    Built before start-up because its download route must be added before the app starts.
+    """
+    if s.s3_endpoint_url or s.s3_access_key_id:
+        return None
+    if s.blob_signing_key is None:
+        log.warning("config.random_blob_signing_key",
+                    extra={"hint": "set SWITCHBOARD_BLOB_SIGNING_KEY so download URLs survive a restart"})
+        key = secrets.token_bytes(32)
+    else:
+        key = s.blob_signing_key.get_secret_value().encode()
+    return LocalBlobStore(s.data_dir.resolve() / "blobs", key, base_url=s.public_base_url)
+
+
+async def open_tiers(settings: Settings, local: LocalBlobStore | None) -> Tiers:
+    """Open every tier; ``local`` is ``local_blob_store(settings)``'s result."""
+    started: list[Any] = []
+    try:
+        return await _open(settings, local, started)
+    except BaseException:
+        for server in reversed(started):
+            await asyncio.to_thread(server.shutdown if hasattr(server, "shutdown") else server.stop)
+        raise
+
+
+async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -> Tiers:
+    data_dir = s.data_dir.resolve()
+    # Hot tier
+    app_password = s.database_app_password.get_secret_value() if s.database_app_password else None
+    if s.database_url is None:
+        pg = await asyncio.to_thread(embedded.start_postgres, data_dir / "postgres")
+        started.append(pg)
+        admin_url = with_database(pg.uri, s.database_name)
+        await ensure_database(pg.uri, s.database_name)
+    else:
+        admin_url = s.database_url.get_secret_value()
+        await ensure_database(admin_url, database_of(admin_url))
+    if s.migrate_on_start:
+        await migrate(admin_url, app_password=app_password)
+    app_url = s.database_app_url.get_secret_value() if s.database_app_url else with_user(admin_url, APP_ROLE,
+                                                                                          app_password)
+    db = Database(app_url, max_size=s.db_pool_max)
+    await db.open()
+    org_id = s.media_org_id or DEFAULT_ORG_ID
+    async with db.tenant(org_id) as conn:
+        await ensure_organization(conn, org_id, "Default organisation", f"default-{org_id.hex[:8]}")
+    writer = PersistWriter(db, max_items=s.writer_max_items, batch=s.writer_batch)
+    writer.start()
+
+    # Warm tier
+    if s.redis_url is None:
+        valkey = await asyncio.to_thread(embedded.start_valkey, None)
+        started.append(valkey)
+        redis_url = valkey.url
+    else:
+        redis_url = s.redis_url.get_secret_value()
+    warm = WarmStore.from_url(redis_url)
+    await warm.ping()
+    bus = EventBus(warm.redis)
+
+    # Cold tier
+    blobs: BlobStore = local if local is not None else S3BlobStore(
+        s.s3_endpoint_url, s.s3_bucket,
+        s.s3_access_key_id.get_secret_value() if s.s3_access_key_id else None,
+        s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None,
+        region=s.s3_region,
+    )
+    await blobs.start()
+    log.info("tiers.open", extra={"embedded": [type(x).__name__ for x in started], "org_id": str(org_id),
+                                  "cold_tier": type(blobs).__name__})
+    return Tiers(db, writer, warm, bus, blobs, org_id, local, started)
