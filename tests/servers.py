@@ -10,8 +10,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -27,6 +28,7 @@ class Server:
     port: int
     log_path: Path
     proc: subprocess.Popen[bytes]
+    extra: dict[str, Any] = field(default_factory=dict)  # what a fixture wants its tests to know
 
     @property
     def http(self) -> str:

@@ -132,7 +132,8 @@ CREATE TABLE audit_logs (
     new_value      jsonb,
     ip             inet,
     request_id     text,
-    created_at     timestamptz NOT NULL DEFAULT now()
+    -- The moment of the insert, not of its transaction's start: entries written in one batch keep their order.
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX audit_logs_org_time ON audit_logs (org_id, created_at DESC);
 
