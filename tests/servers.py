@@ -79,3 +79,8 @@ def running_server(tmp: Path, **env: str) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return orjson.loads(resp.read())

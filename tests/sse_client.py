@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -29,9 +30,9 @@ class SseStream:
 
 async def read_sse(
     session: aiohttp.ClientSession, url: str, *, last_event_id: str | None = None, until: str = "call.ended",
-    max_events: int = 10_000,
+    max_events: int = 10_000, on_event: Callable[[SseEvent], None] | None = None,
 ) -> SseStream:
-    """Read ``url`` until an event named ``until`` (or the stream ends)."""
+    """Read ``url`` until an event named ``until`` (or the stream ends); ``on_event`` sees each as it comes."""
     headers = {"Accept": "text/event-stream"}
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
@@ -45,6 +46,8 @@ async def read_sse(
             if not line:
                 if data:
                     out.events.append(SseEvent(event, "\n".join(data), ev_id))
+                    if on_event is not None:
+                        on_event(out.events[-1])
                     if event == until or len(out.events) >= max_events:
                         return out
                 event, data = "message", []
