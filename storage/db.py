@@ -66,9 +66,20 @@ def database_of(url: str) -> str:
 
 
 async def ensure_database(admin_url: str, database: str) -> None:
-    """Create ``database`` if it does not exist (connecting to the server's ``postgres`` database)."""
+    """Create ``database`` if it does not exist.
+
+    Connects to it first; only when it is missing does this connect to the server's ``postgres``
+    database to create it (a managed database's role may not be allowed there otherwise).
+    """
+    try:
+        conn = await asyncpg.connect(with_database(admin_url, database))
+    except asyncpg.InvalidCatalogNameError:
+        pass
+    else:
+        await conn.close()
+        return
     if not _DB_NAME.match(database):
-        raise MigrationError(f"invalid database name {database!r}")
+        raise MigrationError(f"will not create a database named {database!r}: use [a-z_][a-z0-9_]*")
     conn = await asyncpg.connect(with_database(admin_url, "postgres"))
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
