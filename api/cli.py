@@ -1,6 +1,7 @@
 """``switchboard``: the command line.
 
     switchboard serve [--host 127.0.0.1] [--port 8080]
+    switchboard migrate          (DATABASE_URL, or the embedded server under SWITCHBOARD_DATA_DIR)
     switchboard simulate-call FILE.wav [--url ws://127.0.0.1:8080/api/media/telnyx] [--call-id ID]
 """
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the media server")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    sub.add_parser("migrate", help="create the app role and apply pending database migrations")
     sim = sub.add_parser("simulate-call", help="stream a WAV file to the server exactly as Telnyx does")
     sim.add_argument("wav", help="WAV file (any rate, mono or first channel)")
     sim.add_argument("--url", default="ws://127.0.0.1:8080/api/media/telnyx")
@@ -43,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
         logs.setup(settings.log_level)
         uvloop.run(_serve(settings))
+        return 0
+    if args.command == "migrate":
+        from api.tiers import migrate_only
+
+        settings = Settings()
+        logs.setup(settings.log_level)
+        applied = uvloop.run(migrate_only(settings))
+        print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
         return 0
     from api.simulator import simulate_call
 

@@ -46,7 +46,7 @@ class Tiers:
         await self.warm.aclose()
         await self.blobs.aclose()
         for server in reversed(self._embedded):
-            await asyncio.to_thread(server.shutdown if hasattr(server, "shutdown") else server.stop)
+            await asyncio.to_thread(server.shutdown)
 
 
 def local_blob_store(s: Settings) -> LocalBlobStore | None:
@@ -72,22 +72,38 @@ async def open_tiers(settings: Settings, local: LocalBlobStore | None) -> Tiers:
         return await _open(settings, local, started)
     except BaseException:
         for server in reversed(started):
-            await asyncio.to_thread(server.shutdown if hasattr(server, "shutdown") else server.stop)
+            await asyncio.to_thread(server.shutdown)
         raise
 
 
+async def _admin_url(s: Settings, started: list[Any]) -> str:
+    """The migrator's URL: ``DATABASE_URL``, or the embedded server (started, and listed in ``started``)."""
+    if s.database_url is None:
+        pg = await asyncio.to_thread(embedded.start_postgres, s.data_dir.resolve() / "postgres")
+        started.append(pg)
+        await ensure_database(pg.uri, s.database_name)
+        return with_database(pg.uri, s.database_name)
+    admin_url = s.database_url.get_secret_value()
+    await ensure_database(admin_url, database_of(admin_url))
+    return admin_url
+
+
+async def migrate_only(s: Settings) -> list[str]:
+    """``switchboard migrate``: apply pending migrations, and nothing else."""
+    started: list[Any] = []
+    try:
+        admin_url = await _admin_url(s, started)
+        password = s.database_app_password.get_secret_value() if s.database_app_password else None
+        return await migrate(admin_url, app_password=password)
+    finally:
+        for server in started:
+            await asyncio.to_thread(server.shutdown)
+
+
 async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -> Tiers:
-    data_dir = s.data_dir.resolve()
     # Hot tier
     app_password = s.database_app_password.get_secret_value() if s.database_app_password else None
-    if s.database_url is None:
-        pg = await asyncio.to_thread(embedded.start_postgres, data_dir / "postgres")
-        started.append(pg)
-        admin_url = with_database(pg.uri, s.database_name)
-        await ensure_database(pg.uri, s.database_name)
-    else:
-        admin_url = s.database_url.get_secret_value()
-        await ensure_database(admin_url, database_of(admin_url))
+    admin_url = await _admin_url(s, started)
     if s.migrate_on_start:
         await migrate(admin_url, app_password=app_password)
     app_url = s.database_app_url.get_secret_value() if s.database_app_url else with_user(admin_url, APP_ROLE,

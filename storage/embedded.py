@@ -71,7 +71,7 @@ class EmbeddedValkey:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.server.port}/0"
 
-    def stop(self) -> None:
+    def shutdown(self) -> None:
         self.server.stop()
 
 

@@ -49,7 +49,7 @@ def redis_url() -> Iterator[str]:
         return
     server = embedded.start_valkey()
     yield server.url
-    server.stop()
+    server.shutdown()
 
 
 @pytest.fixture(scope="session")
