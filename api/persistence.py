@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from api.hub import HubEvent
 from api.tiers import Tiers
-from pipelines.recording import CallRecorder, RecordingFile
+from pipelines.recording import CallRecorder, RecordingFile, Spooler
 from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal
 from storage.warm import EventBus
 
@@ -51,6 +51,8 @@ class Persistence:
         self._recording = recording
         self._recording_max_ms = recording_max_s * 1000
         self._uploads = asyncio.Semaphore(uploads)
+        self.spooler = Spooler()
+        spool_dir.mkdir(parents=True, exist_ok=True)
         self._tasks: set[asyncio.Task[None]] = set()
         self.recordings_stored = 0
         self.recordings_failed = 0
@@ -67,7 +69,8 @@ class Persistence:
                                        "codec": encoding, "sample_rate": sample_rate}))
         recorder = None
         if self._recording:
-            recorder = CallRecorder(self._spool, call_id.hex, sample_rate, max_ms=self._recording_max_ms)
+            recorder = CallRecorder(self.spooler, self._spool, call_id.hex, sample_rate,
+                                    max_ms=self._recording_max_ms)
         return CallRecord(org, call_id, call_control_id, recorder)
 
     def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str) -> None:
@@ -80,7 +83,7 @@ class Persistence:
         w = self.tiers.writer
         status = "failed" if failed else "completed"
         if call.recorder is not None:
-            call.recorder.close_spools()
+            call.recorder.stop()
             stats = {**stats, "recording_truncated_ms": call.recorder.truncated_ms}
         w.submit(CallEnded(call.org_id, call.call_control_id, status, reason, datetime.now(UTC), stats))
         w.submit(AuditEntry(call.org_id, "call.ended", "call", str(call.call_id), actor_type="system",
@@ -93,7 +96,7 @@ class Persistence:
     async def _store_recording(self, call: CallRecord) -> None:
         assert call.recorder is not None
         async with self._uploads:
-            rec = await asyncio.to_thread(call.recorder.finish)
+            rec = await call.recorder.finish()
             if rec is None:
                 return
             day = datetime.now(UTC).strftime("%Y/%m/%d")
@@ -125,16 +128,18 @@ class Persistence:
         return False
 
     async def drain(self, wait_s: float) -> None:
-        """Wait for recording uploads in flight (at shutdown)."""
+        """Wait for recording uploads in flight (at shutdown), then stop the spool thread."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=wait_s)
+        await asyncio.to_thread(self.spooler.shutdown)
 
     def stats(self) -> dict[str, Any]:
         s = self.tiers.writer.stats
         return {"writer_pending": self.tiers.writer.pending, "writer_written": s.written,
                 "writer_dropped": s.dropped, "writer_rejected": s.rejected, "writer_retries": s.retries,
                 "writer_last_error": s.last_error, "recordings_stored": self.recordings_stored,
-                "recordings_failed": self.recordings_failed, "uploads_in_flight": len(self._tasks)}
+                "recordings_failed": self.recordings_failed, "uploads_in_flight": len(self._tasks),
+                "spool_pending_bytes": self.spooler.pending_bytes, "spool_errors": self.spooler.errors}
 
 
 class BusForwarder:
