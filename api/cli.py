@@ -93,6 +93,9 @@ async def _serve(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
     await site.start()
+    # Start-up (storage clients, warm decoders) made many long-lived objects: out of the collector's reach too.
+    gc.collect()
+    gc.freeze()
     logging.getLogger("switchboard").info("server.listening", extra={"host": settings.host, "port": settings.port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -40,6 +40,7 @@ class CallRecord:
     org_id: uuid.UUID
     call_id: uuid.UUID
     call_control_id: str
+    recording_id: uuid.UUID
     recorder: CallRecorder | None
 
 
@@ -60,7 +61,9 @@ class Persistence:
     def call_started(self, *, call_control_id: str, call_session_id: str | None, stream_id: str,
                      from_number: str | None, to_number: str | None, encoding: str, sample_rate: int) -> CallRecord:
         org = self.tiers.media_org_id
-        call_id = uuid.uuid4()
+        # One id per call, whatever the number of media streams (a restarted stream is the same call).
+        call_id = uuid.uuid5(org, call_control_id)
+        recording_id = uuid.uuid4()  # one recording per stream
         w = self.tiers.writer
         w.submit(CallStarted(org, call_id, call_control_id, call_session_id, stream_id, from_number, to_number,
                              encoding, sample_rate, datetime.now(UTC)))
@@ -69,13 +72,13 @@ class Persistence:
                                        "codec": encoding, "sample_rate": sample_rate}))
         recorder = None
         if self._recording:
-            recorder = CallRecorder(self.spooler, self._spool, call_id.hex, sample_rate,
+            recorder = CallRecorder(self.spooler, self._spool, recording_id.hex, sample_rate,
                                     max_ms=self._recording_max_ms)
-        return CallRecord(org, call_id, call_control_id, recorder)
+        return CallRecord(org, call_id, call_control_id, recording_id, recorder)
 
     def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str) -> None:
         self.tiers.writer.submit(TranscriptFinal(
-            call.org_id, call.call_control_id, payload["track"], payload["seq"], payload["text"],
+            call.org_id, call.call_control_id, payload["stream_id"], payload["track"], payload["seq"], payload["text"],
             payload.get("confidence"), payload.get("words", []), payload.get("start"), payload.get("end"), provider,
         ))
 
@@ -100,13 +103,13 @@ class Persistence:
             if rec is None:
                 return
             day = datetime.now(UTC).strftime("%Y/%m/%d")
-            key = f"recordings/{call.org_id}/{day}/{call.call_id}.wav"
+            key = f"recordings/{call.org_id}/{day}/{call.call_id}/{call.recording_id}.wav"
             if not await self._upload(key, rec, call):
                 return
             rec.path.unlink(missing_ok=True)
             self.recordings_stored += 1
             self.tiers.writer.submit(RecordingStored(
-                call.org_id, uuid.uuid4(), call.call_control_id, key, rec.bytes, rec.duration_ms, rec.channels,
+                call.org_id, call.recording_id, call.call_control_id, key, rec.bytes, rec.duration_ms, rec.channels,
                 rec.sample_rate, rec.sha256))
             self.tiers.writer.submit(AuditEntry(call.org_id, "recording.stored", "recording", key,
                                                 new_value={"bytes": rec.bytes, "duration_ms": rec.duration_ms}))

@@ -2,7 +2,8 @@
 
 Each record is written inside a tenant transaction (``Database.tenant(record.org_id)``) and is
 idempotent: a retried batch after an ambiguous failure (the connection dropped during COMMIT) writes
-nothing twice.  Calls are keyed by (org_id, call_control_id), transcripts by (call_id, track, seq),
+nothing twice.  Calls are keyed by (org_id, call_control_id), transcripts by (call_id, stream_id,
+track, seq),
 audit entries and recordings by ids the application chose.
 """
 
@@ -72,6 +73,7 @@ class CallEnded:
 class TranscriptFinal:
     org_id: uuid.UUID
     call_control_id: str  # resolved to calls.id in SQL, so the writer needs no lookup of its own
+    stream_id: str
     track: str
     seq: int
     text: str
@@ -87,13 +89,13 @@ class TranscriptFinal:
         status = await conn.execute(
             """
             INSERT INTO transcriptions (org_id, call_id, track, seq, text, language, confidence, words,
-                                        start_ms, end_ms, provider, redacted)
-            SELECT $1, c.id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12
+                                        start_ms, end_ms, provider, redacted, stream_id)
+            SELECT $1, c.id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
               FROM calls c WHERE c.org_id = $1 AND c.call_control_id = $2
-            ON CONFLICT (call_id, track, seq) DO NOTHING
+            ON CONFLICT (call_id, stream_id, track, seq) DO NOTHING
             """,
             self.org_id, self.call_control_id, self.track, self.seq, self.text, self.language, self.confidence,
-            self.words, self.start_ms, self.end_ms, self.provider, self.redacted,
+            self.words, self.start_ms, self.end_ms, self.provider, self.redacted, self.stream_id,
         )
         if status == "INSERT 0 0":
             await _require_call(conn, self.org_id, self.call_control_id)

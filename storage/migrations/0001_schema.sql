@@ -67,11 +67,13 @@ CREATE TABLE calls (
 );
 CREATE INDEX calls_org_started ON calls (org_id, started_at DESC);
 
--- Final transcripts only; partials are not stored.  (call_id, track, seq) makes a retried write a no-op.
+-- Final transcripts only; partials are not stored.  (call_id, stream_id, track, seq) makes a retried
+-- write a no-op; stream_id is part of it because a call's media stream may restart (seq starts again).
 CREATE TABLE transcriptions (
     id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     org_id       uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
     call_id      uuid NOT NULL REFERENCES calls (id) ON DELETE CASCADE,
+    stream_id    text NOT NULL DEFAULT '',
     track        text NOT NULL CHECK (track IN ('inbound', 'outbound', 'agent')),
     seq          integer NOT NULL CHECK (seq >= 0),
     text         text NOT NULL,
@@ -84,7 +86,7 @@ CREATE TABLE transcriptions (
     redacted     boolean NOT NULL DEFAULT false,
     created_at   timestamptz NOT NULL DEFAULT now(),
     deleted_at   timestamptz,
-    UNIQUE (call_id, track, seq)
+    UNIQUE (call_id, stream_id, track, seq)
 );
 CREATE INDEX transcriptions_org ON transcriptions (org_id, created_at);
 

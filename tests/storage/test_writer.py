@@ -22,8 +22,8 @@ def started(org: uuid.UUID, ccid: str) -> CallStarted:
     return CallStarted(org, uuid.uuid4(), ccid, None, "s-1", None, None, "PCMU", 8000, datetime.now(UTC))
 
 
-def final(org: uuid.UUID, ccid: str, seq: int, text: str = "") -> TranscriptFinal:
-    return TranscriptFinal(org, ccid, "inbound", seq, text or f"utterance {seq}", 0.9,
+def final(org: uuid.UUID, ccid: str, seq: int, text: str = "", stream: str = "s-1") -> TranscriptFinal:
+    return TranscriptFinal(org, ccid, stream, "inbound", seq, text or f"utterance {seq}", 0.9,
                            [{"word": "utterance", "start": 0, "end": 100}], seq * 1000, seq * 1000 + 800, "test")
 
 
@@ -65,6 +65,21 @@ async def test_a_retried_batch_writes_nothing_twice(db: Database) -> None:
     assert await count(db, a, "SELECT count(*) FROM calls") == 1
     assert await count(db, a, "SELECT count(*) FROM transcriptions") == 1
     assert await count(db, a, "SELECT count(*) FROM audit_logs") == 1
+
+
+async def test_a_restarted_media_stream_of_the_same_call_keeps_both_streams_transcripts(db: Database) -> None:
+    a = await make_org(db, "alpha")
+    w = PersistWriter(db, flush_interval=0.01)
+    w.start()
+    w.submit(started(a, "c"))
+    w.submit(final(a, "c", 1, "first stream", stream="s-1"))
+    w.submit(started(a, "c"))  # Telnyx restarted the stream: new stream id, utterance numbers start again
+    w.submit(final(a, "c", 1, "second stream", stream="s-2"))
+    assert await w.flush(10)
+    await w.aclose()
+    async with db.tenant(a) as conn:
+        rows = await conn.fetch("SELECT stream_id, seq, text FROM transcriptions ORDER BY stream_id")
+    assert [tuple(r) for r in rows] == [("s-1", 1, "first stream"), ("s-2", 1, "second stream")]
 
 
 async def test_a_bad_record_is_rejected_and_reported_without_losing_its_batch(
