@@ -18,6 +18,7 @@ from aiohttp import WSCloseCode, web
 from api import blobs, media_stream, sse
 from api.hub import EventHub
 from api.persistence import BusForwarder, Persistence
+from api.relay import BusRelay
 from api.runtime import RUNTIME, Runtime
 from api.settings import Settings
 from api.tiers import Tiers, local_blob_store, open_tiers
@@ -101,6 +102,7 @@ async def stats(request: web.Request) -> web.Response:
         "loop_stall": rt.stats.loop_stall.summary(),
         "persistence": rt.persistence.stats() if rt.persistence else None,
         "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors} if rt.bus else None,
+        "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
@@ -137,6 +139,8 @@ async def _on_startup(app: web.Application) -> None:
             rt.bus = BusForwarder(tiers.bus, s.bus_buffer)
             rt.bus.start()
             rt.hub.taps.append(rt.bus.tap)
+            rt.relay = BusRelay(tiers.bus, rt.hub, rt.calls.__contains__, max_calls=s.relay_max_calls)
+            rt.relay.start()
     await rt.stt.warm(rt.phrases)
 
 
@@ -163,6 +167,8 @@ async def _on_cleanup(app: web.Application) -> None:
     await rt.stt.aclose()
     if rt.persistence is not None:
         await rt.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+    if rt.relay is not None:
+        await rt.relay.aclose()
     if rt.bus is not None:
         await rt.bus.aclose()
     tiers = app.get(TIERS)

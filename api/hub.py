@@ -153,6 +153,24 @@ class EventHub:
                 tap(call_id, ev)
         return ev
 
+    def relay(self, call_id: str, ref: int, event: str, payload: dict[str, Any]) -> bool:
+        """Publish an event of a call owned by another node under that node's id ``ref`` (see api.relay).
+
+        Ids at or below the channel's last id are already here: False, nothing published.  Not tapped
+        (the event is on the bus already).
+        """
+        ch = self.channel(call_id)
+        if ref <= ch.last_id:
+            return False
+        self.published += 1
+        ch.last_id = ref - 1
+        ch.publish(event, payload, False, "")
+        if event == "call.started":
+            ch.ended_at = None
+        elif event == "call.ended":
+            ch.ended_at = time.monotonic()
+        return True
+
     def start(self, call_id: str) -> CallChannel:
         ch = self.channel(call_id)
         ch.ended_at = None

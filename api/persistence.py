@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 from redis.exceptions import RedisError
 
 from api.hub import HubEvent
@@ -155,7 +154,7 @@ class BusForwarder:
 
     def __init__(self, bus: EventBus, max_items: int) -> None:
         self._bus = bus
-        self._buf: deque[tuple[str, str, bytes]] = deque(maxlen=max_items)
+        self._buf: deque[tuple[str, str, bytes, int]] = deque(maxlen=max_items)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.forwarded = 0
@@ -170,7 +169,7 @@ class BusForwarder:
             return
         if len(self._buf) == self._buf.maxlen:
             self.dropped += 1
-        self._buf.append((call_id, ev.event, ev.data))
+        self._buf.append((call_id, ev.event, ev.data, ev.id))
         self._wake.set()
 
     async def _run(self) -> None:
@@ -181,9 +180,9 @@ class BusForwarder:
                 await self._wake.wait()
                 continue
             item = self._buf[0]
-            call_id, event, data = item
+            call_id, event, data, ref = item
             try:
-                await self._bus.publish(call_id, event, orjson.loads(data))
+                await self._bus.publish(call_id, event, data, ref=ref)
                 if event == "call.ended":
                     await self._bus.end(call_id)
             except (OSError, RedisError) as exc:

@@ -94,7 +94,11 @@ class BusRelay:
                 self._positions[call_id] = ev.id
                 if ev.ref is None or self._is_local(call_id):
                     continue
-                if self._hub.relay(call_id, ev.ref, ev.event, ev.payload):
-                    self.relayed += 1
+                try:
+                    if self._hub.relay(call_id, ev.ref, ev.event, ev.payload):
+                        self.relayed += 1
+                except Overflow as exc:  # the hub is full of live calls: this event cannot be shown here
+                    self.errors += 1
+                    log.warning("relay.hub_full", extra={"call_id": call_id, "error": str(exc)})
                 if ev.event == "call.ended":
                     self._positions.pop(call_id, None)  # nothing follows; clients still attached finish

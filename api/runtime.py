@@ -18,6 +18,7 @@ from pipelines.stt.base import SttProvider
 if TYPE_CHECKING:
     from api.media_stream import MediaStream
     from api.persistence import BusForwarder, CallRecord, Persistence
+    from api.relay import BusRelay
 
 
 @dataclass(slots=True)
@@ -56,6 +57,7 @@ class Runtime:
     stats: Stats = field(default_factory=Stats)
     persistence: Persistence | None = None  # None when settings.persist is off
     bus: BusForwarder | None = None
+    relay: BusRelay | None = None  # other nodes' calls for SSE clients here
 
     def publisher(self, call_id: str, record: CallRecord | None = None) -> Any:
         hub = self.hub

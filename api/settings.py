@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     recording_max_s: int = Field(4 * 3600, ge=10)  # per track; audio past it is counted, not stored
     recording_uploads: int = Field(4, ge=1)  # concurrent uploads to the cold tier
     bus_enabled: bool = True  # transcript and call events also go to Redis Streams (other nodes)
+    relay_max_calls: int = Field(1000, ge=1)  # other nodes' calls relayed to SSE clients here at once
     bus_buffer: int = Field(10_000, ge=100)  # events waiting for Redis; past it the oldest is dropped, counted
 
     def segmenter(self) -> SegmenterConfig:

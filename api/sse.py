@@ -10,6 +10,9 @@
 * After ``call.ended`` the response ends.  A client reconnecting to an ended call with nothing left
   to replay gets 204, which tells EventSource to stop reconnecting.
 * A client too slow to take its finals is cut (see ``api.hub``) and resumes by reconnecting.
+* A call whose media stream is on another node is served from the Redis event bus (``api.relay``)
+  under the owning node's ids, so a client may reconnect to any node; remote viewers get final and
+  lifecycle events, not partials.
 """
 
 from __future__ import annotations
@@ -47,9 +50,14 @@ async def call_events(request: web.Request) -> web.StreamResponse:
     existing = rt.hub.get(call_id)
     if existing is not None and existing.ended_at is not None and last_id >= existing.last_id:
         return web.Response(status=204)
+    relay = rt.relay if call_id not in rt.calls else None  # not on this node (yet): watch the bus too
     try:
+        if relay is not None:
+            relay.watch(call_id)
         channel, sub = rt.hub.subscribe(call_id)
     except Overflow as exc:
+        if relay is not None:
+            relay.unwatch(call_id)
         raise web.HTTPServiceUnavailable(text=str(exc), headers={"Retry-After": "5"}) from None
     resp = web.StreamResponse(headers={
         "Content-Type": "text/event-stream",
@@ -93,5 +101,7 @@ async def call_events(request: web.Request) -> web.StreamResponse:
         pass  # the client left; nothing to deliver to
     finally:
         rt.hub.unsubscribe(channel, sub)
+        if relay is not None:
+            relay.unwatch(call_id)
         rt.stats.sse_clients -= 1
     return resp

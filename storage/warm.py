@@ -109,6 +109,7 @@ class BusEvent:
     id: str
     event: str
     payload: dict[str, Any]
+    ref: int | None = None  # the publisher's own id for the event (the SSE id on the node that owns the call)
 
 
 def _text(name: str, value: str, max_chars: int = MAX_KEY_CHARS) -> str:
@@ -341,6 +342,12 @@ class WarmStore:
         await self._r.delete(f"{self._p}cache:{_text('key', key)}")
 
 
+def _bus_event(eid: bytes, fields: dict[bytes, bytes]) -> BusEvent:
+    ref = fields.get(b"ref")
+    return BusEvent(eid.decode(), fields[b"event"].decode(), orjson.loads(fields[b"data"]),
+                    int(ref) if ref is not None else None)
+
+
 class EventBus:
     """Cross-node transcript events on Redis Streams: one stream per call, capped (MAXLEN ~ max_len, default
     2000) and expired (TTL after the call ends, default 1 h; 24 h after the first event if ``end`` never comes).
@@ -359,15 +366,19 @@ class EventBus:
     def _key(self, call_id: str) -> str:
         return f"{self._p}ev:{_text('call_id', call_id)}"
 
-    async def publish(self, call_id: str, event: str, payload: dict[str, Any]) -> str:
-        """Append one event; returns its stream id ("1700000000000-0")."""
+    async def publish(self, call_id: str, event: str, payload: dict[str, Any] | bytes, *,
+                      ref: int | None = None) -> str:
+        """Append one event (payload as a dict, or already JSON-encoded); returns its stream id
+        ("1700000000000-0").  ``ref`` is the publisher's own id for the event, handed back by ``read``."""
         key = self._key(call_id)
-        data = orjson.dumps(payload)
+        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
         if len(data) > MAX_EVENT_BYTES:
             raise ValueError(f"payload is {len(data)} bytes, over {MAX_EVENT_BYTES}")
+        fields: dict[Any, Any] = {"event": _text("event", event, 128), "data": data}
+        if ref is not None:
+            fields["ref"] = str(int(ref))
         async with self._r.pipeline(transaction=True) as pipe:
-            pipe.xadd(key, {"event": _text("event", event, 128), "data": data},
-                      maxlen=self._max_len, approximate=True)
+            pipe.xadd(key, fields, maxlen=self._max_len, approximate=True)
             pipe.expire(key, STREAM_LIVE_TTL_S, nx=True)  # only the first event sets it; end() shortens it
             entry_id, _ = await pipe.execute()
         return str(entry_id.decode())
@@ -387,8 +398,30 @@ class EventBus:
             if socket_timeout is not None and block_ms >= socket_timeout * 1000 - 500:
                 raise ValueError(f"block_ms must be at least 0.5 s below the socket timeout ({socket_timeout} s)")
         result: Any = await self._r.xread({key: after}, count=count, block=block_ms)  # RESP2: [[key, entries]]
-        return [BusEvent(eid.decode(), fields[b"event"].decode(), orjson.loads(fields[b"data"]))
-                for _, entries in result or [] for eid, fields in entries]
+        return [_bus_event(eid, fields) for _, entries in result or [] for eid, fields in entries]
+
+    async def read_many(self, positions: dict[str, str], *, count: int = 100,
+                        block_ms: int | None = None) -> list[tuple[str, BusEvent]]:
+        """``read`` over several calls in one command: ``positions`` maps call id -> last id read.
+
+        Returns (call id, event) pairs, each call's in order; at most ``count`` per call.
+        """
+        if not positions:
+            raise ValueError("positions must name at least one call")
+        if not 0 < count <= MAX_READ_COUNT:
+            raise ValueError(f"count must be in 1..{MAX_READ_COUNT}")
+        streams: dict[Any, Any] = {}
+        calls: dict[bytes, str] = {}
+        for call_id, after in positions.items():
+            if not isinstance(after, str) or not _STREAM_ID.fullmatch(after):
+                raise ValueError(f"after must be a stream id like '1700000000000-0', got {after!r}")
+            key = self._key(call_id)
+            streams[key] = after
+            calls[key.encode()] = call_id
+        if block_ms is not None:
+            _positive("block_ms", block_ms)
+        result: Any = await self._r.xread(streams, count=count, block=block_ms)
+        return [(calls[key], _bus_event(eid, fields)) for key, entries in result or [] for eid, fields in entries]
 
     async def end(self, call_id: str) -> None:
         """The call is over: the stream stays readable for ``ended_ttl_s``, then expires."""
