@@ -16,6 +16,11 @@ Contract of a session:
 * ``emit`` is called on the event loop, never from a worker thread, and must not block.
 * ``aclose()`` finishes what was pushed (bounded by ``drain_timeout``), emits the last final if an
   utterance was open, releases every resource (decoder, socket, task) and is idempotent.
+* A session that can no longer deliver (a cloud provider unreachable after its reconnect attempts,
+  refusing the credentials, out of quota) calls ``self.fail(exc)`` once: it sets ``failure`` and
+  calls ``on_failure`` (set by the pipeline after ``open_session``), which may move the call to the
+  next provider.  After that ``push`` raises ``Overflow`` and ``finalize`` emits nothing.
+  ``open_session`` itself raises ``ProviderUnavailable`` when it cannot connect at all.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from engine.errors import ProviderError
 from engine.frames import AudioFrame, Track
 
 
@@ -63,6 +69,16 @@ class SttSession(abc.ABC):
     sample_rate: int
     max_buffer_ms: int
     failed_utterances: int = 0
+    failure: ProviderError | None = None
+    on_failure: Callable[[ProviderError], None] | None = None
+
+    def fail(self, exc: ProviderError) -> None:
+        """Report that this session is dead (once); see the module docstring."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     @abc.abstractmethod
     def push(self, frame: AudioFrame) -> None: ...
