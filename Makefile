@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench sysdeps install clean
+.PHONY: run test lint bench sysdeps rundeps install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests need: espeak-ng (speech fixtures). Installed only when missing.
-sysdeps:
-	@command -v espeak-ng >/dev/null 2>&1 || { \
-	  echo "installing espeak-ng"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq espeak-ng >/dev/null; }
+# Debian packages, installed only when missing: apertium + apertium-eng-spa (offline translation, used
+# by `make run` when no translation API key is set) and, for the tests, espeak-ng (speech fixtures).
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
-run: $(STAMP)
+rundeps:
+	@dpkg -s apertium apertium-eng-spa >/dev/null 2>&1 || { \
+	  echo "installing apertium apertium-eng-spa"; $(APT_INSTALL) apertium apertium-eng-spa >/dev/null; }
+
+sysdeps: rundeps
+	@command -v espeak-ng >/dev/null 2>&1 || { echo "installing espeak-ng"; $(APT_INSTALL) espeak-ng >/dev/null; }
+
+run: $(STAMP) rundeps
 	$(BIN)/switchboard serve --host 127.0.0.1 --port 8080
 
 test: $(STAMP) sysdeps

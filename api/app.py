@@ -21,33 +21,22 @@ from api.persistence import BusForwarder, Persistence
 from api.relay import BusRelay
 from api.runtime import RUNTIME, Runtime
 from api.settings import Settings
+from api.speech import Policy, Speech, make_translator
 from api.tiers import Tiers, local_blob_store, open_tiers
 from pipelines.stt.base import SttProvider
+from pipelines.translation import TranslationStage
 
 log = logging.getLogger("switchboard.app")
 STALL_TASK = web.AppKey("stall_task", asyncio.Task)
 TIERS = web.AppKey("tiers", Tiers)
+STT_OVERRIDE = web.AppKey("stt_override", object)  # a provider given to create_app (tests)
 LOCAL_BLOBS = web.AppKey("local_blobs", object)
-
-
-def make_provider(settings: Settings) -> SttProvider:
-    if settings.stt_provider == "null":
-        from pipelines.stt.scripted import NullProvider
-
-        return NullProvider()
-    from pipelines.stt.pocketsphinx import PocketsphinxProvider
-
-    return PocketsphinxProvider(
-        max_decoders=settings.stt_max_decoders,
-        max_workers=settings.stt_workers,
-        acquire_timeout=settings.stt_acquire_timeout,
-        max_buffer_ms=settings.stt_max_buffer_ms,
-    )
 
 
 def create_app(settings: Settings | None = None, *, stt: SttProvider | None = None) -> web.Application:
     settings = settings or Settings()
     app = web.Application(client_max_size=1 << 20)
+    speech = Speech(settings, Policy.resolve(settings), override=stt)
     rt = Runtime(
         settings=settings,
         hub=EventHub(
@@ -56,11 +45,14 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
             max_calls=settings.sse_max_calls,
             retention_s=settings.sse_retention_s,
         ),
-        stt=stt or make_provider(settings),
+        stt=speech.default,
         segmenter=settings.segmenter(),
         phrases=settings.phrases(),
+        speech=speech,
     )
     app[RUNTIME] = rt
+    if stt is not None:
+        app[STT_OVERRIDE] = stt
     app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
     app.router.add_get("/api/calls/{call_id}/events", sse.call_events)
     app.router.add_get("/healthz", health)
@@ -103,6 +95,7 @@ async def stats(request: web.Request) -> web.Response:
         "persistence": rt.persistence.stats() if rt.persistence else None,
         "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors} if rt.bus else None,
         "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
+        "translation": _translation_stats(rt),
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
@@ -115,6 +108,16 @@ async def stats_reset(request: web.Request) -> web.Response:
     rt.stats.gc_pause.reset()
     rt.stats.loop_stall.reset()
     return web.json_response({"reset": True})
+
+
+def _translation_stats(rt: Runtime) -> dict[str, object] | None:
+    stage = rt.translation
+    if stage is None:
+        return None
+    st = stage.stats
+    return {"provider": stage.translator.name, "pending": stage.pending, "submitted": st.submitted,
+            "translated": st.translated, "shed": st.shed, "deadline": st.deadline, "errors": st.errors,
+            "lag": stage.lag.summary()}
 
 
 def _rss_bytes() -> int:
@@ -141,7 +144,18 @@ async def _on_startup(app: web.Application) -> None:
             rt.hub.taps.append(rt.bus.tap)
             rt.relay = BusRelay(tiers.bus, rt.hub, rt.calls.__contains__, max_calls=s.relay_max_calls)
             rt.relay.start()
-    await rt.stt.warm(rt.phrases)
+        org_settings = await tiers.org_settings()
+        if org_settings and rt.speech is not None and app.get(STT_OVERRIDE) is None:
+            rt.speech = Speech(s, Policy.resolve(s, org_settings))  # the organisation's own choices
+            rt.stt = rt.speech.default
+    translator = make_translator(s)
+    if translator is not None:
+        await translator.start()
+        rt.translation = TranslationStage(translator, concurrency=s.translation_concurrency,
+                                          max_pending=s.translation_max_pending, deadline_s=s.translation_deadline_s)
+        rt.translation.start()
+    assert rt.speech is not None
+    await rt.speech.warm(rt.phrases)
 
 
 async def _watch_loop(rt: Runtime) -> None:
@@ -164,7 +178,11 @@ async def _on_shutdown(app: web.Application) -> None:
 async def _on_cleanup(app: web.Application) -> None:
     rt = app[RUNTIME]
     rt.stats.unwatch_gc()
-    await rt.stt.aclose()
+    if rt.speech is not None:
+        await rt.speech.aclose()
+    if rt.translation is not None:
+        await rt.translation.aclose()
+        await rt.translation.translator.aclose()
     if rt.persistence is not None:
         await rt.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
     if rt.relay is not None:

@@ -144,13 +144,17 @@ class EventHub:
         return ch
 
     def publish(
-        self, call_id: str, event: str, payload: dict[str, Any], *, droppable: bool = False, key: str = ""
+        self, call_id: str, event: str, payload: dict[str, Any], *, droppable: bool = False, key: str = "",
+        tap_payload: dict[str, Any] | None = None,
     ) -> HubEvent:
+        """Publish to the call's SSE clients; taps get ``tap_payload`` instead when it is given (the
+        redacted form of a transcript that this node's agents may see unredacted)."""
         self.published += 1
         ev = self.channel(call_id).publish(event, payload, droppable, key)
-        if not droppable:
+        if not droppable and self.taps:
+            tapped = ev if tap_payload is None else HubEvent(ev.id, ev.event, orjson.dumps(tap_payload))
             for tap in self.taps:
-                tap(call_id, ev)
+                tap(call_id, tapped)
         return ev
 
     def relay(self, call_id: str, ref: int, event: str, payload: dict[str, Any]) -> bool:

@@ -20,6 +20,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from api.inline_ws import InlineWebSocketResponse
 from api.runtime import RUNTIME, Runtime
+from api.speech import CallEvents
 from api.telnyx_protocol import (
     AUTH_FIELD,
     Dtmf,
@@ -52,6 +53,9 @@ class MediaStream:
         self.feed: Callable[[Track, bytes, int, int], None] | None = None  # pipeline.feed, once started
         self.rate = 0
         self.call_id = ""
+        self.language = "en"  # spoken on the call (?language= on the stream URL)
+        self.target: str | None = None  # translated into (?translate_to=, or the policy's default)
+        self.events: CallEvents | None = None
         self.record: CallRecord | None = None  # the stored call, when persistence is on
         self.recorder: CallRecorder | None = None
         # Set when the stream must end: the stop reason, or the protocol error to close with.
@@ -85,6 +89,7 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
     if len(rt.streams) >= s.max_streams:
         log.warning("stream.refused", extra={"reason": "max_streams", "limit": s.max_streams})
         raise web.HTTPServiceUnavailable(text="too many media streams", headers={"Retry-After": "1"})
+    language, target = _languages(rt, request)
     token = s.telnyx_stream_token.get_secret_value() if s.telnyx_stream_token else None
     protocol = TelnyxStreamProtocol(
         expected_token=token,
@@ -100,6 +105,7 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
                                  max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None,
                                  decode_text=False, compress=False)
     stream = MediaStream(ws, protocol)  # bound before prepare(), so before any message arrives
+    stream.language, stream.target = language, target
     await ws.prepare(request)
     key = id(stream)
     rt.streams[key] = stream
@@ -195,6 +201,21 @@ def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> str | No
     return None
 
 
+def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
+    """The call's language and translation target from the stream URL, checked before the upgrade."""
+    s = rt.settings
+    language = request.query.get("language", s.languages[0])
+    if language not in s.languages:
+        raise web.HTTPBadRequest(text=f"language must be one of {s.languages}, got {language[:20]!r}")
+    policy = rt.speech.policy if rt.speech else None
+    target = request.query.get("translate_to") or (policy.translate_to.get(language) if policy else None)
+    if target == "none":
+        target = None
+    if target is not None and (target not in s.languages or target == language):
+        raise web.HTTPBadRequest(text=f"translate_to must be 'none' or another of {s.languages}, got {target[:20]!r}")
+    return language, target
+
+
 def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
     stream.call_id = ev.call_control_id
     rt.calls[stream.call_id] = stream
@@ -206,15 +227,21 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
             stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
             encoding=ev.encoding, sample_rate=ev.sample_rate)
         stream.recorder = stream.record.recorder
-    publish = rt.publisher(stream.call_id, stream.record)
+    assert rt.speech is not None
+    provider = rt.speech.for_language(stream.language)
+    stream.events = CallEvents(
+        call_id=stream.call_id, stream_id=ev.stream_id, language=stream.language, target=stream.target,
+        hub=rt.hub, redactor=rt.redactor, sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name,
+        stage=rt.translation, persistence=rt.persistence, record=stream.record)
     stream.rate = ev.sample_rate
     stream.pipeline = CallPipeline(
         call_id=stream.call_id,
         stream_id=ev.stream_id,
-        provider=rt.stt,
-        publish=publish,
+        provider=provider,
+        publish=stream.events.publish,
         segmenter=rt.segmenter,
         phrases=rt.phrases,
+        language=stream.language,
     )
     stream.feed = stream.pipeline.feed
     rt.hub.publish(stream.call_id, "call.started", {
@@ -225,6 +252,9 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
         "sample_rate": ev.sample_rate,
         "from": ev.from_,
         "to": ev.to,
+        "language": stream.language,
+        "translate_to": stream.target,
+        "stt_provider": provider.name,
     })
     log.info("stream.started", extra={"stream_id": ev.stream_id, "call_id": stream.call_id,
                                       "encoding": ev.encoding, "sample_rate": ev.sample_rate})
@@ -241,6 +271,11 @@ async def _end_call(rt: Runtime, stream: MediaStream, reason: str) -> None:
         except asyncio.CancelledError:
             pass  # the server is shutting down; aclose goes on under the shield
         stats = {k: getattr(pipeline.stats, k) for k in pipeline.stats.__slots__}  # type: ignore[attr-defined]
+    if stream.events is not None:
+        # Translations of the last finals, so live clients see them before call.ended.
+        if not await stream.events.drain(rt.settings.translation_deadline_s + 1.0):
+            log.warning("stream.translations_pending", extra={"call_id": stream.call_id})
+        stats["redactions"] = stream.events.redactions
     p = stream.protocol.stats
     stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track)
     rt.hub.publish(stream.call_id, "call.ended", {"call_id": stream.call_id, "stream_id": stream.stream_id,

@@ -19,12 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipelines.translate.base import Translation
 from redis.exceptions import RedisError
 
 from api.hub import HubEvent
 from api.tiers import Tiers
 from pipelines.recording import CallRecorder, RecordingFile, Spooler
-from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal
+from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal, TranslationStored
 from storage.warm import EventBus
 
 log = logging.getLogger("switchboard.persist")
@@ -75,11 +76,19 @@ class Persistence:
                                     max_ms=self._recording_max_ms)
         return CallRecord(org, call_id, call_control_id, recording_id, recorder)
 
-    def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str) -> None:
+    def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str, *, language: str = "en",
+                         redacted: bool = False) -> None:
+        """Store a final transcript; ``payload`` must already be redacted."""
         self.tiers.writer.submit(TranscriptFinal(
             call.org_id, call.call_control_id, payload["stream_id"], payload["track"], payload["seq"], payload["text"],
             payload.get("confidence"), payload.get("words", []), payload.get("start"), payload.get("end"), provider,
+            language, redacted,
         ))
+
+    def translation(self, call: CallRecord, stream_id: str, track: str, seq: int, tr: Translation) -> None:
+        self.tiers.writer.submit(TranslationStored(
+            call.org_id, call.call_control_id, stream_id, track, seq, tr.source_lang, tr.target_lang, tr.original,
+            tr.translated, tr.provider))
 
     def call_ended(self, call: CallRecord, *, reason: str, failed: bool, stats: dict[str, Any]) -> None:
         w = self.tiers.writer

@@ -5,20 +5,23 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from pipelines.redaction import Redactor
 
 from api.hub import EventHub
 from api.settings import Settings
 from engine.metrics import LagHistogram
 from engine.segmenter import SegmenterConfig
 from pipelines.stt.base import SttProvider
+from pipelines.translation import TranslationStage
 
 if TYPE_CHECKING:
     from api.media_stream import MediaStream
-    from api.persistence import BusForwarder, CallRecord, Persistence
+    from api.persistence import BusForwarder, Persistence
     from api.relay import BusRelay
+    from api.speech import Speech
 
 
 @dataclass(slots=True)
@@ -55,21 +58,14 @@ class Runtime:
     streams: dict[int, MediaStream] = field(default_factory=dict)
     calls: dict[str, MediaStream] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
+    speech: Speech | None = None  # providers per language, policy (built with the app)
+    redactor: Redactor = field(default_factory=Redactor)
+    translation: TranslationStage | None = None  # None when no translator is configured
     persistence: Persistence | None = None  # None when settings.persist is off
     bus: BusForwarder | None = None
     relay: BusRelay | None = None  # other nodes' calls for SSE clients here
 
-    def publisher(self, call_id: str, record: CallRecord | None = None) -> Any:
-        hub = self.hub
-        persistence = self.persistence
-        provider = self.stt.name
 
-        def publish(event: str, payload: dict[str, Any], droppable: bool, key: str) -> None:
-            hub.publish(call_id, event, payload, droppable=droppable, key=key)
-            if record is not None and persistence is not None and event == "transcript.final":
-                persistence.transcript_final(record, payload, provider)
-
-        return publish
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.segmenter import SegmenterConfig
 
+ProviderName = Literal["pocketsphinx", "null", "assemblyai", "deepgram"]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
@@ -37,8 +39,36 @@ class Settings(BaseSettings):
     vad_preroll_ms: int = Field(200, ge=0)
     vad_max_utterance_ms: int = Field(15_000, ge=200)
 
-    # Speech-to-text
-    stt_provider: Literal["pocketsphinx", "null"] = "pocketsphinx"
+    # Speech-to-text.  stt_chain maps a call language to providers in fallback order ("*" = any
+    # other language), e.g. {"en": ["assemblyai", "deepgram", "pocketsphinx"], "es": ["deepgram"]};
+    # empty = stt_provider alone.  An organisation's settings JSON may override it ("stt_chain").
+    stt_provider: ProviderName = "pocketsphinx"
+    stt_chain: dict[str, list[ProviderName]] = Field(default_factory=dict)
+    stt_breaker_failures: int = Field(3, ge=1)  # consecutive failures that open a provider's circuit
+    stt_breaker_cooldown_s: float = Field(30.0, gt=0)  # then one trial session after this long
+    assemblyai_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_ASSEMBLYAI_API_KEY", "ASSEMBLYAI_API_KEY"))
+    assemblyai_url: str = "wss://streaming.assemblyai.com/v3/ws"
+    deepgram_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_DEEPGRAM_API_KEY", "DEEPGRAM_API_KEY"))
+    deepgram_url: str = "wss://api.deepgram.com/v1/listen"
+    languages: list[str] = Field(default_factory=lambda: ["en", "es"])  # accepted in ?language= on the stream
+
+    # Translation of final transcripts.  "auto": openai when an API key is set, else apertium when
+    # installed, else none.
+    translation_provider: Literal["auto", "none", "apertium", "openai"] = "auto"
+    translate_to: dict[str, str] = Field(default_factory=lambda: {"en": "es", "es": "en"})
+    openai_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_OPENAI_API_KEY", "GROQ_API_KEY", "OPENAI_API_KEY"))
+    openai_base_url: str = "https://api.groq.com/openai/v1"
+    openai_model: str = "llama-3.1-8b-instant"
+    translation_deadline_s: float = Field(5.0, gt=0)  # from the final transcript; late = reported failure
+    translation_concurrency: int = Field(4, ge=1)
+    translation_max_pending: int = Field(200, ge=1)  # past it the oldest waiting job is shed (reported)
+
+    # PII: transcripts are redacted before translation, storage, the bus and logs, always.  SSE shows
+    # agents the redacted text unless this is false (per organisation: settings JSON "sse_redacted").
+    sse_redacted: bool = True
     stt_max_decoders: int = Field(2, ge=1)  # decoder processes per language model (32-118 MB each)
     stt_workers: int = Field(2, ge=1)  # threads for blocking set-up: LM builds, decoder process starts
     stt_acquire_timeout: float = Field(10.0, gt=0)  # wait for a free decoder before giving up

@@ -40,6 +40,12 @@ class Tiers:
     local_blobs: LocalBlobStore | None = None
     _embedded: list[Any] = field(default_factory=list)
 
+    async def org_settings(self) -> dict[str, Any]:
+        """The media organisation's settings JSON (its STT chain, translation and SSE choices)."""
+        async with self.db.tenant(self.media_org_id) as conn:
+            value = await conn.fetchval("SELECT settings FROM organizations WHERE id = $1", self.media_org_id)
+        return dict(value or {})
+
     async def aclose(self, drain_s: float = 10.0) -> None:
         await self.writer.aclose(drain_s)
         await self.db.aclose()

@@ -247,7 +247,8 @@ def server(baseline: bool, port: int):  # type: ignore[no-untyped-def]
     cmd = [sys.executable, "-m", "bench.bare_server", "--port", str(port)] if baseline else [
         sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
     env = {**os.environ, "SWITCHBOARD_STT_PROVIDER": "null", "SWITCHBOARD_MAX_STREAMS": "100000",
-           "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_PERSIST": "true" if PERSIST else "false",
+           "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
+           "SWITCHBOARD_PERSIST": "true" if PERSIST else "false",
            "SWITCHBOARD_DATA_DIR": tempfile.mkdtemp(prefix="switchboard-bench-")}  # fresh tiers per run
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     proc = subprocess.Popen(taskset + cmd, env=env)

@@ -22,11 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import Overflow, SwitchboardError
+from engine.errors import Overflow, ProviderError, SwitchboardError
 from engine.frames import FRAME_MS, AudioFrame, Track, frame_bytes
 from engine.resample import Resampler
 from engine.segmenter import Segmenter, SegmenterConfig, SpeechStarted, UtteranceAudio, UtteranceEnded
 from pipelines.stt.base import SessionOptions, SttProvider, SttSession, Transcript
+from pipelines.stt.failover import FailoverProvider
 
 log = logging.getLogger("switchboard.call")
 
@@ -43,6 +44,7 @@ class CallStats:
     partials: int = 0
     finals: int = 0
     stt_errors: int = 0
+    stt_failovers: int = 0
 
 
 class _Track:
@@ -134,8 +136,13 @@ class CallPipeline:
 
     async def _open_session(self, t: _Track) -> None:
         options = SessionOptions(self.call_id, t.track, self._language, self._phrases)
+        emit = lambda tr: self._on_transcript(t, tr)  # noqa: E731
         try:
-            session = await self._provider.open_session(options, lambda tr: self._on_transcript(t, tr))
+            if isinstance(self._provider, FailoverProvider):
+                session: SttSession = await self._provider.open_session(
+                    options, emit, on_switch=lambda a, b, why: self._on_switch(t, a, b, why))
+            else:
+                session = await self._provider.open_session(options, emit)
         except (SwitchboardError, OSError) as exc:
             t.failed = True
             self.stats.stt_errors += 1
@@ -143,12 +150,27 @@ class CallPipeline:
                                                    "provider": self._provider.name, "error": str(exc)})
             return
         t.session = session
+        session.on_failure = lambda exc: self._on_failure(t, exc)
         while t.backlog:
             item = t.backlog.popleft()
             if item is None:
                 session.finalize()
             else:
                 self._push(t, item)
+
+    def _on_switch(self, t: _Track, old: str, new: str, reason: str) -> None:
+        self.stats.stt_failovers += 1
+        self._publish("stt.failover", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
+                                       "from": old, "to": new, "reason": reason[:200]}, False, "")
+
+    def _on_failure(self, t: _Track, exc: ProviderError) -> None:
+        """The track's recogniser is gone for good: say so; its audio is counted as dropped from now."""
+        t.failed = True
+        self.stats.stt_errors += 1
+        log.warning("stt.session_failed", extra={"call_id": self.call_id, "track": t.track.value,
+                                                  "provider": self._provider.name, "error": str(exc)})
+        self._publish("stt.failed", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
+                                     "reason": str(exc)[:200]}, False, "")
 
     def _on_segments(self, t: _Track, events: Any) -> None:
         for ev in events:

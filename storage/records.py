@@ -157,7 +157,40 @@ class AuditEntry:
         )
 
 
-Record = CallStarted | CallEnded | TranscriptFinal | RecordingStored | AuditEntry
+@dataclass(frozen=True, slots=True)
+class TranslationStored:
+    org_id: uuid.UUID
+    call_control_id: str
+    stream_id: str
+    track: str
+    seq: int
+    source_lang: str
+    target_lang: str
+    original_text: str  # redacted, as it was sent to the provider
+    translated_text: str
+    provider: str
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        status = await conn.execute(
+            """
+            INSERT INTO translations (id, org_id, call_id, transcription_id, source_lang, target_lang, original_text,
+                                      translated_text, provider)
+            SELECT $1, $2, c.id,
+                   (SELECT t.id FROM transcriptions t
+                     WHERE t.call_id = c.id AND t.stream_id = $4 AND t.track = $5 AND t.seq = $6),
+                   $7, $8, $9, $10, $11
+              FROM calls c WHERE c.org_id = $2 AND c.call_control_id = $3
+            ON CONFLICT (id) DO NOTHING
+            """,
+            self.id, self.org_id, self.call_control_id, self.stream_id, self.track, self.seq, self.source_lang,
+            self.target_lang, self.original_text, self.translated_text, self.provider,
+        )
+        if status == "INSERT 0 0":
+            await _require_call(conn, self.org_id, self.call_control_id)
+
+
+Record = CallStarted | CallEnded | TranscriptFinal | RecordingStored | AuditEntry | TranslationStored
 
 
 async def ensure_organization(conn: asyncpg.Connection, org_id: uuid.UUID, name: str, slug: str) -> None:

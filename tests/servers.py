@@ -51,8 +51,9 @@ class Server:
 def running_server(tmp: Path, **env: str) -> Iterator[Server]:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    # Storage tiers are off unless a test turns them on (and points them at its servers).
+    # Storage tiers and translation are off unless a test turns them on (and points them at its servers).
     full_env = {**os.environ, "SWITCHBOARD_LOG_LEVEL": "INFO", "SWITCHBOARD_PERSIST": "false",
+                "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
                 "SWITCHBOARD_DATA_DIR": str(tmp / "data"), **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

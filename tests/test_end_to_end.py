@@ -68,10 +68,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, db_urls: DbUrls, redis_url:
         yield srv
 
 
-async def stream_call(server: Server, call_id: str, pcm: np.ndarray, encoding: str = "PCMU") -> None:
+async def stream_call(server: Server, call_id: str, pcm: np.ndarray, encoding: str = "PCMU", query: str = "") -> None:
     messages = telnyx_messages(pcm, call_id=call_id, stream_id=f"stream-{call_id}", encoding=encoding,
                                sample_rate=8000, token=None)
-    async with websockets.connect(server.ws) as ws:
+    async with websockets.connect(server.ws + query) as ws:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         for i, msg in enumerate(messages):

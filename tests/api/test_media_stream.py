@@ -157,7 +157,7 @@ async def test_both_delivery_paths_stream_a_call_and_refuse_bad_input(aiohttp_cl
     from api.settings import Settings
 
     monkeypatch.setattr(inline_ws, "ENABLED", inline)
-    client = await aiohttp_client(create_app(Settings(stt_provider="null", persist=False)))
+    client = await aiohttp_client(create_app(Settings(stt_provider="null", persist=False, translation_provider="none")))
     ws = await client.ws_connect("/api/media/telnyx")
     await ws.send_str(j(event="connected", version="1.0.0"))
     await ws.send_str(start_msg("p1", "v3:path"))

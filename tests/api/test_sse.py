@@ -15,7 +15,8 @@ from tests.sse_client import read_sse
 
 @pytest.fixture
 async def client(aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
-    settings = Settings(stt_provider="null", persist=False, sse_heartbeat_s=0.1, sse_history=50, sse_client_buffer=16)
+    settings = Settings(stt_provider="null", persist=False, translation_provider="none", sse_heartbeat_s=0.1,
+                        sse_history=50, sse_client_buffer=16)
     return await aiohttp_client(create_app(settings))
 
 
