@@ -167,3 +167,31 @@ async def test_spanish_call_on_deepgram_gets_english_translations(tmp_path) -> N
     translated = [e.json() for e in stream.events if e.event == "translation.final"]
     assert [(t["source_lang"], t["target_lang"], t["translated"]) for t in sorted(translated, key=lambda t: t["seq"])
             ] == [("es", "en", english(s)) for s in SPANISH]
+
+
+async def test_primary_out_of_funds_mid_call_fails_over_to_the_next_provider_without_losing_speech(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    aai = FakeAssemblyAI(["never finished"], word_ms=60)
+    aai.error_after(4000, 4002)  # half a second into the first utterance: "insufficient funds", not retryable
+    dg = FakeDeepgram(["please confirm your account number", "i would like to make a payment today"], word_ms=60)
+    await aai.start()
+    await dg.start()
+    env = {"SWITCHBOARD_STT_CHAIN": '{"en": ["assemblyai", "deepgram"]}', "ASSEMBLYAI_API_KEY": "test-key",
+           "SWITCHBOARD_ASSEMBLYAI_URL": aai.url, "DEEPGRAM_API_KEY": "test-key", "SWITCHBOARD_DEEPGRAM_URL": dg.url}
+    call_id = "v3:failover"
+    try:
+        async with server_with(tmp_path, env) as server, aiohttp.ClientSession() as http:
+            reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{call_id}/events"))
+            await asyncio.sleep(0.2)
+            await stream_call(server, call_id, utterances_with_pauses(SPEECH, pause_ms=900, rate=8000))
+            stream = await asyncio.wait_for(reader, 30)
+    finally:
+        await aai.stop()
+        await dg.stop()
+    switch = [e.json() for e in stream.events if e.event == "stt.failover"]
+    assert len(switch) == 1 and (switch[0]["from"], switch[0]["to"]) == ("assemblyai", "deepgram")
+    finals = [e.json() for e in stream.events if e.event == "transcript.final"]
+    # Deepgram got the first utterance from its start (replayed), so both come out whole.
+    assert [f["text"] for f in finals] == ["please confirm your account number", "i would like to make a payment today"]
+    assert stream.events[-1].json()["stats"]["stt_failovers"] == 1
+    assert stream.events[0].json()["stt_provider"] == "assemblyai+deepgram"
