@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages, installed only when missing: apertium + apertium-eng-spa (offline translation, used
-# by `make run` when no translation API key is set) and, for the tests, espeak-ng (speech fixtures).
+# by `make run` when no translation API key is set) and, for the tests, espeak-ng (speech fixtures) and
+# chromium (the agent console in a real browser, driven by Playwright; never `playwright install`).
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
@@ -25,6 +26,7 @@ rundeps:
 
 sysdeps: rundeps
 	@command -v espeak-ng >/dev/null 2>&1 || { echo "installing espeak-ng"; $(APT_INSTALL) espeak-ng >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium"; $(APT_INSTALL) chromium >/dev/null; }
 
 run: $(STAMP) rundeps
 	$(BIN)/switchboard serve --host 127.0.0.1 --port 8080

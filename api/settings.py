@@ -83,6 +83,13 @@ class Settings(BaseSettings):
     sse_max_calls: int = Field(10_000, ge=1)  # call channels kept (live plus recently ended)
     sse_retention_s: float = Field(600.0, ge=0)  # how long an ended call's history stays replayable
 
+    # WebRTC sessions of agent browsers (api/webrtc.py).  No ICE servers by default: nothing is asked
+    # of the internet; a deployment behind NAT lists its STUN/TURN URLs here.
+    agent_token: SecretStr | None = None  # Bearer token for /api/webrtc/*; unset = no check (loopback dev)
+    webrtc_ice_servers: list[str] = Field(default_factory=list)  # e.g. ["stun:stun.example.com:3478"]
+    webrtc_host_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1"])  # host candidates offered
+    webrtc_max_sessions: int = Field(200, ge=1)
+    webrtc_jitter_ms: int = Field(100, ge=20, le=1000)  # audio held per bridge direction; past it the oldest goes
     stats_enabled: bool = True  # GET /api/stats (loopback deployments; the benchmark reads it)
 
     # Storage tiers.  Unset URLs start the embedded default (see storage/embedded.py) under data_dir.
