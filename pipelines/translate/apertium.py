@@ -10,11 +10,11 @@ What we found by experiment (apertium 3.8.3, apertium-eng-spa 0.8.1, Debian 12, 
   closed.  The translation pipeline itself honours null-flush: ``apertium-wblank-mode -z <mode
   file>`` prints it with ``-z`` on every stage (``lt-proc -z ... | apertium-tagger -z ... | ...``,
   12 stages for eng-spa), and it answers each request ``<text>\\0`` with ``<translation>\\0``.  So
-  we start those stages ourselves, chained by pipes, in one process group (``$1=-g``: mark unknown
+  we start those stages ourselves, chained by pipes (``$1=-g``: mark unknown
   words), and do destxt/retxt's job in Python (``apertium_format``).  Starting them directly rather
   than under ``bash -c`` keeps every stage our child, so killed stages are reaped even where PID 1
   does not reap orphans (a container without an init).  "The process" of a direction below is
-  that group.
+  that set of stages, killed stage by stage.
 * Reserved characters must be escaped: an unescaped ``@`` or ``$`` makes ``lt-proc`` print
   "Malformed input stream" and every later answer of that process is empty.  Anything on the
   process's stderr is logged, and an "Error"/"Malformed" line retires the process (the next request
@@ -121,9 +121,14 @@ class ApertiumTranslator(Translator):
         return (normalise_lang(source_lang), normalise_lang(target_lang)) in self._pairs
 
     def process_id(self, source_lang: str, target_lang: str) -> int | None:
-        """The process group of a direction's running pipeline (its first stage's pid), if any."""
+        """The first stage's pid of a direction's running pipeline, if any (it names the pipeline)."""
         d = self._dirs.get((normalise_lang(source_lang), normalise_lang(target_lang)))
         return d.stages[0].pid if d is not None and d.alive() else None
+
+    def stage_pids(self, source_lang: str, target_lang: str) -> list[int]:
+        """Every stage's pid of a direction's running pipeline (for tests that kill or stop it)."""
+        d = self._dirs.get((normalise_lang(source_lang), normalise_lang(target_lang)))
+        return [p.pid for p in d.stages] if d is not None and d.alive() else []
 
     def spawn_count(self, source_lang: str, target_lang: str) -> int:
         return self._dirs[(normalise_lang(source_lang), normalise_lang(target_lang))].spawns
@@ -265,7 +270,7 @@ class ApertiumTranslator(Translator):
         return stages
 
     async def _spawn(self, d: _Direction) -> None:
-        """Start the stages, chained by pipes, in one new process group (the first stage's pid)."""
+        """Start the stages, chained by pipes."""
         if self._closed:
             raise TranslationError("apertium: translator is closed")
         stages = await self._pipeline(d.mode)
@@ -284,7 +289,8 @@ class ApertiumTranslator(Translator):
                         stderr=asyncio.subprocess.PIPE,
                         env=env,
                         limit=_READ_LIMIT,
-                        process_group=0 if not procs else procs[0].pid,
+                        # No process group (process_group= is not supported by uvloop, which the server
+                        # runs on, and preexec_fn is unsafe with threads): _kill signals every stage.
                     )
                 finally:
                     for fd in (upstream, write_end):
@@ -300,7 +306,7 @@ class ApertiumTranslator(Translator):
         d.stages, d.broken = procs, False
         d.spawns += 1
         d.stderr_task = asyncio.create_task(self._watch_stderr(d, procs), name=f"apertium-{d.mode}-stderr")
-        log.info("apertium %s started (pgid %d, %d stages)", d.mode, procs[0].pid, len(procs))
+        log.info("apertium %s started (first pid %d, %d stages)", d.mode, procs[0].pid, len(procs))
 
     async def _watch_stderr(self, d: _Direction, procs: list[asyncio.subprocess.Process]) -> None:
         async def watch(proc: asyncio.subprocess.Process) -> None:

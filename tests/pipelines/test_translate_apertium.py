@@ -99,7 +99,8 @@ async def test_concurrent_requests_come_back_matched_to_their_inputs(translator:
 async def test_killed_process_is_restarted_by_the_next_request(translator: ApertiumTranslator) -> None:
     pid = translator.process_id("en", "es")
     assert pid is not None
-    os.killpg(pid, signal.SIGKILL)
+    for stage in translator.stage_pids("en", "es"):
+        os.kill(stage, signal.SIGKILL)
     result = await translator.translate("hello", "en", "es", deadline_s=5)
     assert "hola" in result.translated.lower()
     new_pid = translator.process_id("en", "es")
@@ -111,7 +112,9 @@ async def test_killed_process_is_restarted_by_the_next_request(translator: Apert
 async def test_hung_process_is_killed_restarted_and_the_request_times_out(translator: ApertiumTranslator) -> None:
     pid = translator.process_id("en", "es")
     assert pid is not None
-    os.killpg(pid, signal.SIGSTOP)  # alive but answering nothing: a hang
+    stages = translator.stage_pids("en", "es")
+    for stage in stages:
+        os.kill(stage, signal.SIGSTOP)  # alive but answering nothing: a hang
     try:
         t0 = time.monotonic()
         with pytest.raises(TranslationTimeout):
@@ -120,10 +123,11 @@ async def test_hung_process_is_killed_restarted_and_the_request_times_out(transl
         new_pid = translator.process_id("en", "es")
         assert new_pid is not None and new_pid != pid
     finally:
-        try:
-            os.killpg(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass  # killed, as it should be
+        for stage in stages:
+            try:
+                os.kill(stage, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # killed, as it should be
     assert "hola" in (await translator.translate("hello", "en", "es", deadline_s=5)).translated.lower()
 
 
@@ -206,3 +210,18 @@ def test_reformat_strips_marks_and_end_marks() -> None:
     assert reformat("a \\$5 \\@ 3 * 4 # b.[]") == "a $5 @ 3 * 4 # b"
     assert reformat("uno[\n]dos.[][\n\n]tres.[]") == "uno\ndos\n\ntres"
     assert reformat(" Quiero pagar.[]") == "Quiero pagar"
+
+
+def test_it_runs_on_uvloop_as_the_server_does() -> None:
+    """The server's event loop is uvloop, whose subprocess support is narrower than asyncio's."""
+    import uvloop
+
+    async def main() -> str:
+        t = ApertiumTranslator()
+        await t.start()
+        try:
+            return (await t.translate("hello", "en", "es", deadline_s=5)).translated
+        finally:
+            await t.aclose()
+
+    assert "hola" in uvloop.run(main()).lower()
