@@ -133,10 +133,13 @@ async def _print_events(url: str) -> None:
             line = raw.decode().rstrip("\n")
             if line.startswith("event: "):
                 event = line[7:]
-            elif line.startswith("data: ") and event in ("transcript.final", "call.ended", "call.started"):
+            elif line.startswith("data: ") and event in ("transcript.final", "translation.final", "call.ended",
+                                                         "call.started"):
                 data = orjson.loads(line[6:])
                 if event == "transcript.final":
                     print(f"[{data['start']/1000:7.2f}s {data['track']}] {data['text']}")
+                elif event == "translation.final":
+                    print(f"{'':>{11 + len(data['track'])}}  {data['target_lang']}: {data['translated']}")
                 else:
                     print(f"-- {event} {data.get('call_id')}")
                 if event == "call.ended":
