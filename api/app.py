@@ -15,7 +15,7 @@ import time
 
 from aiohttp import WSCloseCode, web
 
-from api import blobs, media_stream, sse
+from api import blobs, console, media_stream, sse, webrtc
 from api.hub import EventHub
 from api.persistence import BusForwarder, Persistence
 from api.relay import BusRelay
@@ -56,6 +56,8 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
     app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
     app.router.add_get("/api/calls/{call_id}/events", sse.call_events)
     app.router.add_get("/healthz", health)
+    webrtc.add_routes(app)
+    console.add_routes(app)
     if settings.persist:
         local = local_blob_store(settings)
         app[LOCAL_BLOBS] = local
@@ -96,6 +98,7 @@ async def stats(request: web.Request) -> web.Response:
         "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors} if rt.bus else None,
         "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
         "translation": _translation_stats(rt),
+        "webrtc": rt.agents.stats() if rt.agents is not None else None,
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
@@ -170,6 +173,8 @@ async def _watch_loop(rt: Runtime) -> None:
 async def _on_shutdown(app: web.Application) -> None:
     rt = app[RUNTIME]
     app[STALL_TASK].cancel()
+    if rt.agents is not None:  # before the streams: a session's bridge sends on its call's stream
+        await rt.agents.close_all("server shutting down")
     for stream in list(rt.streams.values()):
         await stream.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
     rt.hub.close_all()

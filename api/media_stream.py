@@ -39,6 +39,7 @@ from pipelines.recording import CallRecorder
 
 if TYPE_CHECKING:
     from api.persistence import CallRecord
+    from pipelines.bridge import AgentBridge
 
 log = logging.getLogger("switchboard.media")
 
@@ -58,6 +59,7 @@ class MediaStream:
         self.events: CallEvents | None = None
         self.record: CallRecord | None = None  # the stored call, when persistence is on
         self.recorder: CallRecorder | None = None
+        self.bridge: AgentBridge | None = None  # an agent's WebRTC session hears this call (api.webrtc)
         # Set when the stream must end: the stop reason, or the protocol error to close with.
         self.ending: str | ProtocolError | None = None
         # Frame-lag baseline: the earliest (arrival - audio time) seen; lag is measured against it.
@@ -184,8 +186,11 @@ def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> str | No
                 stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
                 if stream.recorder is not None:
                     stream.recorder.write(ev.track, ev.pcm)
-            if ev.track is Track.INBOUND and not ev.sequence & 3:  # a 1-in-4 sample is plenty
-                rt.stats.frame_lag.record(stream.lag_ms(ev.timestamp_ms, time.monotonic()))
+            if ev.track is Track.INBOUND:
+                if stream.bridge is not None:
+                    stream.bridge.consumer_in(ev.pcm)
+                if not ev.sequence & 3:  # a 1-in-4 sample is plenty
+                    rt.stats.frame_lag.record(stream.lag_ms(ev.timestamp_ms, time.monotonic()))
             rt.stats.frames += 1
         elif isinstance(ev, Started):
             _start_call(rt, stream, ev)
@@ -213,6 +218,8 @@ def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
         target = None
     if target is not None and (target not in s.languages or target == language):
         raise web.HTTPBadRequest(text=f"translate_to must be 'none' or another of {s.languages}, got {target[:20]!r}")
+    if rt.translation is None:  # no translator configured: nothing will be translated
+        target = None
     return language, target
 
 
@@ -258,11 +265,15 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
     })
     log.info("stream.started", extra={"stream_id": ev.stream_id, "call_id": stream.call_id,
                                       "encoding": ev.encoding, "sample_rate": ev.sample_rate})
+    if rt.agents is not None:
+        rt.agents.stream_started(stream)  # an agent who joined the call first is bridged now
 
 
 async def _end_call(rt: Runtime, stream: MediaStream, reason: str) -> None:
     if not stream.call_id:
         return
+    if rt.agents is not None:
+        await rt.agents.stream_ended(stream)  # first: the bridge must stop sending on a closing socket
     pipeline = stream.pipeline
     stats: dict[str, int] = {}
     if pipeline is not None:

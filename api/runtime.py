@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from pipelines.redaction import Redactor
 
 from api.hub import EventHub
 from api.settings import Settings
 from engine.metrics import LagHistogram
 from engine.segmenter import SegmenterConfig
+from pipelines.redaction import Redactor
 from pipelines.stt.base import SttProvider
 from pipelines.translation import TranslationStage
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from api.persistence import BusForwarder, Persistence
     from api.relay import BusRelay
     from api.speech import Speech
+    from api.webrtc import AgentSessions
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class Runtime:
     persistence: Persistence | None = None  # None when settings.persist is off
     bus: BusForwarder | None = None
     relay: BusRelay | None = None  # other nodes' calls for SSE clients here
+    agents: AgentSessions | None = None  # WebRTC sessions of agent browsers (api.webrtc.add_routes)
 
 
 

@@ -1,0 +1,354 @@
+"""WebRTC sessions of agent browsers: signalling over HTTP, aiortc termination, the media bridge.
+
+Contract (the agent console is written against it):
+
+* ``POST /api/webrtc/offer`` with ``Authorization: Bearer <agent_token>`` (checked when
+  ``settings.agent_token`` is set) and ``{"call_id", "agent_id", "sdp", "type": "offer", "language"?}``
+  -> 200 ``{"session_id", "type": "answer", "sdp"}`` once ICE gathering is complete (no trickle).
+  Errors are ``{"error": message}``: 400 bad request or SDP (``api.webrtc_signal``, or aiortc's own
+  refusal), 401 bad token, 409 the agent already has a live session, 503 ``webrtc_max_sessions`` live.
+* ``DELETE /api/webrtc/sessions/{session_id}`` (same auth) -> 204; 404 when no such live session.
+
+A session joins its call id whether or not the call's Telnyx stream is live.  The agent's microphone
+goes to an agent ``CallPipeline`` (track ``agent``; its transcripts reach the call's SSE channel through
+a ``CallEvents`` like the stream's own, with the session id as stream id).  While the call's stream is
+live the session's ``pipelines.bridge.AgentBridge`` is attached to it (one bridge per stream: the first
+session of the call to find it free).  Events on the call's channel: ``agent.joined`` and ``agent.left``
+(with ``reason`` and the session's stats).
+
+A session ends, exactly once (``AgentSession.close``), on: DELETE; the peer connection going
+``failed`` (ICE or DTLS) or ``closed`` (the browser hung up); ICE not connecting within
+``connect_timeout_s``; server shutdown.  Ending detaches the bridge, stops the tracks, closes the
+peer connection and the agent's pipeline, then publishes ``agent.left``.  Nothing of the session is
+left running afterwards (tests/api/test_webrtc.py counts tasks).
+
+ICE: ``settings.webrtc_ice_servers`` only (none by default, so nothing asks the internet), and host
+candidates limited to ``settings.webrtc_host_addresses`` (``restrict_host_candidates``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import logging
+import uuid
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
+
+import aioice.ice
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+from api.runtime import RUNTIME, Runtime
+from api.speech import CallEvents
+from api.webrtc_signal import OfferRequest, SignalError, parse_offer_request
+from engine.frames import Track
+from pipelines.bridge import AgentBridge, BridgeStats
+from pipelines.call import CallPipeline
+
+if TYPE_CHECKING:
+    from api.media_stream import MediaStream
+
+log = logging.getLogger("switchboard.webrtc")
+
+
+
+def restrict_host_candidates(addresses: Sequence[str]) -> None:
+    """Offer host candidates on ``addresses`` only, for every aiortc peer connection in this process.
+
+    aioice has no option for this: ``Connection.gather_candidates`` binds one socket per address that
+    the module-level ``aioice.ice.get_host_addresses`` returns (every interface but loopback).  We
+    replace that one function; the rest of gathering (binding, STUN/TURN when configured) is aioice's
+    own.  Process-wide by nature, and idempotent; an empty list keeps aioice's discovery.
+    """
+    allowed = tuple(str(ipaddress.ip_address(a)) for a in addresses)  # ValueError on a bad address
+    if not allowed:
+        return
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in allowed if (use_ipv6 if ":" in a else use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
+
+
+class AgentSession:
+    """One agent's WebRTC session on one call."""
+
+    def __init__(self, registry: AgentSessions, req: OfferRequest) -> None:
+        rt = registry.rt
+        assert rt.speech is not None
+        self.registry = registry
+        self.id = uuid.uuid4().hex
+        self.agent_id, self.call_id, self.language = req.agent_id, req.call_id, req.language
+        provider = rt.speech.for_language(req.language)
+        self.rate = provider.sample_rate if provider.sample_rate in (8000, 16000) else 16000
+        target = rt.speech.policy.translate_to.get(req.language)
+        stream = rt.calls.get(req.call_id)
+        self.events = CallEvents(
+            call_id=req.call_id, stream_id=self.id, language=req.language,
+            target=target if target in rt.settings.languages and target != req.language else None,
+            hub=rt.hub, redactor=rt.redactor, sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name,
+            stage=rt.translation, persistence=rt.persistence, record=stream.record if stream else None)
+        self.pipeline = CallPipeline(call_id=req.call_id, stream_id=self.id, provider=provider,
+                                     publish=self.events.publish, segmenter=rt.segmenter, phrases=rt.phrases,
+                                     language=req.language)
+        self.bridge = AgentBridge(stt_rate=self.rate, on_agent_audio=self._feed, jitter_ms=rt.settings.webrtc_jitter_ms,
+                                  vad_aggressiveness=rt.settings.vad_aggressiveness,
+                                  hangover_ms=rt.settings.vad_hangover_ms)
+        servers = [RTCIceServer(u) for u in rt.settings.webrtc_ice_servers]
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+        self.stream: MediaStream | None = None
+        self.closing = False
+        self._closed = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    async def negotiate(self, sdp: str) -> str:
+        """Apply the offer, add the agent's listening track, gather every candidate; the answer SDP.
+
+        Raises what aiortc raises for an offer it refuses; the caller closes the session then.
+        """
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        if not any(t.kind == "audio" for t in self.pc.getTransceivers()):
+            raise ValueError("offer has no audio transceiver")
+        self.pc.addTrack(self.bridge.player)  # reuses the offer's audio transceiver: sendrecv
+        await self.pc.setLocalDescription(await self.pc.createAnswer())  # aiortc gathers fully here
+        timeout = self.registry.connect_timeout_s
+        self._deadline = asyncio.get_running_loop().call_later(timeout, self._on_deadline, timeout)
+        return self.pc.localDescription.sdp
+
+    # -- media ---------------------------------------------------------------------------------
+
+    def _feed(self, pcm: bytes, timestamp_ms: int) -> None:
+        self.pipeline.feed(Track.AGENT, pcm, self.rate, timestamp_ms)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self._pump is None and not self.closing:
+            self._pump = asyncio.get_running_loop().create_task(self._run_pump(track), name=f"agent-mic-{self.id}")
+
+    async def _run_pump(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                self.bridge.agent_in(await track.recv())  # type: ignore[arg-type]
+        except MediaStreamError:
+            pass  # the track ended; the connection state says why, and closes the session
+
+    def attach(self, stream: MediaStream) -> None:
+        self.stream = stream
+        stream.bridge = self.bridge
+        self.bridge.attach(stream)
+        log.info("webrtc.bridged", extra={"session_id": self.id, "call_id": self.call_id, "rate": stream.rate})
+
+    async def detach(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None and stream.bridge is self.bridge:
+            stream.bridge = None
+        await self.bridge.detach()
+
+    # -- ending --------------------------------------------------------------------------------
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected" and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        elif state in ("failed", "closed") and not self.closing:
+            if state == "closed":
+                reason = "peer closed the connection"
+            elif self.pc.iceConnectionState == "failed":
+                reason = "ICE failed: no candidate pair reached the peer"
+            else:
+                reason = "DTLS failed"
+            self.registry.spawn(self.close(reason))
+
+    def _on_deadline(self, timeout: float) -> None:
+        self._deadline = None
+        if not self.closing and self.pc.connectionState != "connected":
+            self.registry.spawn(self.close(f"ICE did not connect within {timeout:g} s"))
+
+    async def close(self, reason: str, *, announce: bool = True) -> None:
+        """End the session (see the module docstring); later calls wait for the first to finish."""
+        if self.closing:
+            await self._closed.wait()
+            return
+        self.closing = True
+        try:
+            self.registry.forget(self)
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            await self.detach()
+            await self.bridge.aclose()
+            if self._pump is not None:
+                self._pump.cancel()
+                await asyncio.gather(self._pump, return_exceptions=True)
+            await self.pc.close()
+            await self.pipeline.aclose()
+            await self.events.drain(self.registry.rt.settings.translation_deadline_s + 1.0)
+            stats = {**dataclasses.asdict(self.bridge.stats),
+                     **{k: getattr(self.pipeline.stats, k) for k in self.pipeline.stats.__slots__}}  # type: ignore[attr-defined]
+            self.registry.fold(self.bridge.stats)
+            if announce:
+                rt = self.registry.rt
+                rt.hub.publish(self.call_id, "agent.left", {
+                    "call_id": self.call_id, "agent_id": self.agent_id, "session_id": self.id, "reason": reason,
+                    "stats": stats})
+                if self.call_id not in rt.calls and not self.registry.on_call(self.call_id):
+                    rt.hub.end(self.call_id)  # an agent-only channel: evictable like an ended call's
+            log.info("webrtc.closed", extra={"session_id": self.id, "agent_id": self.agent_id,
+                                             "call_id": self.call_id, "reason": reason, **stats})
+        finally:
+            self._closed.set()
+
+
+class AgentSessions:
+    """Live sessions by id and agent, the bridges' counters, and the tasks that end sessions."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.by_id: dict[str, AgentSession] = {}
+        self.by_agent: dict[str, AgentSession] = {}
+        self.total = 0
+        self.totals = BridgeStats()  # of ended sessions; live ones are added in stats()
+        self.connect_timeout_s = rt.settings.webrtc_connect_timeout_s
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, session: AgentSession) -> None:
+        self.by_id[session.id] = session
+        self.by_agent[session.agent_id] = session
+        self.total += 1
+
+    def forget(self, session: AgentSession) -> None:
+        if self.by_id.get(session.id) is session:
+            del self.by_id[session.id]
+        if self.by_agent.get(session.agent_id) is session:
+            del self.by_agent[session.agent_id]
+
+    def on_call(self, call_id: str) -> list[AgentSession]:
+        return [s for s in self.by_id.values() if s.call_id == call_id]
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name="webrtc-close")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def fold(self, stats: BridgeStats) -> None:
+        for f in dataclasses.fields(BridgeStats):
+            setattr(self.totals, f.name, getattr(self.totals, f.name) + getattr(stats, f.name))
+
+    def stream_started(self, stream: MediaStream) -> None:
+        """A Telnyx stream for ``stream.call_id`` started: bridge the first waiting session of the call."""
+        if stream.bridge is not None:
+            return
+        for session in self.on_call(stream.call_id):
+            if session.stream is None and not session.closing:
+                session.attach(stream)
+                return
+
+    async def stream_ended(self, stream: MediaStream) -> None:
+        for session in self.on_call(stream.call_id):
+            if session.stream is stream:
+                await session.detach()
+        stream.bridge = None
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self.by_id.values())))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def stats(self) -> dict[str, int]:
+        live = BridgeStats(**dataclasses.asdict(self.totals))
+        for s in self.by_id.values():
+            for f in dataclasses.fields(BridgeStats):
+                setattr(live, f.name, getattr(live, f.name) + getattr(s.bridge.stats, f.name))
+        return {"sessions_live": len(self.by_id), "sessions_total": self.total, **dataclasses.asdict(live)}
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the signalling routes and the session registry on ``app``'s runtime."""
+    rt = app[RUNTIME]
+    rt.agents = AgentSessions(rt)
+    logging.getLogger("aioice").setLevel(logging.WARNING)  # it logs every candidate-pair check at INFO
+    restrict_host_candidates(rt.settings.webrtc_host_addresses)
+    app.router.add_post("/api/webrtc/offer", offer)
+    app.router.add_delete("/api/webrtc/sessions/{session_id}", end_session)
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def _authorized(request: web.Request) -> bool:
+    token = request.app[RUNTIME].settings.agent_token
+    if token is None:
+        return True
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                              token.get_secret_value().encode())
+
+
+async def offer(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    registry = rt.agents
+    assert registry is not None
+    if not _authorized(request):
+        return _error(401, "missing or invalid agent token")
+    try:
+        req = parse_offer_request(await request.read(), rt.settings.languages)
+        SessionDescription.parse(req.sdp)  # aiortc's own parser, before anything is allocated
+    except SignalError as exc:
+        return _error(400, exc.message)
+    except Exception as exc:  # aiortc's parser raises whatever the bad line provokes, often a bare assert
+        return _error(400, f"sdp could not be parsed: {str(exc) or 'a line does not follow the SDP grammar'}")
+    if req.agent_id in registry.by_agent:
+        live = registry.by_agent[req.agent_id]
+        return _error(409, f"agent {req.agent_id!r} already has a live session {live.id} on call {live.call_id!r}")
+    if len(registry) >= rt.settings.webrtc_max_sessions:
+        return _error(503, f"too many WebRTC sessions: {rt.settings.webrtc_max_sessions} live", **{"Retry-After": "1"})
+    session = AgentSession(registry, req)
+    registry.add(session)  # before any await: a concurrent offer of the same agent gets its 409
+    try:
+        answer = await session.negotiate(req.sdp)
+    except BaseException as exc:
+        await asyncio.shield(session.close("negotiation failed", announce=False))
+        if isinstance(exc, Exception):
+            log.info("webrtc.offer_refused", extra={"agent_id": req.agent_id, "error": str(exc)})
+            return _error(400, f"sdp refused: {type(exc).__name__}: {exc}")
+        raise
+    if req.call_id not in rt.calls:
+        rt.hub.start(req.call_id)  # the agent may come first; the channel is live from now
+    stream = rt.calls.get(req.call_id)
+    if stream is not None and stream.bridge is None:
+        session.attach(stream)
+    rt.hub.publish(req.call_id, "agent.joined", {
+        "call_id": req.call_id, "agent_id": req.agent_id, "session_id": session.id, "language": req.language,
+        "bridged": session.stream is not None})
+    log.info("webrtc.session", extra={"session_id": session.id, "agent_id": req.agent_id, "call_id": req.call_id,
+                                      "bridged": session.stream is not None})
+    return web.json_response({"session_id": session.id, "type": "answer", "sdp": answer})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if not _authorized(request):
+        return _error(401, "missing or invalid agent token")
+    session_id = request.match_info["session_id"]
+    assert rt.agents is not None
+    session = rt.agents.by_id.get(session_id)
+    if session is None:
+        return _error(404, f"no live session {session_id[:64]!r}")
+    await session.close("ended by the agent (DELETE)")
+    return web.Response(status=204)
