@@ -19,12 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipelines.translate.base import Translation
 from redis.exceptions import RedisError
 
 from api.hub import HubEvent
 from api.tiers import Tiers
 from pipelines.recording import CallRecorder, RecordingFile, Spooler
+from pipelines.translate.base import Translation
 from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal, TranslationStored
 from storage.warm import EventBus
 

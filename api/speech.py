@@ -22,14 +22,13 @@ import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pipelines.redaction import Redactor
-from pipelines.translate.base import Translation, Translator
-
 from api.hub import EventHub
 from api.settings import Settings
 from pipelines.redact_transcript import redact_payload
+from pipelines.redaction import Redactor
 from pipelines.stt.base import SttProvider
 from pipelines.stt.failover import FailoverProvider
+from pipelines.translate.base import Translation, Translator
 from pipelines.translation import TranslationJob, TranslationStage
 
 if TYPE_CHECKING:
