@@ -313,9 +313,13 @@ async def offer(request: web.Request) -> web.Response:
         return _error(400, exc.message)
     except Exception as exc:  # aiortc's parser raises whatever the bad line provokes, often a bare assert
         return _error(400, f"sdp could not be parsed: {str(exc) or 'a line does not follow the SDP grammar'}")
-    if req.agent_id in registry.by_agent:
-        live = registry.by_agent[req.agent_id]
-        return _error(409, f"agent {req.agent_id!r} already has a live session {live.id} on call {live.call_id!r}")
+    live = registry.by_agent.get(req.agent_id)
+    if live is not None and not req.replace:
+        return _error(409, f"agent {req.agent_id!r} already has a live session {live.id} on call {live.call_id!r}"
+                           " (send \"replace\": true to take it over)")
+    if live is not None:
+        # The agent's browser crashed or reloaded: without this it would wait out ICE consent (~30 s).
+        await live.close("replaced by a new session of the same agent")
     if len(registry) >= rt.settings.webrtc_max_sessions:
         return _error(503, f"too many WebRTC sessions: {rt.settings.webrtc_max_sessions} live", **{"Retry-After": "1"})
     session = AgentSession(registry, req)

@@ -6,7 +6,8 @@
 * the body is a JSON object;
 * ``call_id`` (str, ``^[A-Za-z0-9:_\\-.]{1,256}$``, the SSE endpoint's rule), ``agent_id`` (str,
   1-128 printable characters), ``sdp`` (str), ``type`` (must be ``"offer"``), ``language``
-  (optional str, one of the node's languages, default the first);
+  (optional str, one of the node's languages, default the first), ``replace`` (optional bool: take
+  over the agent's live session, e.g. after the agent's browser crashed or reloaded);
 * the SDP (``check_sdp``): at most ``MAX_SDP_BYTES`` of UTF-8, starts with ``v=0``, has an audio
   m-line, and that audio section offers Opus at 48 kHz (``a=rtpmap:<pt> opus/48000/2``) with a
   payload type listed on the m-line.
@@ -44,6 +45,7 @@ class OfferRequest:
     agent_id: str
     sdp: str
     language: str
+    replace: bool = False
 
 
 def parse_offer_request(body: bytes, languages: Sequence[str]) -> OfferRequest:
@@ -66,9 +68,12 @@ def parse_offer_request(body: bytes, languages: Sequence[str]) -> OfferRequest:
     language = data.get("language", languages[0])
     if not isinstance(language, str) or language not in languages:
         raise SignalError(f"language must be one of {list(languages)}, got {str(language)[:20]!r}")
+    replace = data.get("replace", False)
+    if not isinstance(replace, bool):
+        raise SignalError("replace must be true or false")
     sdp = _string(data, "sdp")
     check_sdp(sdp)
-    return OfferRequest(call_id=call_id, agent_id=agent_id, sdp=sdp, language=language)
+    return OfferRequest(call_id=call_id, agent_id=agent_id, sdp=sdp, language=language, replace=replace)
 
 
 def check_sdp(sdp: str) -> None:

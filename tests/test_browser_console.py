@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -105,32 +103,13 @@ async def new_page(ctx: BrowserContext) -> tuple[Page, PageProblems]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The real server with WebRTC signalling and the console; skipped while either is not wired in."""
-    try:
-        import api.webrtc as webrtc
-    except ImportError as exc:
-        pytest.skip(f"api.webrtc cannot be imported yet ({exc}): no /api/webrtc/offer to test against")
-    if not hasattr(webrtc, "add_routes"):
-        pytest.skip("api.webrtc defines no add_routes yet")
+    """The real server with WebRTC signalling and the console."""
     tmp = tmp_path_factory.mktemp("console-e2e")
     phrases = tmp / "phrases.txt"
     phrases.write_text("\n".join([SENTENCE, *OTHER_PHRASES]) + "\n")
     with running_server(tmp, SWITCHBOARD_STT_PROVIDER="pocketsphinx", SWITCHBOARD_STT_PHRASES_FILE=str(phrases),
                         SWITCHBOARD_AGENT_TOKEN=TOKEN, SWITCHBOARD_SSE_HEARTBEAT_S="1") as srv:
-        for path, what in (("/console", "api.console"), ("/console/static/console.js", "api.console")):
-            if _status(f"{srv.http}{path}") == 404:
-                pytest.skip(f"api/app.py does not register {what}.add_routes yet (GET {path} is 404)")
-        if _status(f"{srv.http}/api/webrtc/offer", method="POST") == 404:
-            pytest.skip("api/app.py does not register api.webrtc.add_routes yet (POST /api/webrtc/offer is 404)")
         yield srv
-
-
-def _status(url: str, method: str = "GET") -> int:
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
 
 
 class SseRecorder:
@@ -375,3 +354,26 @@ async def test_wrong_token_shows_the_servers_401_message(server: Server, browser
     assert await page.evaluate("window.switchboard.sessionId") is None
     # The only error is the browser's own note of the refused request; nothing threw.
     assert [e for e in problems.errors if "status of 401" not in e] == []
+
+
+async def test_a_second_console_of_the_same_agent_is_refused_then_takes_the_session_over(
+    server: Server, browser: BrowserContext
+) -> None:
+    """As after a browser crash: the old session is still live; the new page offers to take it over."""
+    url = f"{server.http}/console?call_id=v3:console-takeover&agent_id=agent-9&token={TOKEN}&autostart=1"
+    first = await browser.new_page()
+    await first.goto(url)
+    await first.wait_for_selector('#status[data-state="connected"]')
+    second = await browser.new_page()
+    await second.goto(url)
+    await second.wait_for_selector('#status[data-state="failed"]')
+    assert "already has a live session" in await second.inner_text("#status")
+    assert await second.is_visible("#takeover")
+    await second.click("#takeover")
+    await second.wait_for_selector('#status[data-state="connected"]')
+    assert not await second.is_visible("#takeover")
+    # The first page learns from its own event stream that the server ended its session, and says so.
+    await first.wait_for_selector('#status[data-state="failed"]', timeout=5_000)
+    assert "replaced by a new session of the same agent" in await first.inner_text("#status")
+    await second.click("#stop")
+    await second.wait_for_selector('#status[data-state="stopped"]')

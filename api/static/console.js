@@ -49,6 +49,7 @@
   const fields = { callId: $("call-id"), agentId: $("agent-id"), token: $("token"), language: $("language") };
   const startButton = $("start");
   const stopButton = $("stop");
+  const takeoverButton = $("takeover");
   const statusLine = $("status");
   const audio = $("caller-audio");
   const list = $("transcript");
@@ -206,8 +207,17 @@
     "stt.failover": (p) => notice(
       `Speech recognition for ${speakerOf(p.track)} switched from ${p.from} to ${p.to}.`, "stt.failover"),
     "agent.joined": (p) => notice(`Agent ${p.agent_id || ""} joined.`.replace("  ", " "), "agent.joined"),
-    "agent.left": (p) => notice(
-      `Agent ${p.agent_id || ""} left${p.reason ? ` (${p.reason})` : ""}.`.replace("  ", " "), "agent.left"),
+    "agent.left": (p) => {
+      notice(`Agent ${p.agent_id || ""} left${p.reason ? ` (${p.reason})` : ""}.`.replace("  ", " "), "agent.left");
+      // Our own session, ended by the server (replaced by another console, ICE failure): say so now
+      // rather than wait for the browser's ICE consent timeout.  After Stop, `session` is already null.
+      if (session && session.sessionId && p.session_id === session.sessionId) {
+        release({ tellServer: false });
+        closeEvents();
+        hook.sessionId = null;
+        move("failed", `the server ended this session (${p.reason || "no reason given"})`);
+      }
+    },
     "call.ended": (p) => {
       notice(p.reason ? `Call ended (${p.reason}).` : "Call ended.", "call.ended");
       closeEvents(); // the server ends the stream after call.ended; do not reconnect
@@ -296,8 +306,10 @@
     return { callId, agentId, token: fields.token.value, language: fields.language.value };
   }
 
-  async function start() {
+  // opts.replace: end this agent's other live session (a crashed or reloaded browser) and take its place.
+  async function start(opts = {}) {
     if (session) return;
+    takeoverButton.hidden = true;
     const input = readForm();
     if (input.problem) {
       move("starting");
@@ -340,10 +352,13 @@
         headers: headers(input.token),
         body: JSON.stringify({
           call_id: input.callId, agent_id: input.agentId, sdp: pc.localDescription.sdp, type: "offer",
-          language: input.language,
+          language: input.language, replace: Boolean(opts.replace),
         }),
       });
-      if (!resp.ok) throw new Error(await serverError(resp));
+      if (!resp.ok) {
+        if (resp.status === 409) takeoverButton.hidden = false; // the agent's other session is still live
+        throw new Error(await serverError(resp));
+      }
       const answer = await resp.json();
       if (!current()) {
         deleteSession(answer.session_id, input.token);
@@ -448,6 +463,7 @@
     start();
   });
   stopButton.addEventListener("click", stop);
+  takeoverButton.addEventListener("click", () => start({ replace: true }));
   window.addEventListener("pagehide", () => {
     release();
     closeEvents();

@@ -520,3 +520,30 @@ async def test_ice_to_a_closed_port_times_out_with_the_reason_and_cleans_up(aioh
         await events.aclose()
         assert left["reason"] == "ICE did not connect within 1 s"
         assert await _settled(baseline) == baseline, [t.get_name() for t in asyncio.all_tasks()]
+
+
+async def test_an_agent_whose_browser_died_takes_its_session_over_with_replace(
+    server: Server, http: aiohttp.ClientSession
+) -> None:
+    """A crashed or reloaded browser leaves a session ICE would keep for ~30 s; "replace" ends it now."""
+    call_id = "v3:takeover"
+    events = Events(http, server.http, call_id)
+    crashed, fresh = Agent(), Agent()
+    assert (await crashed.join(http, server, call_id, "agent-take"))[0] == 200
+    await crashed.connected()
+    status, reply = await fresh.join(http, server, call_id, "agent-take")
+    assert status == 409 and '"replace": true' in reply["error"]
+    fresh2 = Agent()
+    assert (await fresh2.join(http, server, call_id, "agent-take", replace=True))[0] == 200
+    await fresh2.connected()
+    left = await events.wait("agent.left")
+    assert left["reason"] == "replaced by a new session of the same agent" and left["session_id"] == crashed.session_id
+    assert sessions_live(server) == 1
+    status, reply = await post_offer(http, server, {"call_id": call_id, "agent_id": "x", "type": "offer",
+                                                    "sdp": await fresh.offer(), "replace": "yes"})
+    assert (status, reply["error"]) == (400, "replace must be true or false")
+    assert await delete_session(http, server.http, fresh2.session_id) == 204
+    await events.aclose()
+    for a in (crashed, fresh, fresh2):
+        await a.close()
+    await wait_for(lambda: sessions_live(server) == 0, 5, "sessions_live to return to 0")
