@@ -141,6 +141,8 @@ class AgentSession:
 
     def attach(self, stream: MediaStream) -> None:
         self.stream = stream
+        if self.events.record is None:  # the call's stream came after the agent: store from now on
+            self.events.record = stream.record
         stream.bridge = self.bridge
         self.bridge.attach(stream)
         log.info("webrtc.bridged", extra={"session_id": self.id, "call_id": self.call_id, "rate": stream.rate})
