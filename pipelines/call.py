@@ -9,7 +9,9 @@
 few microseconds per frame, and the only buffer on this path is the session's own, declared bound
 (``SttSession.max_buffer_ms``).  When a session refuses a frame (its recogniser fell behind), the
 frame is counted in ``stats.stt_dropped`` and the utterance goes on: the rule is "never block the
-stream, never hide a loss".  Sessions are opened lazily per track on a task kept in ``_tasks``;
+stream, never hide a loss".  The first refusal of a run publishes ``stt.lagging``; the first frame
+accepted again publishes ``stt.recovered`` with how many frames were shed meanwhile.
+Sessions are opened lazily per track on a task kept in ``_tasks``;
 frames that arrive while a session is opening wait in a bounded backlog (``open_backlog_ms``).
 """
 
@@ -58,6 +60,7 @@ class _Track:
         self.resampler = Resampler(rate, provider_rate)
         self.session: SttSession | None = None
         self.failed = False
+        self.behind = 0  # frames refused in a row by a recogniser that fell behind (0 = keeping up)
         # Frames (or finalize markers, None) waiting while the session opens.
         self.backlog: deque[AudioFrame | None] = deque(maxlen=backlog)
 
@@ -200,8 +203,18 @@ class CallPipeline:
             out = AudioFrame(t.resampler.process(frame.pcm), session.sample_rate, frame.timestamp_ms, frame.track)
         try:
             session.push(out)
-        except Overflow:
+        except Overflow as exc:
             self.stats.stt_dropped += 1
+            if not t.behind and not t.failed:
+                self._publish("stt.lagging", {"call_id": self.call_id, "stream_id": self.stream_id,
+                                              "track": t.track.value, "provider": self._provider.name,
+                                              "reason": str(exc)[:200]}, False, "")
+            t.behind += 1
+            return
+        if t.behind:
+            self._publish("stt.recovered", {"call_id": self.call_id, "stream_id": self.stream_id,
+                                            "track": t.track.value, "dropped_frames": t.behind}, False, "")
+            t.behind = 0
 
     def _wait_in_backlog(self, t: _Track, item: AudioFrame | None) -> None:
         if len(t.backlog) == t.backlog.maxlen:

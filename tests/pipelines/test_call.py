@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from engine.frames import Track
+from engine.errors import Overflow
+from engine.frames import AudioFrame, Track
 from pipelines.call import CallPipeline
+from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession
 from pipelines.stt.scripted import ScriptedProvider
 from tests.speech import utterances_with_pauses
 
@@ -45,3 +47,53 @@ async def test_frames_beyond_the_open_backlog_are_dropped_and_counted() -> None:
     # Everything waiting (speech frames and 2 utterance-end markers) beyond 1 s (50 items) is counted.
     assert pipe.stats.stt_dropped == pipe.stats.speech_frames + 2 - 50
     await pipe.aclose()
+
+
+class _BehindSession(SttSession):
+    """A recogniser whose send buffer is full for ``refuse`` frames once it has taken ``after``."""
+
+    sample_rate = 8000
+    max_buffer_ms = 200
+
+    def __init__(self, after: int, refuse: int) -> None:
+        self.taken = 0
+        self.refused = 0
+        self._after, self._refuse = after, refuse
+
+    def push(self, frame: AudioFrame) -> None:
+        if self.taken >= self._after and self.refused < self._refuse:
+            self.refused += 1
+            raise Overflow("send buffer full (200 ms)")
+        self.taken += 1
+
+    def finalize(self) -> None:
+        pass
+
+    async def aclose(self, drain_timeout: float = 5.0) -> None:
+        pass
+
+
+class _BehindProvider(SttProvider):
+    name = "behind"
+    sample_rate = 8000
+
+    async def open_session(self, options: SessionOptions, emit: Emit) -> SttSession:
+        return _BehindSession(after=10, refuse=30)
+
+
+async def test_a_recogniser_that_falls_behind_is_reported_once_then_recovery_with_the_count() -> None:
+    published: list[tuple[str, dict[str, Any], bool, str]] = []
+    pipe = CallPipeline(call_id="c", stream_id="s", provider=_BehindProvider(), publish=lambda *a: published.append(a))
+    pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
+    pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
+    for i in range(0, len(pcm), 320):
+        pipe.feed(Track.INBOUND, pcm[i : i + 320], 8000, i // 16)
+        await asyncio.sleep(0)
+    await pipe.aclose()
+    names = [e for e, *_ in published]
+    assert names.count("stt.lagging") == 1 and names.count("stt.recovered") == 1
+    assert names.index("stt.lagging") < names.index("stt.recovered")
+    lagging = next(p for e, p, *_ in published if e == "stt.lagging")
+    recovered = next(p for e, p, *_ in published if e == "stt.recovered")
+    assert (lagging["provider"], lagging["track"]) == ("behind", "inbound") and "buffer full" in lagging["reason"]
+    assert recovered["dropped_frames"] == 30 == pipe.stats.stt_dropped
