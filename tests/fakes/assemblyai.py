@@ -22,84 +22,31 @@ then fills, so the client's writes block).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
-import socket
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-
-@dataclass
-class Connection:
-    query: dict[str, str]
-    headers: dict[str, str]
-    audio: bytearray = field(default_factory=bytearray)
-    messages: list[Any] = field(default_factory=list)  # dict for text (parsed JSON), int (length) for binary
-
-    def sent(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.messages if isinstance(m, dict) and m.get("type") == kind]
-
-    @property
-    def chunks(self) -> list[int]:
-        return [m for m in self.messages if isinstance(m, int)]
+from tests.fakes.ws_server import Connection, ScriptedWsFake
 
 
-class FakeAssemblyAI:
+class FakeAssemblyAI(ScriptedWsFake):
+    path = "/v3/ws"
+
     def __init__(self, script: list[str], *, api_key: str = "test-key", word_ms: int = 400) -> None:
-        self.script = script
-        self.api_key = api_key
-        self.word_ms = word_ms
-        self.connections: list[Connection] = []
-        self.attempts = 0
-        self.refuse_next = 0
+        super().__init__(script, api_key=api_key, word_ms=word_ms)
         self.turns = 0  # turns ended so far, over all connections: indexes the script
-        self._fault: tuple[str, int, int | None] | None = None
-        self._unstall = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    # -- faults --------------------------------------------------------------------------------------
-
-    def drop_after(self, nbytes: int, code: int | None = None) -> None:
-        """After ``nbytes`` more audio bytes on a connection, close it with ``code`` (None: abort TCP)."""
-        self._fault = ("drop", nbytes, code)
 
     def error_after(self, nbytes: int, code: int) -> None:
         self._fault = ("error", nbytes, code)
 
-    def stall_after(self, nbytes: int) -> None:
-        self._fault = ("stall", nbytes, None)
-
-    # -- lifecycle -----------------------------------------------------------------------------------
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_get("/v3/ws", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # so a stall blocks the client soon
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self._runner, sock).start()
-        self.url = f"ws://127.0.0.1:{sock.getsockname()[1]}/v3/ws"
-        return self.url
-
-    async def stop(self) -> None:
-        self._unstall.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
     # -- the protocol --------------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.attempts += 1
-        if self.refuse_next > 0:
-            self.refuse_next -= 1
-            return web.Response(status=503, text="refused by test")
+        if (refusal := self._refused()) is not None:
+            return refusal
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         conn = Connection(dict(request.query), dict(request.headers))
@@ -146,7 +93,7 @@ class FakeAssemblyAI:
         return ws
 
     def _words(self) -> list[str]:
-        return self.script[self.turns].split() if self.turns < len(self.script) else []
+        return self._script_words(self.turns)
 
     def _turn(self, order: int, words: list[str], start_ms: float, end: bool, formatted: bool) -> dict[str, Any]:
         text = " ".join(words)
@@ -160,23 +107,12 @@ class FakeAssemblyAI:
                       for i, w in enumerate(words)],
         }
 
-    async def _faulted(self, ws: web.WebSocketResponse, request: web.Request, conn: Connection) -> bool:
-        if self._fault is None or len(conn.audio) < self._fault[1]:
-            return False
-        kind, _, code = self._fault
-        self._fault = None
-        if kind == "stall":
-            await self._unstall.wait()
-            return True
+    async def _inject(self, kind: str, ws: web.WebSocketResponse, request: web.Request, code: int | None) -> None:
         if kind == "error":
             assert code is not None
             await self._error(ws, code, "injected by test")
-        elif code is None:
-            assert request.transport is not None
-            request.transport.abort()
         else:
-            await ws.close(code=code, message=b"injected by test")
-        return True
+            await super()._inject(kind, ws, request, code)
 
     async def _error(self, ws: web.WebSocketResponse, code: int, text: str) -> None:
         with contextlib.suppress(ConnectionError):

@@ -20,75 +20,28 @@ audio bytes: close with a code, or abort TCP) and ``stall_after`` (stop reading)
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-
-@dataclass
-class Connection:
-    query: dict[str, str]
-    headers: dict[str, str]
-    query_list: list[tuple[str, str]]
-    audio: bytearray = field(default_factory=bytearray)
-    messages: list[Any] = field(default_factory=list)  # dict for text (parsed JSON), int (length) for binary
-    close_code: int | None = None  # the code the fake closed with, else the client's
-
-    def sent(self, kind: str) -> list[dict[str, Any]]:
-        return [m for m in self.messages if isinstance(m, dict) and m.get("type") == kind]
+from tests.fakes.ws_server import Connection, ScriptedWsFake
 
 
-class FakeDeepgram:
+class FakeDeepgram(ScriptedWsFake):
+    path = "/v1/listen"
+
     def __init__(self, script: list[str], *, api_key: str = "test-key", word_ms: int = 400,
                  segment_words: int = 2, idle_timeout: float = 10.0) -> None:
-        self.script = script
-        self.api_key = api_key
-        self.word_ms = word_ms
+        super().__init__(script, api_key=api_key, word_ms=word_ms)
         self.segment_words = segment_words
         self.idle_timeout = idle_timeout
-        self.connections: list[Connection] = []
-        self.attempts = 0
-        self.refuse_next = 0
         self.utterances = 0  # utterances finalized so far, over all connections: indexes the script
-        self._fault: tuple[str, int, int | None] | None = None
-        self._unstall = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    def drop_after(self, nbytes: int, code: int | None = None) -> None:
-        """After ``nbytes`` audio bytes on a connection, close it with ``code`` (None: abort TCP)."""
-        self._fault = ("drop", nbytes, code)
-
-    def stall_after(self, nbytes: int) -> None:
-        self._fault = ("stall", nbytes, None)
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_get("/v1/listen", self._handle)
-        self._runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self._runner.setup()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # so a stall blocks the client soon
-        sock.bind(("127.0.0.1", 0))
-        await web.SockSite(self._runner, sock).start()
-        self.url = f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/listen"
-        return self.url
-
-    async def stop(self) -> None:
-        self._unstall.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.attempts += 1
-        if self.refuse_next > 0:
-            self.refuse_next -= 1
-            return web.Response(status=503, text="refused by test")
+        if (refusal := self._refused()) is not None:
+            return refusal
         if request.headers.get("Authorization") != f"Token {self.api_key}":
             return web.Response(status=401, text='{"err_code":"INVALID_AUTH","err_msg":"Invalid credentials."}')
         q = request.query
@@ -141,7 +94,7 @@ class FakeDeepgram:
         return ws
 
     def _words(self) -> list[str]:
-        return self.script[self.utterances].split() if self.utterances < len(self.script) else []
+        return self._script_words(self.utterances)
 
     def _results(self, words: list[str], first: int, last: int, utt_start: int, end_ms: float, is_final: bool,
                  from_finalize: bool) -> dict[str, Any]:
@@ -157,16 +110,3 @@ class FakeDeepgram:
                                           "words": timed}]},
         }
 
-    async def _faulted(self, ws: web.WebSocketResponse, request: web.Request, conn: Connection) -> bool:
-        if self._fault is None or len(conn.audio) < self._fault[1]:
-            return False
-        kind, _, code = self._fault
-        self._fault = None
-        if kind == "stall":
-            await self._unstall.wait()
-        elif code is None:
-            assert request.transport is not None
-            request.transport.abort()
-        else:
-            await ws.close(code=code, message=b"injected by test")
-        return True
