@@ -36,9 +36,8 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 
-from engine.codecs import get_codec
-from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession
-from pipelines.stt.cloud import Action, CloudConfig, CloudSession, Refused, Utterance
+from pipelines.stt.base import Emit, SessionOptions, SttSession
+from pipelines.stt.cloud import Action, CloudConfig, CloudProvider, CloudSession, Refused, Utterance
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class AssemblyAISession(CloudSession):
                 self.finish(utt)
 
 
-class AssemblyAIProvider(SttProvider):
+class AssemblyAIProvider(CloudProvider):
     """Opens one AssemblyAI streaming session per call track.
 
     ``session``: an aiohttp client session to share (the provider creates, and in ``aclose`` closes,
@@ -142,21 +141,15 @@ class AssemblyAIProvider(SttProvider):
                  backoff_s: tuple[float, float] = (0.25, 4.0), final_timeout_s: float = 3.0) -> None:
         if encoding not in ("pcm_mulaw", "pcm_s16le"):
             raise ValueError(f"AssemblyAI encoding must be pcm_mulaw or pcm_s16le, not {encoding!r}")
-        if encoding == "pcm_mulaw" and sample_rate != 8000:
-            raise ValueError("pcm_mulaw runs at 8000 Hz")
         self.api_key = api_key
         self.url = url
-        self.sample_rate = sample_rate
         self.encoding = encoding
         self.keyterms = keyterms
         self.format_turns = format_turns
-        self._http = session
-        self._owns_http = session is None
-        mulaw = encoding == "pcm_mulaw"
-        self.config = CloudConfig(sample_rate, 1 if mulaw else 2, b"\xff" if mulaw else b"\x00\x00", chunk_ms,
-                                  max_buffer_ms, keepalive_s, connect_timeout, max_reconnects, backoff_s,
-                                  final_timeout_s)
-        self._encode: Callable[[bytes], bytes] = get_codec("PCMU", 8000).encode if mulaw else bytes
+        super().__init__(sample_rate=sample_rate, mulaw=encoding == "pcm_mulaw", session=session,
+                         chunk_ms=chunk_ms, max_buffer_ms=max_buffer_ms, keepalive_s=keepalive_s,
+                         connect_timeout=connect_timeout, max_reconnects=max_reconnects, backoff_s=backoff_s,
+                         final_timeout_s=final_timeout_s)
 
     def session_url(self, options: SessionOptions) -> str:
         params = {"sample_rate": str(self.sample_rate), "encoding": self.encoding,
@@ -168,14 +161,7 @@ class AssemblyAIProvider(SttProvider):
     async def open_session(self, options: SessionOptions, emit: Emit) -> SttSession:
         """A connected session (``Begin`` received); ``ProviderUnavailable`` if none could be opened
         within ``connect_timeout`` or the key was refused (close 4001)."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
-        session = AssemblyAISession(emit, self._http, self.session_url(options), {"Authorization": self.api_key},
+        session = AssemblyAISession(emit, self._client(), self.session_url(options), {"Authorization": self.api_key},
                                     self.config, self._encode, format_turns=self.format_turns)
         await session.start()
         return session
-
-    async def aclose(self) -> None:
-        if self._owns_http and self._http is not None:
-            await self._http.close()
-            self._http = None

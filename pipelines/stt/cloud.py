@@ -53,9 +53,10 @@ from typing import Any, ClassVar, NamedTuple
 import aiohttp
 import orjson
 
+from engine.codecs import get_codec
 from engine.errors import Overflow, ProviderUnavailable
 from engine.frames import AudioFrame
-from pipelines.stt.base import Emit, SttSession, Transcript, Word
+from pipelines.stt.base import Emit, SttProvider, SttSession, Transcript, Word
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,39 @@ class CloudConfig:
     max_reconnects: int = 5
     backoff_s: tuple[float, float] = (0.25, 4.0)  # first delay, largest delay
     final_timeout_s: float = 3.0
+
+
+class CloudProvider(SttProvider):
+    """What the cloud providers share: the wire format of their audio, and the HTTP client.
+
+    ``mulaw``: the provider takes 8 kHz G.711 mu-law (encoded from the pipeline's PCM, which for a
+    PCMU call gives back the bytes that came in); otherwise 16-bit PCM at ``sample_rate``.
+    ``session``: an aiohttp client session to share; else the provider makes one on first use and
+    closes it in ``aclose``.
+    """
+
+    def __init__(self, *, sample_rate: int, mulaw: bool, session: aiohttp.ClientSession | None,
+                 chunk_ms: int, max_buffer_ms: int, keepalive_s: float, connect_timeout: float,
+                 max_reconnects: int, backoff_s: tuple[float, float], final_timeout_s: float) -> None:
+        if mulaw and sample_rate != 8000:
+            raise ValueError(f"{self.name}: mu-law runs at 8000 Hz")
+        self.sample_rate = sample_rate
+        self.config = CloudConfig(sample_rate, 1 if mulaw else 2, b"\xff" if mulaw else b"\x00\x00", chunk_ms,
+                                  max_buffer_ms, keepalive_s, connect_timeout, max_reconnects, backoff_s,
+                                  final_timeout_s)
+        self._encode: Callable[[bytes], bytes] = get_codec("PCMU", 8000).encode if mulaw else bytes
+        self._http = session
+        self._owns_http = session is None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._owns_http and self._http is not None:
+            await self._http.close()
+            self._http = None
 
 
 @dataclass(slots=True, eq=False)

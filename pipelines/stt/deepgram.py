@@ -27,15 +27,14 @@ Keep-alive and closes
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
 
-from engine.codecs import get_codec
-from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession
-from pipelines.stt.cloud import Action, CloudConfig, CloudSession
+from pipelines.stt.base import Emit, SessionOptions, SttSession
+from pipelines.stt.cloud import Action, CloudProvider, CloudSession
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class DeepgramSession(CloudSession):
             self.finish(utt)
 
 
-class DeepgramProvider(SttProvider):
+class DeepgramProvider(CloudProvider):
     """Opens one Deepgram live session per call track.
 
     ``session``: an aiohttp client session to share (else the provider owns one, closed in ``aclose``).
@@ -99,23 +98,17 @@ class DeepgramProvider(SttProvider):
                  backoff_s: tuple[float, float] = (0.25, 4.0), final_timeout_s: float = 3.0) -> None:
         if encoding not in ("mulaw", "linear16"):
             raise ValueError(f"Deepgram encoding must be mulaw or linear16, not {encoding!r}")
-        if encoding == "mulaw" and sample_rate != 8000:
-            raise ValueError("mulaw runs at 8000 Hz")
         self.api_key = api_key
         self.url = url
-        self.sample_rate = sample_rate
         self.encoding = encoding
         self.model = model
         self.language = language
         self.keyterms = keyterms
         self.endpointing_ms = endpointing_ms
-        self._http = session
-        self._owns_http = session is None
-        mulaw = encoding == "mulaw"
-        self.config = CloudConfig(sample_rate, 1 if mulaw else 2, b"\xff" if mulaw else b"\x00\x00", chunk_ms,
-                                  max_buffer_ms, keepalive_s, connect_timeout, max_reconnects, backoff_s,
-                                  final_timeout_s)
-        self._encode: Callable[[bytes], bytes] = get_codec("PCMU", 8000).encode if mulaw else bytes
+        super().__init__(sample_rate=sample_rate, mulaw=encoding == "mulaw", session=session,
+                         chunk_ms=chunk_ms, max_buffer_ms=max_buffer_ms, keepalive_s=keepalive_s,
+                         connect_timeout=connect_timeout, max_reconnects=max_reconnects, backoff_s=backoff_s,
+                         final_timeout_s=final_timeout_s)
 
     def session_url(self, options: SessionOptions) -> str:
         params: list[tuple[str, str]] = [
@@ -133,14 +126,7 @@ class DeepgramProvider(SttProvider):
     async def open_session(self, options: SessionOptions, emit: Emit) -> SttSession:
         """A connected session; ``ProviderUnavailable`` if the handshake was refused (401: bad key) or no
         connection could be made within ``connect_timeout``."""
-        if self._http is None:
-            self._http = aiohttp.ClientSession()
-        session = DeepgramSession(emit, self._http, self.session_url(options),
+        session = DeepgramSession(emit, self._client(), self.session_url(options),
                                   {"Authorization": f"Token {self.api_key}"}, self.config, self._encode)
         await session.start()
         return session
-
-    async def aclose(self) -> None:
-        if self._owns_http and self._http is not None:
-            await self._http.close()
-            self._http = None
