@@ -4,45 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from engine.codecs import get_codec
-from engine.errors import Overflow, ProviderError, ProviderUnavailable
-from engine.frames import AudioFrame
+from engine.errors import Overflow, ProviderUnavailable
 from pipelines.stt.assemblyai import AssemblyAIProvider
-from pipelines.stt.base import SessionOptions, SttSession, Transcript
+from pipelines.stt.base import SessionOptions
 from tests.fakes.assemblyai import FakeAssemblyAI
+from tests.pipelines.cloud_harness import MULAW, Harness, client_tasks, frames, speech, until
 
 KEY = "test-key"
 SCRIPT = ["hello there agent", "my card is blocked", "thank you"]
-MULAW = get_codec("PCMU", 8000)
-
-
-def speech(ms: int, seed: int, rate: int = 8000) -> bytes:
-    """PCM that is decoded mu-law (at 8 kHz), so encoding it back is bit-exact."""
-    rnd = random.Random(seed)
-    if rate == 8000:
-        return MULAW.decode(bytes(rnd.randrange(256) for _ in range(ms * 8)))
-    return bytes(rnd.randrange(256) for _ in range(ms * rate // 1000 * 2))
-
-
-def frames(pcm: bytes, start_ms: int, rate: int = 8000) -> list[AudioFrame]:
-    n = rate // 50 * 2
-    return [AudioFrame(pcm[i : i + n], rate, start_ms + i // n * 20) for i in range(0, len(pcm), n)]
-
-
-async def until(cond: Callable[[], Any], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeAssemblyAI]:
     server = FakeAssemblyAI(SCRIPT, api_key=KEY)
@@ -51,37 +26,13 @@ async def fake() -> AsyncIterator[FakeAssemblyAI]:
     await server.stop()
 
 
-class Harness:
-    def __init__(self, fake: FakeAssemblyAI, **kwargs: Any) -> None:
-        opts: dict[str, Any] = {"keepalive_s": 5.0, "backoff_s": (0.01, 0.05), "connect_timeout": 2.0} | kwargs
-        self.provider = AssemblyAIProvider(kwargs.pop("api_key", KEY), url=fake.url,
-                                           **{k: v for k, v in opts.items() if k != "api_key"})
-        self.out: list[Transcript] = []
-        self.failures: list[ProviderError] = []
-        self.session: SttSession | None = None
-
-    async def open(self, phrases: tuple[str, ...] = ()) -> SttSession:
-        self.session = await self.provider.open_session(SessionOptions("call-1", phrases=phrases), self.out.append)
-        self.session.on_failure = self.failures.append
-        return self.session
-
-    def say(self, pcm: bytes, start_ms: int, rate: int = 8000) -> None:
-        assert self.session is not None
-        for f in frames(pcm, start_ms, rate):
-            self.session.push(f)
-        self.session.finalize()
-
-    def finals(self) -> list[Transcript]:
-        return [t for t in self.out if t.is_final]
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.aclose(1.0)
-        await self.provider.aclose()
+def harness(fake: FakeAssemblyAI, api_key: str = KEY, **kwargs: Any) -> Harness:
+    opts: dict[str, Any] = {"keepalive_s": 5.0, "backoff_s": (0.01, 0.05), "connect_timeout": 2.0} | kwargs
+    return Harness(AssemblyAIProvider(api_key, url=fake.url, **opts), SessionOptions("call-1"))
 
 
 async def test_partials_then_one_final_per_utterance_with_stream_relative_word_times(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     await h.open()
     h.say(speech(1200, 1), 0)
     await until(lambda: len(h.finals()) == 1)
@@ -103,7 +54,7 @@ async def test_partials_then_one_final_per_utterance_with_stream_relative_word_t
 
 
 async def test_mulaw_passthrough_in_50ms_chunks_with_auth_and_query(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     await h.open(phrases=("card blocked", "Switchboard"))
     pcm = speech(1000, 3)
     h.say(pcm, 0)
@@ -121,7 +72,7 @@ async def test_mulaw_passthrough_in_50ms_chunks_with_auth_and_query(fake: FakeAs
 
 
 async def test_short_last_chunk_is_padded_to_50ms(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     await h.open()
     h.say(speech(420, 4), 0)  # 8 chunks of 50 ms + 20 ms left
     await until(lambda: h.finals())
@@ -130,7 +81,7 @@ async def test_short_last_chunk_is_padded_to_50ms(fake: FakeAssemblyAI) -> None:
 
 
 async def test_keepalives_flow_during_an_idle_gap_without_reconnecting(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake, keepalive_s=0.2)
+    h = harness(fake, keepalive_s=0.2)
     await h.open()
     h.say(speech(400, 5), 0)
     await asyncio.sleep(1.1)
@@ -141,7 +92,7 @@ async def test_keepalives_flow_during_an_idle_gap_without_reconnecting(fake: Fak
 
 @pytest.mark.parametrize("code", [None, 1011, 3005, 3008])
 async def test_drop_mid_utterance_reconnects_and_replays_it(fake: FakeAssemblyAI, code: int | None) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     await h.open()
     h.say(speech(1200, 6), 0)
     await until(lambda: h.finals())
@@ -160,7 +111,7 @@ async def test_drop_mid_utterance_reconnects_and_replays_it(fake: FakeAssemblyAI
 
 
 async def test_wrong_api_key_makes_open_session_raise_without_retrying(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake, api_key="wrong")
+    h = harness(fake, api_key="wrong")
     with pytest.raises(ProviderUnavailable, match="4001"):
         await h.open()
     await h.close()
@@ -168,7 +119,7 @@ async def test_wrong_api_key_makes_open_session_raise_without_retrying(fake: Fak
 
 
 async def test_input_validation_error_3006_fails_the_session_at_once(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     session = await h.open()
     fake.error_after(800, 3006)
     h.say(speech(400, 8), 0)
@@ -182,7 +133,7 @@ async def test_input_validation_error_3006_fails_the_session_at_once(fake: FakeA
 
 
 async def test_refused_reconnects_beyond_max_reconnects_fail_once_then_push_overflows(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake, max_reconnects=2)
+    h = harness(fake, max_reconnects=2)
     session = await h.open()
     fake.refuse_next = 10
     fake.drop_after(800, 1011)
@@ -200,7 +151,7 @@ async def test_refused_reconnects_beyond_max_reconnects_fail_once_then_push_over
 
 
 async def test_stalled_provider_bounds_the_buffer_and_never_blocks_the_loop(fake: FakeAssemblyAI) -> None:
-    h = Harness(fake, sample_rate=16000, encoding="pcm_s16le", max_buffer_ms=2000)
+    h = harness(fake, sample_rate=16000, encoding="pcm_s16le", max_buffer_ms=2000)
     session = await h.open()
     fake.stall_after(0)
     lag = 0.0
@@ -235,14 +186,9 @@ async def test_stalled_provider_bounds_the_buffer_and_never_blocks_the_loop(fake
     await h.provider.aclose()
 
 
-def client_tasks() -> set[asyncio.Task[Any]]:
-    """Every task but the fake server's connection handlers."""
-    return {t for t in asyncio.all_tasks() if "RequestHandler" not in t.get_coro().__qualname__}  # type: ignore[union-attr]
-
-
 async def test_aclose_terminates_within_drain_timeout_and_leaves_no_tasks(fake: FakeAssemblyAI) -> None:
     before = client_tasks()
-    h = Harness(fake)
+    h = harness(fake)
     session = await h.open()
     for f in frames(speech(800, 13), 0):
         session.push(f)

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from engine.errors import Overflow, ProviderError, ProviderUnavailable
-from pipelines.stt.base import SessionOptions, SttSession, Transcript
+from engine.errors import Overflow, ProviderUnavailable
+from pipelines.stt.base import SessionOptions
 from pipelines.stt.deepgram import DeepgramProvider
 from tests.fakes.deepgram import FakeDeepgram
-from tests.pipelines.test_assemblyai import MULAW, client_tasks, frames, speech, until
+from tests.pipelines.cloud_harness import MULAW, Harness, client_tasks, frames, speech, until
 
 KEY = "test-key"
 SCRIPT = ["hello there agent", "my card is blocked", "thank you"]
@@ -27,37 +27,13 @@ async def fake() -> AsyncIterator[FakeDeepgram]:
     await server.stop()
 
 
-class Harness:
-    def __init__(self, fake: FakeDeepgram, api_key: str = KEY, **kwargs: Any) -> None:
-        opts: dict[str, Any] = {"backoff_s": (0.01, 0.05), "connect_timeout": 2.0} | kwargs
-        self.provider = DeepgramProvider(api_key, url=fake.url, **opts)
-        self.out: list[Transcript] = []
-        self.failures: list[ProviderError] = []
-        self.session: SttSession | None = None
-
-    async def open(self, phrases: tuple[str, ...] = ()) -> SttSession:
-        options = SessionOptions("call-1", language="en-GB", phrases=phrases)
-        self.session = await self.provider.open_session(options, self.out.append)
-        self.session.on_failure = self.failures.append
-        return self.session
-
-    def say(self, pcm: bytes, start_ms: int, rate: int = 8000) -> None:
-        assert self.session is not None
-        for f in frames(pcm, start_ms, rate):
-            self.session.push(f)
-        self.session.finalize()
-
-    def finals(self) -> list[Transcript]:
-        return [t for t in self.out if t.is_final]
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.aclose(1.0)
-        await self.provider.aclose()
+def harness(fake: FakeDeepgram, api_key: str = KEY, **kwargs: Any) -> Harness:
+    opts: dict[str, Any] = {"backoff_s": (0.01, 0.05), "connect_timeout": 2.0} | kwargs
+    return Harness(DeepgramProvider(api_key, url=fake.url, **opts), SessionOptions("call-1", language="en-GB"))
 
 
 async def test_final_concatenates_is_final_segments_with_stream_relative_word_times(fake: FakeDeepgram) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     await h.open()
     h.say(speech(1200, 1), 0)
     await until(lambda: len(h.finals()) == 1)
@@ -80,7 +56,7 @@ async def test_final_concatenates_is_final_segments_with_stream_relative_word_ti
 
 
 async def test_mulaw_passthrough_with_auth_and_query(fake: FakeDeepgram) -> None:
-    h = Harness(fake, model="nova-3")
+    h = harness(fake, model="nova-3")
     await h.open(phrases=("card blocked",))
     pcm = speech(1000, 3)
     h.say(pcm, 0)
@@ -100,7 +76,7 @@ async def test_mulaw_passthrough_with_auth_and_query(fake: FakeDeepgram) -> None
 
 async def test_keepalives_keep_an_idle_socket_open(fake: FakeDeepgram) -> None:
     fake.idle_timeout = 0.5
-    h = Harness(fake, keepalive_s=0.1)
+    h = harness(fake, keepalive_s=0.1)
     await h.open()
     h.say(speech(400, 4), 0)
     await asyncio.sleep(1.5)
@@ -113,7 +89,7 @@ async def test_keepalives_keep_an_idle_socket_open(fake: FakeDeepgram) -> None:
 
 async def test_idle_close_net0001_reconnects_and_the_next_utterance_works(fake: FakeDeepgram) -> None:
     fake.idle_timeout = 0.3
-    h = Harness(fake, keepalive_s=30.0)
+    h = harness(fake, keepalive_s=30.0)
     await h.open()
     await until(lambda: len(fake.connections) >= 2)
     assert fake.connections[0].close_code == 1011
@@ -125,7 +101,7 @@ async def test_idle_close_net0001_reconnects_and_the_next_utterance_works(fake: 
 
 @pytest.mark.parametrize("code", [None, 1011])
 async def test_dropped_connection_mid_utterance_reconnects_and_replays_it(fake: FakeDeepgram, code: int | None) -> None:
-    h = Harness(fake)
+    h = harness(fake)
     await h.open()
     h.say(speech(1200, 7), 0)
     await until(lambda: h.finals())
@@ -144,7 +120,7 @@ async def test_dropped_connection_mid_utterance_reconnects_and_replays_it(fake: 
 
 
 async def test_wrong_api_key_401_makes_open_session_raise_without_retrying(fake: FakeDeepgram) -> None:
-    h = Harness(fake, api_key="wrong")
+    h = harness(fake, api_key="wrong")
     with pytest.raises(ProviderUnavailable, match="401"):
         await h.open()
     await h.close()
@@ -152,7 +128,7 @@ async def test_wrong_api_key_401_makes_open_session_raise_without_retrying(fake:
 
 
 async def test_refused_reconnects_beyond_max_reconnects_fail_once_then_push_overflows(fake: FakeDeepgram) -> None:
-    h = Harness(fake, max_reconnects=3)
+    h = harness(fake, max_reconnects=3)
     session = await h.open()
     fake.refuse_next = 10
     fake.drop_after(800, 1011)
@@ -168,7 +144,7 @@ async def test_refused_reconnects_beyond_max_reconnects_fail_once_then_push_over
 
 
 async def test_stalled_provider_bounds_the_buffer_and_aclose_still_returns(fake: FakeDeepgram) -> None:
-    h = Harness(fake, sample_rate=16000, encoding="linear16", max_buffer_ms=1000)
+    h = harness(fake, sample_rate=16000, encoding="linear16", max_buffer_ms=1000)
     session = await h.open()
     fake.stall_after(0)
     pcm = speech(1000, 11, rate=16000)
@@ -190,7 +166,7 @@ async def test_stalled_provider_bounds_the_buffer_and_aclose_still_returns(fake:
 
 async def test_aclose_sends_closestream_within_drain_timeout_and_leaves_no_tasks(fake: FakeDeepgram) -> None:
     before = client_tasks()
-    h = Harness(fake)
+    h = harness(fake)
     session = await h.open()
     for f in frames(speech(800, 12), 0):
         session.push(f)
