@@ -45,7 +45,6 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
             max_calls=settings.sse_max_calls,
             retention_s=settings.sse_retention_s,
         ),
-        stt=speech.default,
         segmenter=settings.segmenter(),
         phrases=settings.phrases(),
         speech=speech,
@@ -148,16 +147,14 @@ async def _on_startup(app: web.Application) -> None:
             rt.relay = BusRelay(tiers.bus, rt.hub, rt.calls.__contains__, max_calls=s.relay_max_calls)
             rt.relay.start()
         org_settings = await tiers.org_settings()
-        if org_settings and rt.speech is not None and app.get(STT_OVERRIDE) is None:
+        if org_settings and app.get(STT_OVERRIDE) is None:
             rt.speech = Speech(s, Policy.resolve(s, org_settings))  # the organisation's own choices
-            rt.stt = rt.speech.default
     translator = make_translator(s)
     if translator is not None:
         await translator.start()
         rt.translation = TranslationStage(translator, concurrency=s.translation_concurrency,
                                           max_pending=s.translation_max_pending, deadline_s=s.translation_deadline_s)
         rt.translation.start()
-    assert rt.speech is not None
     await rt.speech.warm(rt.phrases)
 
 
@@ -183,8 +180,7 @@ async def _on_shutdown(app: web.Application) -> None:
 async def _on_cleanup(app: web.Application) -> None:
     rt = app[RUNTIME]
     rt.stats.unwatch_gc()
-    if rt.speech is not None:
-        await rt.speech.aclose()
+    await rt.speech.aclose()
     if rt.translation is not None:
         await rt.translation.aclose()
         await rt.translation.translator.aclose()

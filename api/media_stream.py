@@ -212,8 +212,7 @@ def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
     language = request.query.get("language", s.languages[0])
     if language not in s.languages:
         raise web.HTTPBadRequest(text=f"language must be one of {s.languages}, got {language[:20]!r}")
-    policy = rt.speech.policy if rt.speech else None
-    target = request.query.get("translate_to") or (policy.translate_to.get(language) if policy else None)
+    target = request.query.get("translate_to") or rt.speech.policy.translate_to.get(language)
     if target == "none":
         target = None
     if target is not None and (target not in s.languages or target == language):
@@ -234,7 +233,6 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
             stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
             encoding=ev.encoding, sample_rate=ev.sample_rate)
         stream.recorder = stream.record.recorder
-    assert rt.speech is not None
     provider = rt.speech.for_language(stream.language)
     stream.events = CallEvents(
         call_id=stream.call_id, stream_id=ev.stream_id, language=stream.language, target=stream.target,

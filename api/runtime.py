@@ -14,7 +14,6 @@ from api.settings import Settings
 from engine.metrics import LagHistogram
 from engine.segmenter import SegmenterConfig
 from pipelines.redaction import Redactor
-from pipelines.stt.base import SttProvider
 from pipelines.translation import TranslationStage
 
 if TYPE_CHECKING:
@@ -53,13 +52,12 @@ class Stats:
 class Runtime:
     settings: Settings
     hub: EventHub
-    stt: SttProvider
+    speech: Speech  # providers per language and the organisation's policy
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     phrases: tuple[str, ...] = ()
     streams: dict[int, MediaStream] = field(default_factory=dict)
     calls: dict[str, MediaStream] = field(default_factory=dict)
     stats: Stats = field(default_factory=Stats)
-    speech: Speech | None = None  # providers per language, policy (built with the app)
     redactor: Redactor = field(default_factory=Redactor)
     translation: TranslationStage | None = None  # None when no translator is configured
     persistence: Persistence | None = None  # None when settings.persist is off

@@ -124,13 +124,6 @@ class Speech:
             raise LookupError(f"no speech-to-text provider for language {language!r}")
         return chain
 
-    @property
-    def default(self) -> SttProvider:
-        """The provider of the first configured language (what ``/api/stats`` and warm-up name)."""
-        if self._override is not None:
-            return self._override
-        return self._chains.get("en") or self._chains.get("*") or next(iter(self._chains.values()))
-
     async def warm(self, phrases: tuple[str, ...]) -> None:
         for p in ([self._override] if self._override else self._providers.values()):
             await p.warm(phrases)
