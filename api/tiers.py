@@ -51,8 +51,7 @@ class Tiers:
         await self.db.aclose()
         await self.warm.aclose()
         await self.blobs.aclose()
-        for server in reversed(self._embedded):
-            await asyncio.to_thread(server.shutdown)
+        await _shutdown(self._embedded)
 
 
 def local_blob_store(s: Settings) -> LocalBlobStore | None:
@@ -77,9 +76,14 @@ async def open_tiers(settings: Settings, local: LocalBlobStore | None) -> Tiers:
     try:
         return await _open(settings, local, started)
     except BaseException:
-        for server in reversed(started):
-            await asyncio.to_thread(server.shutdown)
+        await _shutdown(started)
         raise
+
+
+async def _shutdown(servers: list[Any]) -> None:
+    """Stop embedded servers, last started first (blocking calls: in a thread)."""
+    for server in reversed(servers):
+        await asyncio.to_thread(server.shutdown)
 
 
 async def _admin_url(s: Settings, started: list[Any]) -> str:
@@ -102,8 +106,7 @@ async def migrate_only(s: Settings) -> list[str]:
         password = s.database_app_password.get_secret_value() if s.database_app_password else None
         return await migrate(admin_url, app_password=password)
     finally:
-        for server in started:
-            await asyncio.to_thread(server.shutdown)
+        await _shutdown(started)
 
 
 async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -> Tiers:
