@@ -13,9 +13,10 @@ import os
 import resource
 import time
 
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 from api import blobs, console, media_stream, sse, webrtc
+from api.call_session import CallRegistry
 from api.hub import EventHub
 from api.persistence import BusForwarder, Persistence
 from api.relay import BusRelay
@@ -28,6 +29,7 @@ from pipelines.translation import TranslationStage
 
 log = logging.getLogger("switchboard.app")
 STALL_TASK = web.AppKey("stall_task", asyncio.Task)
+STREAM_WATCH = web.AppKey("stream_watch", media_stream.StreamWatch)
 TIERS = web.AppKey("tiers", Tiers)
 STT_OVERRIDE = web.AppKey("stt_override", object)  # a provider given to create_app (tests)
 LOCAL_BLOBS = web.AppKey("local_blobs", object)
@@ -48,8 +50,11 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
         segmenter=settings.segmenter(),
         phrases=settings.phrases(),
         speech=speech,
+        calls=CallRegistry(settings.max_streams),
+        admission=media_stream.Admission(settings.media_max_pending, settings.media_max_pending_per_address),
     )
     app[RUNTIME] = rt
+    app[STREAM_WATCH] = media_stream.StreamWatch(rt)
     if stt is not None:
         app[STT_OVERRIDE] = stt
     app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
@@ -82,8 +87,12 @@ async def stats(request: web.Request) -> web.Response:
     gc_stats = gc.get_stats()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
-        "streams_active": len(rt.streams),
+        "streams_active": len(rt.calls),
+        "streams_pending": rt.admission.total,
+        "streams_refused": rt.admission.refused,
         "streams_total": rt.stats.streams_total,
+        "streams_start_timeouts": request.app[STREAM_WATCH].expired_start,
+        "streams_idle_timeouts": request.app[STREAM_WATCH].expired_idle,
         "frames": rt.stats.frames,
         "frame_lag": rt.stats.frame_lag.summary(),
         "sse_clients": rt.stats.sse_clients,
@@ -134,6 +143,7 @@ async def _on_startup(app: web.Application) -> None:
     rt = app[RUNTIME]
     rt.stats.watch_gc()
     app[STALL_TASK] = asyncio.create_task(_watch_loop(rt), name="loop-stall-watch")
+    app[STREAM_WATCH].start()
     s = rt.settings
     if s.persist:
         tiers = await open_tiers(s, app[LOCAL_BLOBS])  # type: ignore[arg-type]
@@ -168,12 +178,19 @@ async def _watch_loop(rt: Runtime) -> None:
 
 
 async def _on_shutdown(app: web.Application) -> None:
+    """Drain: refuse new streams, end live calls with ``server_shutdown`` (their owed finals and
+    ``call.ended`` go out first), then release the SSE clients; all within ``shutdown_grace_s``."""
     rt = app[RUNTIME]
+    rt.draining = True
     app[STALL_TASK].cancel()
+    t0 = time.monotonic()
     if rt.agents is not None:  # before the streams: a session's bridge sends on its call's stream
         await rt.agents.close_all("server shutting down")
-    for stream in list(rt.streams.values()):
-        await stream.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    live = len(rt.calls)
+    left = await media_stream.drain_streams(rt, app[STREAM_WATCH], rt.settings.shutdown_grace_s)
+    await app[STREAM_WATCH].aclose()
+    log.info("server.drained", extra={"calls": live, "unfinished": left,
+                                      "seconds": round(time.monotonic() - t0, 2)})
     rt.hub.close_all()
 
 

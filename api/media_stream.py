@@ -1,11 +1,24 @@
 """The Telnyx media-stream WebSocket endpoint: ``/api/media/telnyx``.
 
-The handler only moves text between the socket and ``TelnyxStreamProtocol`` and hands decoded
-audio to the call's ``CallPipeline``.  Every protocol error closes *this* socket with the error's
-close code and a logged reason; no other stream shares any state that an error could touch.
+A thin adapter: it moves text between the socket and ``TelnyxStreamProtocol`` (sans-I/O) and turns
+the protocol's events into calls on the call's ``CallSession``, which owns everything else.  Every
+protocol error closes *this* socket with the error's close code and a logged reason.
 
-``MediaStream`` is the sending side for bidirectional streams (``send_media``, ``send_mark``,
-``send_clear``); live streams are registered in ``app[STREAMS]`` by stream id and by call id.
+Admission, in the order a connection meets it:
+
+1. **Pending connections** (upgraded, no ``start`` yet) are capped in total
+   (``media_max_pending``) and per remote address (``media_max_pending_per_address``); past either
+   the upgrade is refused with 503 + ``Retry-After``.  While draining for shutdown, every upgrade is.
+2. A pending connection must authenticate and send ``start`` within ``media_start_timeout_s``, or
+   it is closed with 1008.
+3. At ``start`` the stream takes a **stream slot**: the call id must not be live on another socket
+   (1008 ``call already streaming``; the live call is untouched) and at most ``max_streams`` calls
+   stream at once (1013, try again later).  So idle or unauthenticated sockets never hold a slot.
+4. A started stream with no ``media`` message for ``media_idle_timeout_s`` ends with reason
+   ``idle_timeout`` (Telnyx sends media continuously while a call is up); its socket closes 1008.
+
+One ``StreamWatch`` task checks both deadlines for every stream once per tick (a counter per stream
+on the media path, no timer per frame).
 """
 
 from __future__ import annotations
@@ -13,14 +26,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
+from api.call_session import CallSession
 from api.inline_ws import InlineWebSocketResponse
 from api.runtime import RUNTIME, Runtime
-from api.speech import CallEvents
 from api.telnyx_protocol import (
     AUTH_FIELD,
     Dtmf,
@@ -32,42 +43,47 @@ from api.telnyx_protocol import (
     StreamFailed,
     TelnyxStreamProtocol,
 )
-from engine.errors import InternalError, ProtocolError
-from engine.frames import Track
-from pipelines.call import CallPipeline
-from pipelines.recording import CallRecorder
-
-if TYPE_CHECKING:
-    from api.persistence import CallRecord
-    from pipelines.bridge import AgentBridge
+from engine.errors import InternalError, Overflow, PolicyViolation, ProtocolError, TryAgainLater
+from pipelines.call_state import CallEvent
 
 log = logging.getLogger("switchboard.media")
 
+CLOSE_TIMEOUT_S = 5.0  # the closing handshake; then the transport is aborted
+
 
 class MediaStream:
-    """One live Telnyx stream; the handle later features (the WebRTC bridge) send audio through."""
+    """One Telnyx WebSocket: the protocol state, the sending side, and its call once started."""
 
-    def __init__(self, ws: web.WebSocketResponse, protocol: TelnyxStreamProtocol) -> None:
+    def __init__(self, ws: web.WebSocketResponse, protocol: TelnyxStreamProtocol, remote: str,
+                 transport: asyncio.BaseTransport | None) -> None:
         self.ws = ws
         self.protocol = protocol
-        self.pipeline: CallPipeline | None = None
-        self.feed: Callable[[Track, bytes, int, int], None] | None = None  # pipeline.feed, once started
-        self.rate = 0
-        self.call_id = ""
+        self.remote = remote
+        self.transport = transport
+        self.pending = True  # counted in Admission until it starts or closes
         self.language = "en"  # spoken on the call (?language= on the stream URL)
         self.target: str | None = None  # translated into (?translate_to=, or the policy's default)
-        self.events: CallEvents | None = None
-        self.record: CallRecord | None = None  # the stored call, when persistence is on
-        self.recorder: CallRecorder | None = None
-        self.bridge: AgentBridge | None = None  # an agent's WebRTC session hears this call (api.webrtc)
-        # Set when the stream must end: the stop reason, or the protocol error to close with.
-        self.ending: str | ProtocolError | None = None
-        # Frame-lag baseline: the earliest (arrival - audio time) seen; lag is measured against it.
-        self._t0: float | None = None
+        self.session: CallSession | None = None
+        # Set when the stream must end: the call event and its detail, or the protocol error to close with.
+        self.ending: tuple[CallEvent, str] | ProtocolError | None = None
+        self.opened = time.monotonic()
+        self.media_count = 0  # media messages; the watch compares it between ticks
+        self.watch_count = -1
+        self.watch_since = self.opened
+        self.done = asyncio.Event()
 
     @property
     def stream_id(self) -> str:
         return self.protocol.stream_id
+
+    def unpend(self, admission: Admission) -> None:
+        if self.pending:
+            self.pending = False
+            admission.leave(self.remote)
+
+    @property
+    def call_id(self) -> str:
+        return self.session.call_id if self.session is not None else ""
 
     async def send_media(self, pcm: bytes) -> None:
         await self.ws.send_str(self.protocol.media(pcm))
@@ -78,20 +94,50 @@ class MediaStream:
     async def send_clear(self) -> None:
         await self.ws.send_str(self.protocol.clear())
 
-    def lag_ms(self, timestamp_ms: int, now: float) -> float:
-        base = now - timestamp_ms / 1000.0
-        if self._t0 is None or base < self._t0:
-            self._t0 = base
-        return (base - self._t0) * 1000.0
+
+class Admission:
+    """Pending (upgraded, not started) connections, in total and per remote address."""
+
+    def __init__(self, max_total: int, max_per_address: int) -> None:
+        self.max_total = max_total
+        self.max_per_address = max_per_address
+        self.total = 0
+        self.by_address: dict[str, int] = {}
+        self.refused = 0
+
+    def enter(self, address: str) -> str | None:
+        """Count a pending connection; the refusal reason when a cap is reached."""
+        n = self.by_address.get(address, 0)
+        if self.total >= self.max_total:
+            self.refused += 1
+            return f"too many connections awaiting start ({self.max_total})"
+        if n >= self.max_per_address:
+            self.refused += 1
+            return f"too many connections awaiting start from one address ({self.max_per_address})"
+        self.total += 1
+        self.by_address[address] = n + 1
+        return None
+
+    def leave(self, address: str) -> None:
+        self.total -= 1
+        n = self.by_address[address] - 1
+        if n:
+            self.by_address[address] = n
+        else:
+            del self.by_address[address]
 
 
 async def telnyx_media(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     s = rt.settings
-    if len(rt.streams) >= s.max_streams:
-        log.warning("stream.refused", extra={"reason": "max_streams", "limit": s.max_streams})
-        raise web.HTTPServiceUnavailable(text="too many media streams", headers={"Retry-After": "1"})
+    if rt.draining:
+        raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "1"})
     language, target = _languages(rt, request)
+    remote = request.remote or "?"
+    refused = rt.admission.enter(remote)
+    if refused is not None:
+        log.warning("stream.refused", extra={"reason": refused, "remote": remote})
+        raise web.HTTPServiceUnavailable(text=refused, headers={"Retry-After": "1"})
     token = s.telnyx_stream_token.get_secret_value() if s.telnyx_stream_token else None
     protocol = TelnyxStreamProtocol(
         expected_token=token,
@@ -105,27 +151,41 @@ async def telnyx_media(request: web.Request) -> web.StreamResponse:
     # api.inline_ws): the handler task below only wakes to close the socket.
     ws = InlineWebSocketResponse(on_message=lambda msg: _on_message(rt, stream, msg),
                                  max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None,
-                                 decode_text=False, compress=False)
-    stream = MediaStream(ws, protocol)  # bound before prepare(), so before any message arrives
+                                 decode_text=False, compress=False, timeout=CLOSE_TIMEOUT_S)
+    stream = MediaStream(ws, protocol, remote, request.transport)  # bound before any message arrives
     stream.language, stream.target = language, target
-    await ws.prepare(request)
-    key = id(stream)
-    rt.streams[key] = stream
-    end_reason = "socket closed"
+    event, detail = CallEvent.HANGUP, ""
     try:
-        end_reason = await _run(rt, stream)
+        await ws.prepare(request)
+        rt.streams.add(stream)
+        event, detail = await _run(rt, stream)
     except ProtocolError as exc:
-        end_reason = f"protocol error {exc.close_code}: {exc.reason}"
-        log.warning(
-            "stream.protocol_error",
-            extra={"stream_id": stream.stream_id or None, "call_id": stream.call_id or None,
-                   "close_code": exc.close_code, "reason": exc.reason, "remote": request.remote},
-        )
-        await ws.close(code=exc.close_code, message=exc.reason[:120].encode())
+        event, detail = CallEvent.PROTOCOL_ERROR, f"{exc.close_code}: {exc.reason}"
+        if isinstance(exc, InternalError):
+            event = CallEvent.INTERNAL_ERROR
+        log.warning("stream.protocol_error", extra={
+            "stream_id": stream.stream_id or None, "call_id": stream.call_id or None,
+            "close_code": exc.close_code, "reason": exc.reason[:200], "remote": remote})
+        await close_ws(stream, exc.close_code, exc.reason[:120].encode())
     finally:
-        del rt.streams[key]
-        await _end_call(rt, stream, end_reason)
+        rt.streams.discard(stream)
+        stream.unpend(rt.admission)
+        if stream.session is not None:
+            if isinstance(stream.ending, tuple):  # a stop, a deadline or shutdown: its reason wins
+                event, detail = stream.ending
+            stream.session.end(event, detail)
+            await asyncio.shield(stream.session.finish())
+        stream.done.set()
     return ws
+
+
+async def close_ws(stream: MediaStream, code: int, message: bytes) -> None:
+    """Close the socket; a peer that does not read cannot hold us: past the deadline it is cut."""
+    try:
+        await asyncio.wait_for(stream.ws.close(code=code, message=message), CLOSE_TIMEOUT_S)
+    except TimeoutError:
+        if stream.transport is not None:
+            stream.transport.abort()
 
 
 def _on_message(rt: Runtime, stream: MediaStream, msg: WSMessage) -> bool:
@@ -138,7 +198,7 @@ def _on_message(rt: Runtime, stream: MediaStream, msg: WSMessage) -> bool:
             events = stream.protocol.receive_text(msg.data)
         else:
             events = stream.protocol.receive_binary(msg.data)
-        stream.ending = _dispatch(rt, stream, events)
+        _dispatch(rt, stream, events)
     except ProtocolError as exc:
         stream.ending = exc
     except Exception as exc:  # a bug must close this stream, not escape into aiohttp's transport
@@ -147,7 +207,7 @@ def _on_message(rt: Runtime, stream: MediaStream, msg: WSMessage) -> bool:
     return stream.ending is None
 
 
-async def _run(rt: Runtime, stream: MediaStream) -> str:
+async def _run(rt: Runtime, stream: MediaStream) -> tuple[CallEvent, str]:
     """Wait for the stream to end; data messages only reach here when inline handling is off."""
     ws, protocol = stream.ws, stream.protocol
     while stream.ending is None:
@@ -155,55 +215,84 @@ async def _run(rt: Runtime, stream: MediaStream) -> str:
         if stream.ending is not None:
             break
         if msg.type is WSMsgType.TEXT:
-            stream.ending = _dispatch(rt, stream, protocol.receive_text(msg.data))
+            _dispatch(rt, stream, protocol.receive_text(msg.data))
         elif msg.type is WSMsgType.BINARY:
-            stream.ending = _dispatch(rt, stream, protocol.receive_binary(msg.data))
+            _dispatch(rt, stream, protocol.receive_binary(msg.data))
         elif msg.type is WSMsgType.ERROR:
             exc = ws.exception()
             # aiohttp has already closed the socket with the error's own code (1009 for size).
             code = getattr(exc, "code", None) or ws.close_code or WSCloseCode.INTERNAL_ERROR
             log.warning("stream.ws_error", extra={"stream_id": stream.stream_id or None,
-                                                  "close_code": int(code), "reason": str(exc)})
-            return f"websocket error {int(code)}: {exc}"
+                                                  "close_code": int(code), "reason": str(exc)[:200]})
+            return CallEvent.PROTOCOL_ERROR, f"{int(code)}: {str(exc)[:120]}"
         elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-            for ev in protocol.eof():  # the socket ended without `stop`: deliver what was held back
-                if isinstance(ev, Media) and stream.feed is not None:
-                    stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
-                    if stream.recorder is not None:
-                        stream.recorder.write(ev.track, ev.pcm)
-            return "socket closed"
-    if isinstance(stream.ending, ProtocolError):
-        raise stream.ending
-    await ws.close(code=WSCloseCode.OK, message=b"stopped")
-    return stream.ending
+            if stream.ending is not None:
+                break
+            if stream.session is not None:
+                for ev in protocol.eof():  # the socket ended without `stop`: deliver what was held back
+                    if isinstance(ev, Media):
+                        stream.session.media(ev)
+            return CallEvent.HANGUP, ""
+    ending = stream.ending
+    if isinstance(ending, ProtocolError):
+        raise ending
+    assert ending is not None
+    event, detail = ending
+    if not ws.closed:
+        code, text = _CLOSE.get(event, (WSCloseCode.OK, b"stopped"))
+        await close_ws(stream, code, text)
+    return event, detail
 
 
-def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> str | None:
-    """Act on protocol events; returns the end reason when the stream stopped."""
+_CLOSE = {
+    CallEvent.IDLE_TIMEOUT: (WSCloseCode.POLICY_VIOLATION, b"idle timeout"),
+    CallEvent.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"server shutting down"),
+}
+
+
+def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> None:
+    """Act on protocol events; sets ``stream.ending`` when the stream stopped."""
+    session = stream.session
     for ev in events:
         if isinstance(ev, Media):
-            if stream.feed is not None:
-                stream.feed(ev.track, ev.pcm, stream.rate, ev.timestamp_ms)
-                if stream.recorder is not None:
-                    stream.recorder.write(ev.track, ev.pcm)
-            if ev.track is Track.INBOUND:
-                if stream.bridge is not None:
-                    stream.bridge.consumer_in(ev.pcm)
-                if not ev.sequence & 3:  # a 1-in-4 sample is plenty
-                    rt.stats.frame_lag.record(stream.lag_ms(ev.timestamp_ms, time.monotonic()))
+            stream.media_count += 1
             rt.stats.frames += 1
+            if session is not None:
+                session.media(ev)
         elif isinstance(ev, Started):
-            _start_call(rt, stream, ev)
+            session = stream.session = _start_call(rt, stream, ev)
         elif isinstance(ev, Stopped):
-            return f"stop: {ev.reason}"
+            stream.ending = (CallEvent.STOP, ev.reason)
         elif isinstance(ev, Dtmf):
-            rt.hub.publish(stream.call_id, "call.dtmf", {"call_id": stream.call_id, "digit": ev.digit})
+            if session is not None:
+                session.dtmf(ev)
         elif isinstance(ev, StreamFailed):
             log.warning("stream.telnyx_error", extra={"stream_id": stream.stream_id or None,
                                                       "code": ev.code, "detail": ev.detail})
         elif isinstance(ev, MarkPlayed):
             log.debug("stream.mark", extra={"stream_id": stream.stream_id, "mark": ev.name})
-    return None
+
+
+def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
+    """Claim a stream slot and the call id, then start the call; raises when either is refused."""
+    session = CallSession(rt, stream, ev, language=stream.language, target=stream.target)
+    refused = rt.calls.claim(session)
+    if refused == "call already streaming":
+        raise PolicyViolation(refused)
+    if refused is not None:
+        raise TryAgainLater(refused)
+    stream.unpend(rt.admission)  # no longer pending: it holds a stream slot now
+    try:
+        session.start()
+    except Overflow as exc:
+        rt.calls.release(session)
+        stream.session = None
+        raise TryAgainLater(str(exc)) from None
+    except BaseException:
+        rt.calls.release(session)
+        raise
+    stream.media_count += 1  # start counts as activity for the idle deadline
+    return session
 
 
 def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
@@ -211,89 +300,88 @@ def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
     s = rt.settings
     language = request.query.get("language", s.languages[0])
     if language not in s.languages:
-        raise web.HTTPBadRequest(text=f"language must be one of {s.languages}, got {language[:20]!r}")
+        raise web.HTTPBadRequest(text=f"language must be one of {s.languages}")
     target = request.query.get("translate_to") or rt.speech.policy.translate_to.get(language)
     if target == "none":
         target = None
     if target is not None and (target not in s.languages or target == language):
-        raise web.HTTPBadRequest(text=f"translate_to must be 'none' or another of {s.languages}, got {target[:20]!r}")
+        raise web.HTTPBadRequest(text=f"translate_to must be 'none' or another of {s.languages}")
     if rt.translation is None:  # no translator configured: nothing will be translated
         target = None
     return language, target
 
 
-def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> None:
-    stream.call_id = ev.call_control_id
-    rt.calls[stream.call_id] = stream
-    rt.stats.streams_total += 1
-    rt.hub.start(stream.call_id)
-    if rt.persistence is not None:
-        stream.record = rt.persistence.call_started(
-            call_control_id=ev.call_control_id, call_session_id=ev.call_session_id or None,
-            stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
-            encoding=ev.encoding, sample_rate=ev.sample_rate)
-        stream.recorder = stream.record.recorder
-    provider = rt.speech.for_language(stream.language)
-    stream.events = CallEvents(
-        call_id=stream.call_id, stream_id=ev.stream_id, language=stream.language, target=stream.target,
-        hub=rt.hub, redactor=rt.redactor, sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name,
-        stage=rt.translation, persistence=rt.persistence, record=stream.record)
-    stream.rate = ev.sample_rate
-    stream.pipeline = CallPipeline(
-        call_id=stream.call_id,
-        stream_id=ev.stream_id,
-        provider=provider,
-        publish=stream.events.publish,
-        segmenter=rt.segmenter,
-        phrases=rt.phrases,
-        language=stream.language,
-    )
-    stream.feed = stream.pipeline.feed
-    rt.hub.publish(stream.call_id, "call.started", {
-        "call_id": stream.call_id,
-        "stream_id": ev.stream_id,
-        "call_session_id": ev.call_session_id,
-        "encoding": ev.encoding,
-        "sample_rate": ev.sample_rate,
-        "from": ev.from_,
-        "to": ev.to,
-        "language": stream.language,
-        "translate_to": stream.target,
-        "stt_provider": provider.name,
-    })
-    log.info("stream.started", extra={"stream_id": ev.stream_id, "call_id": stream.call_id,
-                                      "encoding": ev.encoding, "sample_rate": ev.sample_rate})
-    if rt.agents is not None:
-        rt.agents.stream_started(stream)  # an agent who joined the call first is bridged now
+class StreamWatch:
+    """Enforces the start and idle deadlines of every stream, once per ``tick`` seconds."""
+
+    def __init__(self, rt: Runtime) -> None:
+        s = rt.settings
+        self.rt = rt
+        self.start_timeout = s.media_start_timeout_s
+        self.idle_timeout = s.media_idle_timeout_s
+        self.tick = max(0.05, min(1.0, self.start_timeout / 4, self.idle_timeout / 4))
+        self.expired_start = 0
+        self.expired_idle = 0
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="stream-watch")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            self.check(time.monotonic())
+
+    def check(self, now: float) -> None:
+        for stream in list(self.rt.streams):
+            if stream.ending is not None:
+                continue
+            if stream.session is None:
+                if now - stream.opened > self.start_timeout:
+                    self.expired_start += 1
+                    self.expire(stream, PolicyViolation(f"no start within {self.start_timeout:g} s"))
+            elif stream.media_count != stream.watch_count:
+                stream.watch_count, stream.watch_since = stream.media_count, now
+            elif now - stream.watch_since > self.idle_timeout:
+                self.expired_idle += 1
+                log.warning("stream.idle_timeout", extra={"stream_id": stream.stream_id, "call_id": stream.call_id,
+                                                          "idle_s": round(now - stream.watch_since, 1)})
+                self.expire(stream, (CallEvent.IDLE_TIMEOUT, f"no media for {self.idle_timeout:g} s"))
+
+    def expire(self, stream: MediaStream, ending: tuple[CallEvent, str] | ProtocolError) -> None:
+        """End ``stream`` from outside its handler: mark why, then wake the handler by closing."""
+        stream.ending = ending
+        if isinstance(ending, ProtocolError):
+            code, text = ending.close_code, ending.reason[:120].encode()
+            log.warning("stream.start_timeout", extra={"remote": stream.remote, "reason": ending.reason})
+        else:
+            code, text = _CLOSE.get(ending[0], (WSCloseCode.OK, b"stopped"))
+        task = asyncio.get_running_loop().create_task(close_ws(stream, code, text), name="stream-expire")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
 
-async def _end_call(rt: Runtime, stream: MediaStream, reason: str) -> None:
-    if not stream.call_id:
-        return
-    if rt.agents is not None:
-        await rt.agents.stream_ended(stream)  # first: the bridge must stop sending on a closing socket
-    pipeline = stream.pipeline
-    stats: dict[str, int] = {}
-    if pipeline is not None:
-        try:
-            await asyncio.shield(pipeline.aclose())
-        except asyncio.CancelledError:
-            pass  # the server is shutting down; aclose goes on under the shield
-        stats = {k: getattr(pipeline.stats, k) for k in pipeline.stats.__slots__}  # type: ignore[attr-defined]
-    if stream.events is not None:
-        # Translations of the last finals, so live clients see them before call.ended.
-        if not await stream.events.drain(rt.settings.translation_deadline_s + 1.0):
-            log.warning("stream.translations_pending", extra={"call_id": stream.call_id})
-        stats["redactions"] = stream.events.redactions
-    p = stream.protocol.stats
-    stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track)
-    rt.hub.publish(stream.call_id, "call.ended", {"call_id": stream.call_id, "stream_id": stream.stream_id,
-                                                  "reason": reason, "stats": stats})
-    rt.hub.end(stream.call_id)
-    if rt.persistence is not None and stream.record is not None:
-        failed = not (reason.startswith("stop") or reason == "socket closed")
-        rt.persistence.call_ended(stream.record, reason=reason, failed=failed, stats=stats)
-    if rt.calls.get(stream.call_id) is stream:
-        del rt.calls[stream.call_id]
-    log.info("stream.ended", extra={"stream_id": stream.stream_id, "call_id": stream.call_id,
-                                    "reason": reason, **stats})
+async def drain_streams(rt: Runtime, watch: StreamWatch, grace_s: float) -> int:
+    """Shutdown: end every stream with ``server_shutdown`` and wait (bounded) for their calls to finish.
+
+    Returns how many streams had not finished within ``grace_s``.
+    """
+    streams = list(rt.streams)
+    for stream in streams:
+        if stream.ending is None:
+            watch.expire(stream, (CallEvent.SHUTDOWN, ""))
+    if not streams:
+        return 0
+    waits = [asyncio.ensure_future(s.done.wait()) for s in streams]
+    _, pending = await asyncio.wait(waits, timeout=grace_s)
+    for w in pending:
+        w.cancel()
+    return len(pending)

@@ -17,7 +17,8 @@ from pipelines.redaction import Redactor
 from pipelines.translation import TranslationStage
 
 if TYPE_CHECKING:
-    from api.media_stream import MediaStream
+    from api.call_session import CallRegistry
+    from api.media_stream import Admission, MediaStream
     from api.persistence import BusForwarder, Persistence
     from api.relay import BusRelay
     from api.speech import Speech
@@ -53,10 +54,11 @@ class Runtime:
     settings: Settings
     hub: EventHub
     speech: Speech  # providers per language and the organisation's policy
+    calls: CallRegistry  # live calls by call id: the stream slots
+    admission: Admission  # media sockets awaiting `start`
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     phrases: tuple[str, ...] = ()
-    streams: dict[int, MediaStream] = field(default_factory=dict)
-    calls: dict[str, MediaStream] = field(default_factory=dict)
+    streams: set[MediaStream] = field(default_factory=set)  # open media sockets, started or not
     stats: Stats = field(default_factory=Stats)
     redactor: Redactor = field(default_factory=Redactor)
     translation: TranslationStage | None = None  # None when no translator is configured
@@ -64,6 +66,7 @@ class Runtime:
     bus: BusForwarder | None = None
     relay: BusRelay | None = None  # other nodes' calls for SSE clients here
     agents: AgentSessions | None = None  # WebRTC sessions of agent browsers (api.webrtc.add_routes)
+    draining: bool = False  # shutting down: new media streams are refused
 
 
 

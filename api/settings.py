@@ -29,7 +29,13 @@ class Settings(BaseSettings):
     telnyx_stream_token: SecretStr | None = None  # the call's stream_auth_token; unset = no check
     max_message_bytes: int = Field(65536, ge=1024)  # larger WebSocket messages close with 1009
     reorder_window: int = Field(4, ge=0, le=64)  # sequenced frames held to restore order
-    max_streams: int = Field(2000, ge=1)  # concurrent media streams; more are refused with 503
+    max_streams: int = Field(2000, ge=1)  # calls streaming at once (slots taken at `start`); more: 1013
+    # Upgraded sockets that have not sent `start` yet, in total and per remote address; more: 503.
+    media_max_pending: int = Field(512, ge=1)
+    media_max_pending_per_address: int = Field(64, ge=1)
+    media_start_timeout_s: float = Field(5.0, gt=0)  # upgrade -> `start`, else closed 1008
+    media_idle_timeout_s: float = Field(10.0, gt=0)  # no media for this long ends the call (idle_timeout)
+    shutdown_grace_s: float = Field(20.0, gt=0)  # SIGTERM: live calls drain their owed finals within this
 
     # VAD segmenter
     vad_aggressiveness: int = Field(2, ge=0, le=3)

@@ -20,6 +20,13 @@ Rules (see ../shared/PROTOCOLS.md):
 * Payloads must be strict base64 of a whole number of 20 ms frames of the stream's codec (1007).
 * Unknown events, binary frames and unsupported encodings are refused (1003); malformed JSON or
   missing fields (1007); a message over ``max_message_bytes`` (1009).
+* Every identifier and number is checked here, before anything leaves this module (``engine.ids``):
+  ``stream_id``, ``call_control_id`` and ``call_session_id`` are ids (at most 128 characters of
+  ``[A-Za-z0-9:_.-]``); ``from``/``to`` at most 256 printable characters, ``client_state`` 4096,
+  ``custom_parameters`` 4096 bytes of JSON; sequence numbers, chunks and timestamps integers in
+  0..2**53; a DTMF digit one of ``0-9 * # A-D``; a mark name and a stop reason short printable
+  labels.  Anything else is 1007.  An ``error`` event's code and detail are clipped and stripped
+  of unprintable characters (they are only logged).
 
 State table (``_ALLOWED`` lists which events each state accepts)::
 
@@ -48,6 +55,7 @@ from engine.errors import (
     UnsupportedData,
 )
 from engine.frames import FRAME_MS, Track
+from engine.ids import counter, label, valid_id
 
 
 class StreamState(enum.Enum):
@@ -67,6 +75,11 @@ _ALLOWED: dict[StreamState, frozenset[str]] = {
 }
 KNOWN_EVENTS = frozenset({"connected", "start", "media", "dtmf", "mark", "stop", "error"})
 AUTH_FIELD = "x-telnyx-streaming-auth-token"
+DTMF_DIGITS = frozenset("0123456789*#ABCD")
+MAX_NUMBER_CHARS = 256  # from / to: E.164 numbers or SIP URIs
+MAX_CLIENT_STATE_CHARS = 4096
+MAX_CUSTOM_PARAMETERS_BYTES = 4096
+MAX_LABEL_CHARS = 128  # mark names, stop reasons
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +222,11 @@ class TelnyxStreamProtocol:
             self.state = StreamState.STOPPED
             self._streaming = False
             stop = msg.get("stop")
-            reason = stop.get("reason", "") if isinstance(stop, dict) else ""
-            events.append(Stopped(str(reason) or "stop"))
+            raw = stop.get("reason", "") if isinstance(stop, dict) else ""
+            reason = label(raw, MAX_LABEL_CHARS) if raw is not None else ""
+            if reason is None:
+                raise InvalidPayload(f"stop.reason must be at most {MAX_LABEL_CHARS} printable characters")
+            events.append(Stopped(reason or "stop"))
             return events
         if event != "media" and msg.get("sequence_number") is None:
             return [self._decode(-1, msg)]  # an unsequenced dtmf/mark cannot be ordered: deliver now
@@ -237,18 +253,43 @@ class TelnyxStreamProtocol:
         if not self._authenticated:
             raise PolicyViolation("stream auth token missing or wrong")
         start = msg.get("start")
-        stream_id = msg.get("stream_id") or (start.get("stream_id") if isinstance(start, dict) else None)
-        if not isinstance(start, dict) or not isinstance(stream_id, str) or not stream_id:
-            raise InvalidPayload("start needs 'stream_id' and a 'start' object")
+        if not isinstance(start, dict):
+            raise InvalidPayload("start needs a 'start' object")
+        raw_stream_id = msg.get("stream_id") or start.get("stream_id")
+        stream_id = valid_id(raw_stream_id)
+        if stream_id is None:
+            raise InvalidPayload("start needs a 'stream_id' of 1-128 characters of [A-Za-z0-9:_.-]")
+        raw_call_id = start.get("call_control_id") or stream_id
+        call_id = valid_id(raw_call_id)
+        if call_id is None:
+            raise InvalidPayload("call_control_id must be 1-128 characters of [A-Za-z0-9:_.-]")
+        session_id = start.get("call_session_id") or ""
+        if session_id and valid_id(session_id) is None:
+            raise InvalidPayload("call_session_id must be 1-128 characters of [A-Za-z0-9:_.-]")
+        numbers = []
+        for name in ("from", "to"):
+            value = start.get(name) or ""
+            if label(value, MAX_NUMBER_CHARS) is None:
+                raise InvalidPayload(f"start.{name} must be at most {MAX_NUMBER_CHARS} printable characters")
+            numbers.append(value)
+        client_state = start.get("client_state") or ""
+        if label(client_state, MAX_CLIENT_STATE_CHARS) is None:
+            raise InvalidPayload(f"start.client_state must be at most {MAX_CLIENT_STATE_CHARS} printable characters")
+        params = start.get("custom_parameters")
+        if params is not None and (not isinstance(params, dict)
+                                   or len(orjson.dumps(params)) > MAX_CUSTOM_PARAMETERS_BYTES):
+            raise InvalidPayload(f"start.custom_parameters must be an object of at most "
+                                 f"{MAX_CUSTOM_PARAMETERS_BYTES} bytes")
         fmt = start.get("media_format")
         if not isinstance(fmt, dict):
             raise InvalidPayload("start.media_format missing")
-        encoding = str(fmt.get("encoding", ""))
-        try:
-            rate = int(fmt.get("sample_rate", 8000))
-            channels = int(fmt.get("channels", 1))
-        except (TypeError, ValueError):
-            raise InvalidPayload("media_format.sample_rate/channels must be integers") from None
+        encoding = fmt.get("encoding", "")
+        if label(encoding, 16) is None:
+            raise InvalidPayload("media_format.encoding must be a short string")
+        rate = counter(fmt.get("sample_rate", 8000))
+        channels = counter(fmt.get("channels", 1))
+        if rate is None or channels is None:
+            raise InvalidPayload("media_format.sample_rate/channels must be integers")
         if channels != 1:
             raise UnsupportedData(f"{channels} channels: only mono is supported")
         try:
@@ -259,18 +300,17 @@ class TelnyxStreamProtocol:
         self._frame_bytes = self.codec.frame_payload_bytes(FRAME_MS)
         self._next_seq = _sequence(msg) + 1
         self.stream_id = stream_id
-        params = start.get("custom_parameters")
         self.started = Started(
             stream_id=stream_id,
-            call_control_id=str(start.get("call_control_id") or stream_id),
-            call_session_id=str(start.get("call_session_id", "")),
+            call_control_id=call_id,
+            call_session_id=session_id,
             encoding=self.codec.name,
             sample_rate=rate,
             channels=channels,
-            from_=str(start.get("from", "")),
-            to=str(start.get("to", "")),
-            client_state=str(start.get("client_state", "")),
-            custom_parameters=params if isinstance(params, dict) else {},
+            from_=numbers[0],
+            to=numbers[1],
+            client_state=client_state,
+            custom_parameters=params or {},
         )
         self.state = StreamState.STREAMING
         self._streaming = True
@@ -280,7 +320,8 @@ class TelnyxStreamProtocol:
         payload = msg.get("payload") or msg.get("error") or {}
         if not isinstance(payload, dict):
             payload = {"detail": str(payload)}
-        return StreamFailed(str(payload.get("code", "")), str(payload.get("detail") or payload.get("title", "")))
+        detail = payload.get("detail") or payload.get("title", "")
+        return StreamFailed(_clip(payload.get("code", ""), 64), _clip(detail, 200))
 
     def _reorder(self, seq: int, msg: dict[str, Any]) -> list[Event]:
         if seq == self._next_seq and not self._held:  # the common case: in order, nothing waiting
@@ -320,14 +361,14 @@ class TelnyxStreamProtocol:
         if event == "dtmf":
             dtmf = msg.get("dtmf")
             digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-            if not isinstance(digit, str) or not digit:
-                raise InvalidPayload("dtmf.digit missing")
+            if type(digit) is not str or digit not in DTMF_DIGITS:
+                raise InvalidPayload("dtmf.digit must be one of 0-9 * # A-D")
             return Dtmf(digit, seq)
         if event == "mark":
             mark = msg.get("mark")
-            name = mark.get("name") if isinstance(mark, dict) else None
-            if not isinstance(name, str):
-                raise InvalidPayload("mark.name missing")
+            name = label(mark.get("name") if isinstance(mark, dict) else None, MAX_LABEL_CHARS)
+            if not name:
+                raise InvalidPayload(f"mark.name must be 1-{MAX_LABEL_CHARS} printable characters")
             if name in self.pending_marks:
                 self.pending_marks.remove(name)
             return MarkPlayed(name)
@@ -342,10 +383,14 @@ class TelnyxStreamProtocol:
                 raise TypeError
             raw = binascii.a2b_base64(payload, strict_mode=True)
             track = _TRACKS.get(media.get("track", "inbound"))
+            chunk = media.get("chunk")
+            stamp = media.get("timestamp")
         except (KeyError, TypeError, AttributeError):
             raise InvalidPayload("media.payload missing or not a string") from None
         except binascii.Error as exc:
             raise InvalidPayload(f"media.payload is not valid base64: {exc}") from None
+        if (chunk is not None and counter(chunk) is None) or (stamp is not None and counter(stamp) is None):
+            raise InvalidPayload("media.chunk and media.timestamp must be integers in 0..2**53")
         if not raw or len(raw) % self._frame_bytes:
             raise InvalidPayload(
                 f"media.payload of {len(raw)} bytes is not whole {FRAME_MS} ms frames "
@@ -391,11 +436,16 @@ _TRACKS = {"inbound": Track.INBOUND, "outbound": Track.OUTBOUND}
 
 
 def _sequence(msg: dict[str, Any]) -> int:
-    raw = msg.get("sequence_number")
-    try:
-        return int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidPayload(f"{msg.get('event')}: sequence_number {raw!r} is not an integer") from None
+    seq = counter(msg.get("sequence_number"))
+    if seq is None:
+        raise InvalidPayload(f"{_clip(msg.get('event'), 16)}: sequence_number is not an integer in 0..2**53")
+    return seq
+
+
+def _clip(value: object, n: int) -> str:
+    """``value`` as text for a log line: at most ``n`` characters, unprintable ones dropped."""
+    text = value if isinstance(value, str) else str(value)
+    return "".join(c for c in text[: n * 2] if c.isprintable())[:n]
 
 
 def _token_ok(given: object, expected: str | None) -> bool:

@@ -51,7 +51,7 @@ from pipelines.bridge import AgentBridge, BridgeStats
 from pipelines.call import CallPipeline
 
 if TYPE_CHECKING:
-    from api.media_stream import MediaStream
+    from api.call_session import CallSession
 
 log = logging.getLogger("switchboard.webrtc")
 
@@ -102,7 +102,7 @@ class AgentSession:
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
-        self.stream: MediaStream | None = None
+        self.stream: CallSession | None = None
         self.closing = False
         self._closed = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
@@ -138,7 +138,7 @@ class AgentSession:
         except MediaStreamError:
             pass  # the track ended; the connection state says why, and closes the session
 
-    def attach(self, stream: MediaStream) -> None:
+    def attach(self, stream: CallSession) -> None:
         self.stream = stream
         if self.events.record is None:  # the call's stream came after the agent: store from now on
             self.events.record = stream.record
@@ -246,7 +246,7 @@ class AgentSessions:
         for f in dataclasses.fields(BridgeStats):
             setattr(self.totals, f.name, getattr(self.totals, f.name) + getattr(stats, f.name))
 
-    def stream_started(self, stream: MediaStream) -> None:
+    def stream_started(self, stream: CallSession) -> None:
         """A Telnyx stream for ``stream.call_id`` started: bridge the first waiting session of the call."""
         if stream.bridge is not None:
             return
@@ -255,7 +255,7 @@ class AgentSessions:
                 session.attach(stream)
                 return
 
-    async def stream_ended(self, stream: MediaStream) -> None:
+    async def stream_ended(self, stream: CallSession) -> None:
         for session in self.on_call(stream.call_id):
             if session.stream is stream:
                 await session.detach()

@@ -9,7 +9,7 @@ mu-law 8 kHz speech with pauses in 20 ms ``media`` messages, streams staggered a
 period as independent calls are), warms up, then measures for ``--seconds``:
 
 * p99 frame lag: server-side, how late each frame finished processing relative to its audio clock
-  (``/api/stats``, see ``api.media_stream.MediaStream.lag_ms``);
+  (``/api/stats``, see ``api.call_session.CallSession._lag_ms``);
 * backlog: frames sent minus frames the server processed, at the start and end of the window
   (growing = the server is falling behind);
 * server CPU (share of its core) and RSS, per stream.

@@ -6,6 +6,7 @@
     │   ├── InvalidPayload       1007: malformed JSON, bad base64, a payload that is not whole frames
     │   ├── PolicyViolation      1008: wrong auth token, events in an order the protocol forbids
     │   ├── MessageTooBig        1009: a message over the configured size
+    │   ├── TryAgainLater        1013: no capacity right now (stream slots, the event hub)
     │   └── InternalError        1011: our own failure while handling the stream
     ├── CodecError               audio that cannot be decoded/encoded by the codec asked for
     ├── Overflow                 a bounded buffer refused an item under its ``raise`` policy
@@ -45,6 +46,10 @@ class PolicyViolation(ProtocolError):
 
 class MessageTooBig(ProtocolError):
     close_code = 1009
+
+
+class TryAgainLater(ProtocolError):
+    close_code = 1013
 
 
 class InternalError(ProtocolError):

@@ -15,7 +15,7 @@ on overflow the oldest frame is dropped and counted (``BridgeStats``).  A slow s
 ``agent_in``, which runs on aiortc's receive path.
 
 Attaching: the bridge exists for the whole WebRTC session; ``attach(sink)`` connects it to a live
-consumer stream (anything with ``rate``, ``send_media`` and ``send_clear``: ``api.media_stream.MediaStream``)
+consumer stream (anything with ``rate``, ``send_media`` and ``send_clear``: ``api.call_session.CallSession``)
 and ``detach()`` disconnects it.  While detached the agent hears silence and its audio only reaches
 ``on_agent_audio``.  ``aclose()`` must be awaited once the session ends: it stops the track and the sender.
 

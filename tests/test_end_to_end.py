@@ -132,7 +132,7 @@ async def check_stored(server: Server, call_id: str, finals: list[dict], samples
             if call is not None and call["status"] == "completed" and rec is not None:
                 break
             await asyncio.sleep(0.1)
-        assert call is not None and call["status"] == "completed" and call["end_reason"] == "stop: stop"
+        assert call is not None and call["status"] == "completed" and call["end_reason"] == "stop"
         assert call["codec"] in ("PCMU", "PCMA") and call["started_at"] < call["ended_at"]
         async with db.tenant(DEFAULT_ORG_ID) as conn:
             stored = await conn.fetch("SELECT seq, text, track, start_ms, end_ms FROM transcriptions "

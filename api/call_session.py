@@ -1,0 +1,218 @@
+"""``CallSession``: the one owner of one call on this node.
+
+A media transport (``api.media_stream`` for Telnyx) turns its protocol into calls on the session:
+``start`` once, ``media``/``dtmf`` while it streams, ``end(event)`` when anything ends it, and
+``finish`` to drain.  The session alone wires the call (the pipeline per track, the recorder, the
+published events, persistence, the agent bridge) and alone ends it, following the transition table
+of ``pipelines.call_state``: the first ending event fixes the outcome and the reason; ``finish``
+then owes the call's last finals and translations (bounded), publishes ``call.ended`` with
+``{reason, detail, status, stats}``, stores the end and releases the call id.
+
+Ownership of a call id is exclusive: ``CallRegistry.claim`` refuses a call id that a live session
+holds (a second socket with the same ``call_control_id`` is refused and the live call is
+untouched); a stream for the same id after the previous session finished continues the call, as a
+Telnyx reconnect does.
+
+The session is also the bridge's consumer sink (``rate``, ``send_media``, ``send_clear``) and what
+``api.webrtc`` attaches agents to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from api.speech import CallEvents
+from api.telnyx_protocol import Dtmf, Media, Started
+from engine.errors import Overflow
+from engine.frames import Track
+from pipelines.call import CallPipeline
+from pipelines.call_state import STATUS, CallEvent, CallMachine, CallState
+
+if TYPE_CHECKING:
+    from api.media_stream import MediaStream
+    from api.persistence import CallRecord
+    from api.runtime import Runtime
+    from pipelines.bridge import AgentBridge
+    from pipelines.recording import CallRecorder
+
+log = logging.getLogger("switchboard.call")
+
+DRAIN_BASE_S = 5.0  # owed finals: the pipeline's own bound grows with the audio still queued
+
+
+class CallRegistry:
+    """Live call sessions of this node by call id (bounded by ``max_calls``)."""
+
+    def __init__(self, max_calls: int) -> None:
+        self.max_calls = max_calls
+        self._calls: dict[str, CallSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __contains__(self, call_id: object) -> bool:
+        return call_id in self._calls
+
+    def __iter__(self) -> Iterator[CallSession]:
+        return iter(list(self._calls.values()))
+
+    def get(self, call_id: str) -> CallSession | None:
+        return self._calls.get(call_id)
+
+    def claim(self, session: CallSession) -> str | None:
+        """Register ``session`` as its call's owner; the refusal reason when it cannot be."""
+        if session.call_id in self._calls:
+            return "call already streaming"
+        if len(self._calls) >= self.max_calls:
+            return f"too many media streams ({self.max_calls} live)"
+        self._calls[session.call_id] = session
+        return None
+
+    def release(self, session: CallSession) -> None:
+        if self._calls.get(session.call_id) is session:
+            del self._calls[session.call_id]
+
+
+class CallSession:
+    def __init__(self, rt: Runtime, leg: MediaStream, started: Started, *, language: str, target: str | None) -> None:
+        self.rt = rt
+        self.leg = leg
+        self.started = started
+        self.call_id = started.call_control_id
+        self.stream_id = started.stream_id
+        self.rate = started.sample_rate
+        self.language = language
+        self.target = target
+        self.machine = CallMachine(CallState.STREAMING)
+        self.record: CallRecord | None = None  # the stored call, when persistence is on
+        self.recorder: CallRecorder | None = None
+        self.bridge: AgentBridge | None = None  # an agent's WebRTC session hears this call (api.webrtc)
+        self.pipeline: CallPipeline | None = None
+        self.events: CallEvents | None = None
+        self.dtmf_count = 0
+        self._t0: float | None = None  # frame-lag baseline: the earliest (arrival - audio time) seen
+        self._finished = asyncio.Event()
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Wire the call and publish ``call.started``.  The caller has claimed the call id.
+
+        Raises ``Overflow`` when the event hub has no room for the call (nothing was wired then).
+        """
+        rt, ev = self.rt, self.started
+        rt.hub.start(self.call_id)  # may raise Overflow: before anything else exists
+        rt.stats.streams_total += 1
+        if rt.persistence is not None:
+            self.record = rt.persistence.call_started(
+                call_control_id=ev.call_control_id, call_session_id=ev.call_session_id or None,
+                stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
+                encoding=ev.encoding, sample_rate=ev.sample_rate)
+            self.recorder = self.record.recorder
+        provider = rt.speech.for_language(self.language)
+        self.events = CallEvents(
+            call_id=self.call_id, stream_id=ev.stream_id, language=self.language, target=self.target,
+            hub=rt.hub, redactor=rt.redactor, sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name,
+            stage=rt.translation, persistence=rt.persistence, record=self.record)
+        self.pipeline = CallPipeline(
+            call_id=self.call_id, stream_id=ev.stream_id, provider=provider, publish=self.events.publish,
+            segmenter=rt.segmenter, phrases=rt.phrases, language=self.language)
+        rt.hub.publish(self.call_id, "call.started", {
+            "call_id": self.call_id, "stream_id": ev.stream_id, "call_session_id": ev.call_session_id,
+            "encoding": ev.encoding, "sample_rate": ev.sample_rate, "from": ev.from_, "to": ev.to,
+            "language": self.language, "translate_to": self.target, "stt_provider": provider.name,
+        })
+        log.info("call.started", extra={"stream_id": ev.stream_id, "call_id": self.call_id,
+                                        "encoding": ev.encoding, "sample_rate": ev.sample_rate})
+        if rt.agents is not None:
+            rt.agents.stream_started(self)  # an agent who joined the call first is bridged now
+
+    # -- streaming (the hot path: 50 frames a second per track) -----------------------------------
+
+    def media(self, ev: Media) -> None:
+        pipeline = self.pipeline
+        if pipeline is None or self.machine.state is not CallState.STREAMING:
+            return
+        pipeline.feed(ev.track, ev.pcm, self.rate, ev.timestamp_ms)
+        if self.recorder is not None:
+            self.recorder.write(ev.track, ev.pcm)
+        if ev.track is Track.INBOUND:
+            if self.bridge is not None:
+                self.bridge.consumer_in(ev.pcm)
+            if not ev.sequence & 3:  # a 1-in-4 sample is plenty
+                self.rt.stats.frame_lag.record(self._lag_ms(ev.timestamp_ms, time.monotonic()))
+
+    def dtmf(self, ev: Dtmf) -> None:
+        self.dtmf_count += 1
+        self.rt.hub.publish(self.call_id, "call.dtmf", {"call_id": self.call_id, "digit": ev.digit})
+
+    def _lag_ms(self, timestamp_ms: int, now: float) -> float:
+        base = now - timestamp_ms / 1000.0
+        if self._t0 is None or base < self._t0:
+            self._t0 = base
+        return (base - self._t0) * 1000.0
+
+    # -- the bridge's consumer sink -----------------------------------------------------------------
+
+    async def send_media(self, pcm: bytes) -> None:
+        await self.leg.send_media(pcm)
+
+    async def send_mark(self, name: str) -> None:
+        await self.leg.send_mark(name)
+
+    async def send_clear(self) -> None:
+        await self.leg.send_clear()
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def end(self, event: CallEvent, detail: str = "") -> bool:
+        """Record why the call ends; ``True`` for the first ending event (later ones change nothing)."""
+        first = self.machine.ended_by is None
+        self.machine.handle(event, detail[:200])
+        return first
+
+    async def finish(self) -> None:
+        """Drain and close the call (once; later calls wait for the first).  Never raises."""
+        if self._finished.is_set() or self.machine.state in (CallState.COMPLETED, CallState.FAILED):
+            await self._finished.wait()
+            return
+        if not self.machine.ending:
+            self.end(CallEvent.HANGUP)
+        rt = self.rt
+        stats: dict[str, Any] = {}
+        try:
+            if rt.agents is not None:
+                await rt.agents.stream_ended(self)  # first: the bridge must stop sending on a closing socket
+            if self.pipeline is not None:
+                await self.pipeline.aclose(DRAIN_BASE_S)
+                stats = {k: getattr(self.pipeline.stats, k) for k in self.pipeline.stats.__slots__}  # type: ignore[attr-defined]
+            if self.events is not None:
+                # Translations of the last finals, so live clients see them before call.ended.
+                if not await self.events.drain(rt.settings.translation_deadline_s + 1.0):
+                    log.warning("call.translations_pending", extra={"call_id": self.call_id})
+                stats["redactions"] = self.events.redactions
+        except Exception:  # a bug while draining must still end the call below
+            log.exception("call.drain_failed", extra={"call_id": self.call_id})
+        finally:
+            p = self.leg.protocol.stats
+            stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count)
+            state = self.machine.handle(CallEvent.DRAINED)
+            reason, detail = self.machine.reason, self.machine.detail
+            try:
+                rt.hub.publish(self.call_id, "call.ended", {
+                    "call_id": self.call_id, "stream_id": self.stream_id, "reason": reason, "detail": detail,
+                    "status": STATUS[state], "stats": stats})
+            except Overflow:
+                log.error("call.ended_unpublished", extra={"call_id": self.call_id})
+            rt.hub.end(self.call_id)
+            if rt.persistence is not None and self.record is not None:
+                rt.persistence.call_ended(self.record, reason=reason, failed=state is CallState.FAILED,
+                                          stats={**stats, "end_detail": detail} if detail else stats)
+            rt.calls.release(self)
+            self._finished.set()
+            log.info("call.ended", extra={"stream_id": self.stream_id, "call_id": self.call_id,
+                                          "reason": reason, "detail": detail, **stats})
