@@ -24,6 +24,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from api.hub import EventHub
+from engine.backoff import Backoff
 from engine.errors import Overflow
 from storage.warm import EventBus
 
@@ -72,7 +73,7 @@ class BusRelay:
             self._watchers[call_id] = n
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             positions = {c: p for c, p in self._positions.items() if not self._is_local(c)}
             if not positions:
@@ -84,10 +85,9 @@ class BusRelay:
             except (OSError, RedisError) as exc:
                 self.errors += 1
                 log.warning("relay.read_failed", extra={"error": type(exc).__name__, "calls": len(positions)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 continue
-            backoff = 0.1
+            backoff.reset()
             for call_id, ev in batch:
                 if call_id not in self._positions:
                     continue  # the last client left while we read

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 
 import orjson
 
+from engine.errors import SwitchboardError
+
 MAX_SDP_BYTES = 64 * 1024
 CALL_ID = re.compile(r"^[A-Za-z0-9:_\-.]{1,256}$")
 AGENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: it appears in logs and events
 _OPUS = re.compile(r"^a=rtpmap:(\d+) opus/48000(?:/2)?$", re.IGNORECASE)
 
 
-class SignalError(ValueError):
+class SignalError(SwitchboardError, ValueError):
     """A request the signalling rules refuse; ``message`` is the client-facing reason (HTTP 400)."""
 
     def __init__(self, message: str) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import Overflow, ProviderError, SwitchboardError
+from engine.errors import Overflow, ProviderError, SessionClosed, SwitchboardError
 from engine.frames import FRAME_MS, AudioFrame, Track, frame_bytes
 from engine.resample import Resampler
 from engine.segmenter import Segmenter, SegmenterConfig, SpeechStarted, UtteranceAudio, UtteranceEnded
@@ -203,6 +203,9 @@ class CallPipeline:
             out = AudioFrame(t.resampler.process(frame.pcm), session.sample_rate, frame.timestamp_ms, frame.track)
         try:
             session.push(out)
+        except SessionClosed:  # the session has ended (its failure was reported once): not lag
+            self.stats.stt_dropped += 1
+            return
         except Overflow as exc:
             self.stats.stt_dropped += 1
             if not t.behind and not t.failed:

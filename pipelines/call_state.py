@@ -33,6 +33,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from engine.errors import SwitchboardError
+
 
 class CallState(enum.Enum):
     INITIATING = "initiating"
@@ -92,7 +94,7 @@ _TRANSITIONS: dict[tuple[CallState, CallEvent], CallState] = {
 }
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(SwitchboardError):
     """An event the current state does not accept: a bug in the caller, never a peer's doing."""
 
 

@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote
 
+from engine.errors import StorageError
+
 log = logging.getLogger("switchboard.blobs")
 
 MAX_KEY_BYTES = 1024
@@ -55,7 +57,7 @@ MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 refuses longer
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
-class BlobError(Exception):
+class BlobError(StorageError):
     """Base of every error this module raises on purpose."""
 
 

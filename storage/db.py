@@ -31,6 +31,8 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 import asyncpg
 import orjson
 
+from engine.errors import StorageError
+
 log = logging.getLogger("switchboard.db")
 
 APP_ROLE = "switchboard_app"
@@ -38,7 +40,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-class MigrationError(RuntimeError):
+class MigrationError(StorageError, RuntimeError):
     """A migration failed, or an applied migration's text no longer matches its checksum."""
 
 

@@ -16,8 +16,10 @@ from typing import Any
 
 import asyncpg
 
+from engine.errors import StorageError
 
-class MissingParent(LookupError):
+
+class MissingParent(StorageError, LookupError):
     """A record refers to a call that is not stored (its ``CallStarted`` was rejected)."""
 
 

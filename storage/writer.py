@@ -37,6 +37,7 @@ from itertools import islice
 
 import asyncpg
 
+from engine.backoff import Backoff
 from storage.db import Database
 from storage.records import Record
 
@@ -133,7 +134,7 @@ class PersistWriter:
     # -- the writing task --------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = self._retry_initial
+        backoff = Backoff(self._retry_initial, self._retry_max)
         while True:
             if not self._buf:
                 self._idle.set()
@@ -149,13 +150,12 @@ class PersistWriter:
                 await self._write(batch)
             except TRANSIENT as exc:
                 self._on_transient(exc)  # and retry until it works, or aclose's drain time runs out
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._retry_max)
+                await asyncio.sleep(backoff.next())
                 continue
             for _ in batch:
                 self._buf.popleft()
             self.stats.written += len(batch)
-            backoff = self._retry_initial
+            backoff.reset()
             if self._outage_since is not None:
                 log.warning("writer.recovered", extra={"outage_s": round(time.monotonic() - self._outage_since, 3),
                                                        "pending": len(self._buf)})

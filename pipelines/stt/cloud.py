@@ -53,8 +53,9 @@ from typing import Any, ClassVar, NamedTuple
 import aiohttp
 import orjson
 
+from engine.backoff import delay
 from engine.codecs import get_codec
-from engine.errors import Overflow, ProviderUnavailable
+from engine.errors import Overflow, ProviderUnavailable, SessionClosed, SwitchboardError
 from engine.frames import AudioFrame
 from pipelines.stt.base import Emit, SttProvider, SttSession, Transcript, Word
 
@@ -69,7 +70,7 @@ class Action(enum.Enum):
     FAIL = "fail"  # retrying cannot help: the session fails at once
 
 
-class Refused(Exception):
+class Refused(SwitchboardError):
     """A connection attempt or an open connection ended; ``action`` says what to do next."""
 
     def __init__(self, action: Action, reason: str) -> None:
@@ -212,7 +213,7 @@ class CloudSession(SttSession):
 
     def push(self, frame: AudioFrame) -> None:
         if self.failure is not None or self._closing:
-            raise Overflow(f"{self.provider} session is {'failed' if self.failure else 'closed'}")
+            raise SessionClosed(f"{self.provider} session is {'failed' if self.failure else 'closed'}")
         if frame.sample_rate != self.sample_rate:
             raise ValueError(f"{self.provider} session runs at {self.sample_rate} Hz, got {frame.sample_rate}")
         ms = frame.samples * 1000 / self.sample_rate
@@ -342,7 +343,7 @@ class CloudSession(SttSession):
 
     def _backoff(self, failures: int) -> float:
         first, largest = self._cfg.backoff_s
-        return float(min(largest, first * 2 ** (failures - 1)))
+        return delay(failures - 1, first, largest)
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         try:

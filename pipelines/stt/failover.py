@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from engine.errors import Overflow, ProviderError, ProviderUnavailable
+from engine.errors import Overflow, ProviderError, ProviderUnavailable, SessionClosed
 from engine.frames import FRAME_MS, AudioFrame
 from engine.resample import Resampler
 from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession, Transcript
@@ -209,7 +209,7 @@ class FailoverSession(SttSession):
 
     def push(self, frame: AudioFrame) -> None:
         if self.failure is not None or self._closed:
-            raise Overflow("speech-to-text session failed")
+            raise SessionClosed("speech-to-text session failed")
         if len(self._utterance) == self._utterance.maxlen:
             raise Overflow("utterance longer than the replay bound")
         self._utterance.append(frame)

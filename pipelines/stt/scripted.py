@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.errors import Overflow
+from engine.errors import SessionClosed
 from engine.frames import AudioFrame
 from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession, Transcript, Word
 
@@ -33,7 +33,7 @@ class _CountingSession(SttSession):
 
     def push(self, frame: AudioFrame) -> None:
         if self._closed:
-            raise Overflow("session closed")
+            raise SessionClosed("session closed")
         self.frames += 1
         if self._start_ms is None:
             self.utterance += 1

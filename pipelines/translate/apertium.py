@@ -56,6 +56,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.errors import SwitchboardError
 from pipelines.translate.apertium_format import END_MARK, deformat, reformat
 from pipelines.translate.base import Translation, TranslationError, TranslationTimeout, Translator, normalise_lang
 
@@ -77,7 +78,7 @@ def mode_name(source_lang: str, target_lang: str) -> str:
         raise TranslationError(f"apertium: no mode name for {source_lang!r} -> {target_lang!r}") from exc
 
 
-class _ProcessLost(Exception):
+class _ProcessLost(SwitchboardError):
     """The process died or was retired before answering."""
 
 

@@ -16,7 +16,6 @@ otherwise 0.5 s x 2^n capped at 8 s, times a jitter in [0.75, 1].
 from __future__ import annotations
 
 import email.utils
-import random
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -24,6 +23,7 @@ from typing import Any, Final
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from engine.backoff import delay
 from pipelines.translate.base import TranslationError
 
 DONE: Final = object()
@@ -99,8 +99,7 @@ def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> fl
 
 def backoff_s(retries_so_far: int, *, jitter: float | None = None) -> float:
     """The wait before retry number ``retries_so_far + 1`` when the server names none."""
-    base = min(INITIAL_RETRY_DELAY_S * 2**retries_so_far, MAX_RETRY_DELAY_S)
-    return base * (1 - 0.25 * (random.random() if jitter is None else jitter))
+    return delay(retries_so_far, INITIAL_RETRY_DELAY_S, MAX_RETRY_DELAY_S, jitter=0.25, draw=jitter)
 
 
 def redact(message: str, secret: str) -> str:

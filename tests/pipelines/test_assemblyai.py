@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from engine.errors import Overflow, ProviderUnavailable
+from engine.errors import Overflow, ProviderUnavailable, SessionClosed
 from pipelines.stt.assemblyai import AssemblyAIProvider
 from pipelines.stt.base import SessionOptions
 from tests.fakes.assemblyai import FakeAssemblyAI
@@ -127,7 +127,7 @@ async def test_input_validation_error_3006_fails_the_session_at_once(fake: FakeA
     await asyncio.sleep(0.1)
     assert len(h.failures) == 1 and isinstance(h.failures[0], ProviderUnavailable)
     assert fake.attempts == 1 and session.failed_utterances == 1
-    with pytest.raises(Overflow):
+    with pytest.raises(SessionClosed):
         session.push(frames(speech(20, 9), 2000)[0])
     await h.close()
 
@@ -143,7 +143,7 @@ async def test_refused_reconnects_beyond_max_reconnects_fail_once_then_push_over
     assert len(h.failures) == 1 and isinstance(session.failure, ProviderUnavailable)
     assert fake.attempts == 1 + 2  # the first connection, then max_reconnects refused attempts
     assert session.failed_utterances == 1 and not h.finals()
-    with pytest.raises(Overflow):
+    with pytest.raises(SessionClosed):
         session.push(frames(speech(20, 11), 3000)[0])
     session.finalize()  # emits nothing
     await h.close()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from engine.errors import Overflow, ProviderUnavailable
+from engine.errors import Overflow, ProviderUnavailable, SessionClosed
 from pipelines.stt.base import SessionOptions
 from pipelines.stt.deepgram import DeepgramProvider
 from tests.fakes.deepgram import FakeDeepgram
@@ -138,7 +138,7 @@ async def test_refused_reconnects_beyond_max_reconnects_fail_once_then_push_over
     assert len(h.failures) == 1 and isinstance(session.failure, ProviderUnavailable)
     assert fake.attempts == 1 + 3
     assert session.failed_utterances == 1 and not h.finals()
-    with pytest.raises(Overflow):
+    with pytest.raises(SessionClosed):
         session.push(frames(speech(20, 10), 3000)[0])
     await h.close()
 

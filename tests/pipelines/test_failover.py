@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from engine.errors import Overflow, ProviderError, ProviderUnavailable
+from engine.errors import Overflow, ProviderError, ProviderUnavailable, SessionClosed
 from engine.frames import AudioFrame, Track
 from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession, Transcript
 from pipelines.stt.failover import Breaker, Circuit, FailoverProvider, FailoverSession
@@ -113,7 +113,7 @@ async def test_when_every_provider_is_gone_the_session_fails_once_and_refuses_au
     a.sessions[0].fail(ProviderUnavailable("down"))
     await asyncio.sleep(0.05)
     assert len(failures) == 1 and isinstance(failures[0], ProviderUnavailable)
-    with pytest.raises(Overflow):
+    with pytest.raises(SessionClosed):
         session.push(frame(0))
 
 
