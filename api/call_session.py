@@ -42,6 +42,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.call")
 
 DRAIN_BASE_S = 5.0  # owed finals: the pipeline's own bound grows with the audio still queued
+# DTMF events published per call: a person presses at most a few keys a second.  A flood past the
+# bucket is counted (``dtmf_dropped`` in call.ended's stats) instead of pushing the call's finals
+# out of its bounded replay history.
+DTMF_PER_S = 10.0
+DTMF_BURST = 20
+
+
+def speech_leg(rt: Runtime, call_id: str, stream_id: str, language: str, target: str | None,
+               record: CallRecord | None) -> tuple[CallEvents, CallPipeline]:
+    """The publisher and pipeline of one party's audio on a call (the caller's stream, an agent's
+    microphone): transcripts go through ``CallEvents`` (redaction, SSE, storage, translation)."""
+    provider = rt.speech.for_language(language)
+    events = CallEvents(
+        call_id=call_id, stream_id=stream_id, language=language, target=target, hub=rt.hub, redactor=rt.redactor,
+        sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name, stage=rt.translation,
+        persistence=rt.persistence, record=record)
+    pipeline = CallPipeline(call_id=call_id, stream_id=stream_id, provider=provider, publish=events.publish,
+                            segmenter=rt.segmenter, phrases=rt.phrases, language=language)
+    return events, pipeline
 
 
 class CallRegistry:
@@ -94,6 +113,9 @@ class CallSession:
         self.pipeline: CallPipeline | None = None
         self.events: CallEvents | None = None
         self.dtmf_count = 0
+        self.dtmf_dropped = 0
+        self._dtmf_tokens = float(DTMF_BURST)
+        self._dtmf_at = time.monotonic()
         self._t0: float | None = None  # frame-lag baseline: the earliest (arrival - audio time) seen
         self._finished = asyncio.Event()
 
@@ -113,18 +135,13 @@ class CallSession:
                 stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
                 encoding=ev.encoding, sample_rate=ev.sample_rate)
             self.recorder = self.record.recorder
-        provider = rt.speech.for_language(self.language)
-        self.events = CallEvents(
-            call_id=self.call_id, stream_id=ev.stream_id, language=self.language, target=self.target,
-            hub=rt.hub, redactor=rt.redactor, sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name,
-            stage=rt.translation, persistence=rt.persistence, record=self.record)
-        self.pipeline = CallPipeline(
-            call_id=self.call_id, stream_id=ev.stream_id, provider=provider, publish=self.events.publish,
-            segmenter=rt.segmenter, phrases=rt.phrases, language=self.language)
+        self.events, self.pipeline = speech_leg(rt, self.call_id, ev.stream_id, self.language, self.target,
+                                                self.record)
+        provider = self.events.provider
         rt.hub.publish(self.call_id, "call.started", {
             "call_id": self.call_id, "stream_id": ev.stream_id, "call_session_id": ev.call_session_id,
             "encoding": ev.encoding, "sample_rate": ev.sample_rate, "from": ev.from_, "to": ev.to,
-            "language": self.language, "translate_to": self.target, "stt_provider": provider.name,
+            "language": self.language, "translate_to": self.target, "stt_provider": provider,
         })
         log.info("call.started", extra={"stream_id": ev.stream_id, "call_id": self.call_id,
                                         "encoding": ev.encoding, "sample_rate": ev.sample_rate})
@@ -147,6 +164,15 @@ class CallSession:
                 self.rt.stats.frame_lag.record(self._lag_ms(ev.timestamp_ms, time.monotonic()))
 
     def dtmf(self, ev: Dtmf) -> None:
+        now = time.monotonic()
+        self._dtmf_tokens = min(DTMF_BURST, self._dtmf_tokens + (now - self._dtmf_at) * DTMF_PER_S)
+        self._dtmf_at = now
+        if self._dtmf_tokens < 1:
+            if not self.dtmf_dropped:
+                log.warning("call.dtmf_flood", extra={"call_id": self.call_id, "limit_per_s": DTMF_PER_S})
+            self.dtmf_dropped += 1
+            return
+        self._dtmf_tokens -= 1
         self.dtmf_count += 1
         self.rt.hub.publish(self.call_id, "call.dtmf", {"call_id": self.call_id, "digit": ev.digit})
 
@@ -199,7 +225,8 @@ class CallSession:
             log.exception("call.drain_failed", extra={"call_id": self.call_id})
         finally:
             p = self.leg.protocol.stats
-            stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count)
+            stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count,
+                         dtmf_dropped=self.dtmf_dropped)
             state = self.machine.handle(CallEvent.DRAINED)
             reason, detail = self.machine.reason, self.machine.detail
             try:

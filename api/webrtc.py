@@ -43,12 +43,11 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from api.call_session import speech_leg
 from api.runtime import RUNTIME, Runtime
-from api.speech import CallEvents
 from api.webrtc_signal import OfferRequest, SignalError, parse_offer_request
 from engine.frames import Track
 from pipelines.bridge import AgentBridge, BridgeStats
-from pipelines.call import CallPipeline
 
 if TYPE_CHECKING:
     from api.call_session import CallSession
@@ -87,14 +86,10 @@ class AgentSession:
         self.rate = provider.sample_rate if provider.sample_rate in (8000, 16000) else 16000
         target = rt.speech.policy.translate_to.get(req.language)
         stream = rt.calls.get(req.call_id)
-        self.events = CallEvents(
-            call_id=req.call_id, stream_id=self.id, language=req.language,
-            target=target if target in rt.settings.languages and target != req.language else None,
-            hub=rt.hub, redactor=rt.redactor, sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name,
-            stage=rt.translation, persistence=rt.persistence, record=stream.record if stream else None)
-        self.pipeline = CallPipeline(call_id=req.call_id, stream_id=self.id, provider=provider,
-                                     publish=self.events.publish, segmenter=rt.segmenter, phrases=rt.phrases,
-                                     language=req.language)
+        self.events, self.pipeline = speech_leg(
+            rt, req.call_id, self.id, req.language,
+            target if target in rt.settings.languages and target != req.language else None,
+            stream.record if stream else None)
         self.bridge = AgentBridge(stt_rate=self.rate, on_agent_audio=self._feed, jitter_ms=rt.settings.webrtc_jitter_ms,
                                   vad_aggressiveness=rt.settings.vad_aggressiveness,
                                   hangover_ms=rt.settings.vad_hangover_ms)

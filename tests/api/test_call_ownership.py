@@ -305,3 +305,28 @@ async def test_every_identifier_and_number_is_validated_at_the_edge(server: Serv
     assert HUGE[:1000] not in text and "\\u0000" not in text and "etc/passwd" not in text
     assert "1" * 30_000 not in text and str(10**30) not in text
     assert all(len(line) < 4000 for line in text.splitlines())
+
+
+async def test_a_dtmf_flood_is_rate_limited_and_counted_while_the_victim_streams(server: Server,
+                                                                                  speech: np.ndarray) -> None:
+    async def flood() -> tuple[int, float]:
+        ws = await websockets.connect(server.ws, additional_headers={"x-telnyx-streaming-auth-token": TOKEN})
+        await ws.send(j(event="start", sequence_number="1", stream_id="s-dtmf",
+                        start=_start(call_control_id="v3:dtmf-flood")))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        n = 3000
+        for seq in range(2, n + 2):
+            await ws.send(j(event="dtmf", sequence_number=str(seq), stream_id="s-dtmf", dtmf={"digit": "5"}))
+        await ws.send(j(event="stop", sequence_number=str(n + 2), stream_id="s-dtmf"))
+        await closed_with(ws)
+        return n, loop.time() - t0
+
+    victim, (sent, elapsed) = await asyncio.gather(stream_call(server, "v3:victim-dtmf", speech), flood())
+    assert_victim_whole(victim)
+    async with aiohttp.ClientSession() as http:
+        replay = await read_sse(http, f"{server.http}/api/calls/v3:dtmf-flood/events", last_event_id="0")
+    published = sum(e.event == "call.dtmf" for e in replay.events)
+    ended = [e.json() for e in replay.events if e.event == "call.ended"][0]
+    assert published <= 20 + 10 * elapsed + 1, (published, elapsed)
+    assert ended["stats"]["dtmf"] == published and ended["stats"]["dtmf_dropped"] == sent - published
