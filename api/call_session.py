@@ -152,7 +152,7 @@ class CallSession:
 
     def media(self, ev: Media) -> None:
         pipeline = self.pipeline
-        if pipeline is None or self.machine.state is not CallState.STREAMING:
+        if pipeline is None:  # the adapter stops calling once the stream is ending
             return
         pipeline.feed(ev.track, ev.pcm, self.rate, ev.timestamp_ms)
         if self.recorder is not None:

@@ -23,7 +23,6 @@ import re
 MAX_ID_CHARS = 128
 MAX_COUNTER = 2**53
 ID = re.compile(r"[A-Za-z0-9:_.\-]{1,128}")
-_DIGITS = re.compile(r"[0-9]{1,16}")
 
 
 def valid_id(value: object) -> str | None:
@@ -44,7 +43,8 @@ def counter(value: object) -> int | None:
     """``value`` as an int in ``0..MAX_COUNTER``, else ``None``."""
     if type(value) is int:
         return value if 0 <= value <= MAX_COUNTER else None
-    if type(value) is str and _DIGITS.fullmatch(value):
+    # str methods, not a regex: this runs on every media message (sequence number, chunk, timestamp).
+    if type(value) is str and 0 < len(value) <= 16 and value.isascii() and value.isdigit():
         n = int(value)
         return n if n <= MAX_COUNTER else None
     return None
