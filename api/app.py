@@ -17,7 +17,9 @@ from aiohttp import web
 
 from api import blobs, console, media_stream, sse, webrtc
 from api.call_session import CallRegistry
+from api.connections import CONNECTION_GUARD
 from api.hub import EventHub
+from api.middleware import body_limit, doors
 from api.persistence import BusForwarder, Persistence
 from api.relay import BusRelay
 from api.runtime import RUNTIME, Runtime
@@ -37,7 +39,9 @@ LOCAL_BLOBS = web.AppKey("local_blobs", object)
 
 def create_app(settings: Settings | None = None, *, stt: SttProvider | None = None) -> web.Application:
     settings = settings or Settings()
-    app = web.Application(client_max_size=1 << 20)
+    # The Host, content-type and body checks (api.middleware); 1 MiB is only the backstop of the
+    # per-route limits that it enforces.
+    app = web.Application(client_max_size=1 << 20, middlewares=[doors(settings)])
     speech = Speech(settings, Policy.resolve(settings), override=stt)
     rt = Runtime(
         settings=settings,
@@ -46,12 +50,15 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
             client_buffer=settings.sse_client_buffer,
             max_calls=settings.sse_max_calls,
             retention_s=settings.sse_retention_s,
+            max_pending=settings.sse_max_pending,
+            max_pending_per_owner=settings.sse_max_pending_per_address,
         ),
         segmenter=settings.segmenter(),
         phrases=settings.phrases(),
         speech=speech,
         calls=CallRegistry(settings.max_streams),
-        admission=media_stream.Admission(settings.media_max_pending, settings.media_max_pending_per_address),
+        admission=media_stream.Admission(settings.media_max_pending, settings.media_max_pending_per_address,
+                                         frozenset(settings.per_address_exempt)),
     )
     app[RUNTIME] = rt
     app[STREAM_WATCH] = media_stream.StreamWatch(rt)
@@ -96,6 +103,7 @@ async def stats(request: web.Request) -> web.Response:
         "frames": rt.stats.frames,
         "frame_lag": rt.stats.frame_lag.summary(),
         "sse_clients": rt.stats.sse_clients,
+        "sse_waiting": rt.hub.waiting,
         "events_published": rt.hub.published,
         "calls_tracked": len(rt.hub),
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
@@ -107,12 +115,14 @@ async def stats(request: web.Request) -> web.Response:
         "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
         "translation": _translation_stats(rt),
         "webrtc": rt.agents.stats() if rt.agents is not None else None,
+        "http": guard.stats() if (guard := request.app.get(CONNECTION_GUARD)) is not None else None,
         "rss_bytes": _rss_bytes(),
         "pid": os.getpid(),
         "time": time.time(),
     })
 
 
+@body_limit(1024)  # takes none, but a client that sends {} is not refused
 async def stats_reset(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     rt.stats.frame_lag.reset()

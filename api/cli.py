@@ -85,12 +85,20 @@ def _tune_gc() -> None:
 
 async def _serve(settings: Settings) -> None:
     from api.app import create_app
+    from api.connections import CONNECTION_GUARD, ConnectionGuard
 
     _raise_fd_limit()
     _tune_gc()
 
-    runner = web.AppRunner(create_app(settings), access_log=None, handle_signals=False)
+    app = create_app(settings)
+    guard = app[CONNECTION_GUARD] = ConnectionGuard(header_timeout_s=settings.http_header_timeout_s,
+                                                    max_per_address=settings.http_max_pending_per_address,
+                                                    exempt=settings.per_address_exempt)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=settings.http_keepalive_timeout_s)
     await runner.setup()
+    assert runner.server is not None
+    guard.install(runner.server)  # before the site accepts anything
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
     await site.start()
     # Start-up (storage clients, warm decoders) made many long-lived objects: out of the collector's reach too.

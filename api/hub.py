@@ -16,15 +16,25 @@ Delivery policy per subscriber (the "slow client never slows the media path" rul
   reports with a ``stream.gap`` event.
 
 Bounds: ``history`` events per call, ``client_buffer`` per subscriber, ``max_calls`` channels.  Ended
-calls stay replayable for ``retention_s``; when the table is full the oldest ended call without
-subscribers is evicted, and if every call is live a new one is refused (``Overflow``).
+calls stay replayable for ``retention_s``; when the table is full the oldest ended call is evicted
+(one without subscribers first: the readers of an ended call hold what they still need), and only if
+every call in it is live is a new one refused (``Overflow``).
+
+Subscribers to a call id that has no channel yet (they may come before the call, or for a call that
+never comes) wait on a channel in a separate table: ``max_pending`` such subscribers in all and
+``max_pending_per_owner`` per owner (the SSE layer passes the client's address, or no owner for an
+address exempt from per-address caps); past either, ``subscribe`` raises ``Overflow``.  Those
+waiting channels are never in the call table, so they can neither evict nor block a call: the first
+event of the call (``start``, ``publish`` or ``relay``) moves the waiting channel, subscribers and
+all, into the call table, and from then on its subscribers count as a call's readers, no longer as
+waiting ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +58,11 @@ class HubEvent:
 
 
 class Subscriber:
-    def __init__(self, client_buffer: int) -> None:
+    def __init__(self, client_buffer: int, *, waiting: bool = False, owner: str | None = None) -> None:
         self._queue: BoundedChannel[HubEvent] = BoundedChannel(client_buffer, Policy.EVERY, name="sse-client")
         self._latest: dict[str, HubEvent] = {}
+        self.waiting = waiting  # for a call that has not started: counted in the hub's waiting caps
+        self.owner = owner
         self._wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
@@ -119,28 +131,48 @@ class EventHub:
         client_buffer: int = 256,
         max_calls: int = 10_000,
         retention_s: float = 600.0,
+        max_pending: int = 1000,
+        max_pending_per_owner: int = 100,
     ) -> None:
         self._channels: OrderedDict[str, CallChannel] = OrderedDict()
+        self._waiting: dict[str, CallChannel] = {}  # call ids with subscribers and no call yet
+        self._waiting_by_owner: Counter[str] = Counter()
+        self._waiting_subs = 0
         self._history = history
         self._client_buffer = client_buffer
         self._max_calls = max_calls
+        self._max_pending = max_pending
+        self._max_pending_per_owner = max_pending_per_owner
         self._retention = retention_s
         self.published = 0
         # Called with every non-droppable event after it is published (the cross-node bus); must not block.
         self.taps: list[Callable[[str, HubEvent], None]] = []
 
     def __len__(self) -> int:
+        """Calls in the call table (live and recently ended); waiting subscriptions are not counted."""
         return len(self._channels)
 
+    @property
+    def waiting(self) -> int:
+        """Subscribers waiting for a call that has not started."""
+        return self._waiting_subs
+
     def get(self, call_id: str) -> CallChannel | None:
-        return self._channels.get(call_id)
+        return self._channels.get(call_id) or self._waiting.get(call_id)
 
     def channel(self, call_id: str) -> CallChannel:
-        """The call's channel, created on first use (a subscriber may arrive before the call)."""
+        """The call's channel in the call table, created on first use, or moved there from the waiting
+        table with its subscribers.  Raises ``Overflow`` when live calls fill the table."""
         ch = self._channels.get(call_id)
         if ch is None:
             self._make_room()
-            ch = self._channels[call_id] = CallChannel(call_id, self._history)
+            ch = self._waiting.pop(call_id, None)
+            if ch is None:
+                ch = CallChannel(call_id, self._history)
+            else:
+                for sub in ch.subscribers:
+                    self._stop_waiting(sub)
+            self._channels[call_id] = ch
         return ch
 
     def publish(
@@ -185,22 +217,52 @@ class EventHub:
         if ch is not None:
             ch.ended_at = time.monotonic()
 
-    def subscribe(self, call_id: str) -> tuple[CallChannel, Subscriber]:
-        ch = self.channel(call_id)
-        sub = Subscriber(self._client_buffer)
+    def subscribe(self, call_id: str, owner: str | None = None) -> tuple[CallChannel, Subscriber]:
+        """A new subscriber of ``call_id``.  When the call has no channel yet the subscriber waits in
+        the waiting table; ``Overflow`` when that is full, in all or for ``owner`` (``None``: no cap of
+        its own)."""
+        ch = self._channels.get(call_id)
+        if ch is not None:
+            sub = Subscriber(self._client_buffer)
+        else:
+            if self._waiting_subs >= self._max_pending:
+                raise Overflow(f"{self._max_pending} subscribers already wait for calls that have not started")
+            if owner is not None and self._waiting_by_owner[owner] >= self._max_pending_per_owner:
+                raise Overflow(f"{self._max_pending_per_owner} subscriptions from this client already wait"
+                               " for calls that have not started")
+            ch = self._waiting.get(call_id)
+            if ch is None:
+                ch = self._waiting[call_id] = CallChannel(call_id, self._history)
+            sub = Subscriber(self._client_buffer, waiting=True, owner=owner)
+            self._waiting_subs += 1
+            if owner is not None:
+                self._waiting_by_owner[owner] += 1
         ch.subscribers.add(sub)
         return ch, sub
 
     def unsubscribe(self, ch: CallChannel, sub: Subscriber) -> None:
         ch.subscribers.discard(sub)
         sub.close()
-        if not ch.subscribers and ch.last_id == 0 and self._channels.get(ch.call_id) is ch:
-            del self._channels[ch.call_id]  # waited for a call that never came: nothing to keep
+        self._stop_waiting(sub)
+        if not ch.subscribers and self._waiting.get(ch.call_id) is ch:
+            del self._waiting[ch.call_id]  # waited for a call that never came: nothing to keep
 
     def close_all(self) -> None:
-        for ch in self._channels.values():
-            for sub in ch.subscribers:
-                sub.close()
+        for table in (self._channels, self._waiting):
+            for ch in table.values():
+                for sub in ch.subscribers:
+                    sub.close()
+
+    def _stop_waiting(self, sub: Subscriber) -> None:
+        if not sub.waiting:
+            return
+        sub.waiting = False
+        self._waiting_subs -= 1
+        owner = sub.owner
+        if owner is not None:
+            self._waiting_by_owner[owner] -= 1
+            if not self._waiting_by_owner[owner]:
+                del self._waiting_by_owner[owner]
 
     def _make_room(self) -> None:
         now = time.monotonic()
@@ -209,8 +271,15 @@ class EventHub:
                 del self._channels[call_id]
         if len(self._channels) < self._max_calls:
             return
+        # The oldest ended call, one without subscribers if there is one; a reader of an ended call
+        # keeps its channel object and its queue, so it still gets the rest of what it is reading.
+        victim = None
         for call_id, ch in self._channels.items():  # oldest first
-            if ch.ended_at is not None and not ch.subscribers:
-                del self._channels[call_id]
-                return
-        raise Overflow(f"event hub full: {self._max_calls} live calls")
+            if ch.ended_at is not None:
+                if not ch.subscribers:
+                    victim = call_id
+                    break
+                victim = victim or call_id
+        if victim is None:
+            raise Overflow(f"event hub full: {self._max_calls} live calls")
+        del self._channels[victim]

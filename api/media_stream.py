@@ -7,8 +7,9 @@ protocol error closes *this* socket with the error's close code and a logged rea
 Admission, in the order a connection meets it:
 
 1. **Pending connections** (upgraded, no ``start`` yet) are capped in total
-   (``media_max_pending``) and per remote address (``media_max_pending_per_address``); past either
-   the upgrade is refused with 503 + ``Retry-After``.  While draining for shutdown, every upgrade is.
+   (``media_max_pending``) and per remote address (``media_max_pending_per_address``, except the
+   ``per_address_exempt`` ones: a local reverse proxy); past either the upgrade is refused with 503
+   + ``Retry-After``.  While draining for shutdown, every upgrade is.
 2. A pending connection must authenticate and send ``start`` within ``media_start_timeout_s``, or
    it is closed with 1008.
 3. At ``start`` the stream takes a **stream slot**: the call id must not be live on another socket
@@ -98,9 +99,10 @@ class MediaStream:
 class Admission:
     """Pending (upgraded, not started) connections, in total and per remote address."""
 
-    def __init__(self, max_total: int, max_per_address: int) -> None:
+    def __init__(self, max_total: int, max_per_address: int, exempt: frozenset[str] = frozenset()) -> None:
         self.max_total = max_total
         self.max_per_address = max_per_address
+        self.exempt = exempt  # a reverse proxy on this host speaks for all its clients: no per-address cap
         self.total = 0
         self.by_address: dict[str, int] = {}
         self.refused = 0
@@ -111,7 +113,7 @@ class Admission:
         if self.total >= self.max_total:
             self.refused += 1
             return f"too many connections awaiting start ({self.max_total})"
-        if n >= self.max_per_address:
+        if n >= self.max_per_address and address not in self.exempt:
             self.refused += 1
             return f"too many connections awaiting start from one address ({self.max_per_address})"
         self.total += 1

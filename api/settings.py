@@ -100,6 +100,22 @@ class Settings(BaseSettings):
     webrtc_jitter_ms: int = Field(100, ge=20, le=1000)  # audio held per bridge direction; past it the oldest goes
     stats_enabled: bool = True  # GET /api/stats (loopback deployments; the benchmark reads it)
 
+    # HTTP doors (api/middleware.py, api/connections.py, api/sse.py): what one client may hold.
+    # Host headers served, e.g. ["switchboard.example.com"] (see api/middleware.py for the forms).
+    # Empty: the loopback names when bound to loopback, else any host (warned at start-up).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    http_header_timeout_s: float = Field(10.0, gt=0)  # accept -> first request's headers complete, else 408
+    http_max_pending_per_address: int = Field(256, ge=1)  # connections per address before their first request
+    http_keepalive_timeout_s: float = Field(75.0, gt=0)  # between requests on a keep-alive connection
+    http_body_timeout_s: float = Field(15.0, gt=0)  # headers complete -> whole body read, else 408 and close
+    sse_max_pending: int = Field(1000, ge=1)  # SSE subscribers waiting for calls that have not started
+    sse_max_pending_per_address: int = Field(100, ge=1)  # ... of them from one client address
+    # Peers the per-address caps do not apply to: a reverse proxy on this host speaks for all its clients
+    # (deploy/nginx.conf); limit per client there.  The total caps still apply.
+    per_address_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    sse_write_timeout_s: float = Field(30.0, gt=0)  # an SSE write not draining this long cuts the client
+    sse_send_buffer_bytes: int = Field(65536, ge=0)  # SO_SNDBUF of SSE sockets (0: the OS's own)
+
     # Storage tiers.  Unset URLs start the embedded default (see storage/embedded.py) under data_dir.
     persist: bool = True  # False: the real-time path only, nothing stored (benchmarks, some tests)
     data_dir: Path = Path(".switchboard")

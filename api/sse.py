@@ -9,7 +9,16 @@
   ``call.started`` on.
 * After ``call.ended`` the response ends.  A client reconnecting to an ended call with nothing left
   to replay gets 204, which tells EventSource to stop reconnecting.
-* A client too slow to take its finals is cut (see ``api.hub``) and resumes by reconnecting.
+* A client too slow to take its finals is cut (see ``api.hub``) and resumes by reconnecting.  So is
+  one that stops reading: when the response's transport buffer stays over its high-water mark
+  (64 KiB) for ``sse_write_timeout_s`` the connection is aborted.  With the socket's send buffer set
+  to ``sse_send_buffer_bytes``, what a stuck reader pins is bounded by those, plus its queue.
+* A subscription to a call with no channel yet waits for it, within ``sse_max_pending`` such
+  subscriptions in all and ``sse_max_pending_per_address`` per client address (not for the
+  ``per_address_exempt`` ones: a local reverse proxy); past them: 503 with ``Retry-After``.
+  Waiting subscriptions never take a slot a new call needs (``api.hub``).
+* 400 for a call id that is not 1-128 characters of ``[A-Za-z0-9:_-.]`` and for a ``Last-Event-ID``
+  (or ``last_event_id``) that is not 1-18 ASCII digits; an empty one counts as absent.
 * A call whose media stream is on another node is served from the Redis event bus (``api.relay``)
   under the owning node's ids, so a client may reconnect to any node; remote viewers get final and
   lifecycle events, not partials.
@@ -17,8 +26,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import socket
 
 from aiohttp import web
 
@@ -27,25 +38,42 @@ from engine.errors import Overflow
 
 log = logging.getLogger("switchboard.sse")
 
-CALL_ID = re.compile(r"^[A-Za-z0-9:_\-.]{1,256}$")
+CALL_ID = re.compile(r"[A-Za-z0-9:_\-.]{1,128}")  # ids are at most 128 characters platform-wide
+# Plain ASCII decimal only: int() would also take "1_000", " 7" and other scripts' digits ("٣").
+EVENT_ID = re.compile(r"[0-9]{1,18}")
+WAITING_CHECK_S = 1.0
 
 
 def _last_event_id(request: web.Request) -> int:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
-    try:
-        value = int(raw)
-    except ValueError:
-        raise web.HTTPBadRequest(text=f"Last-Event-ID must be an integer event id, got {raw[:40]!r}") from None
-    if value < 0:
-        raise web.HTTPBadRequest(text="Last-Event-ID must be >= 0")
-    return value
+    if not EVENT_ID.fullmatch(raw):
+        raise web.HTTPBadRequest(text=f"Last-Event-ID must be an event id (1-18 digits 0-9), got {raw[:20]!r}")
+    return int(raw)
+
+
+def _bound_send_buffer(request: web.Request, size: int) -> None:
+    """Cap the kernel's send buffer of this response's socket: what a reader that stops reading pins."""
+    sock = request.transport.get_extra_info("socket") if size and request.transport is not None else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        except OSError:
+            pass  # not a TCP socket (a test transport): the write timeout still bounds the wait
+
+
+async def _send(request: web.Request, resp: web.StreamResponse, data: bytes, within_s: float) -> None:
+    """Write ``data`` and wait while the transport's buffer is over its high-water mark (aiohttp's own
+    write waits only every 64 KiB); ``TimeoutError`` when that lasts ``within_s`` seconds."""
+    async with asyncio.timeout(within_s):
+        await resp.write(data)
+        await request.writer.drain()
 
 
 async def call_events(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     call_id = request.match_info["call_id"]
-    if not CALL_ID.match(call_id):
-        raise web.HTTPBadRequest(text="call_id must be 1-256 characters of [A-Za-z0-9:_-.]")
+    if not CALL_ID.fullmatch(call_id):
+        raise web.HTTPBadRequest(text="call_id must be 1-128 characters of [A-Za-z0-9:_-.]")
     last_id = _last_event_id(request)
     existing = rt.hub.get(call_id)
     if existing is not None and existing.ended_at is not None and last_id >= existing.last_id:
@@ -54,7 +82,9 @@ async def call_events(request: web.Request) -> web.StreamResponse:
     try:
         if relay is not None:
             relay.watch(call_id)
-        channel, sub = rt.hub.subscribe(call_id)
+        remote = request.remote or ""
+        owner = None if remote in rt.settings.per_address_exempt else remote
+        channel, sub = rt.hub.subscribe(call_id, owner=owner)
     except Overflow as exc:
         if relay is not None:
             relay.unwatch(call_id)
@@ -65,30 +95,43 @@ async def call_events(request: web.Request) -> web.StreamResponse:
         "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
     })
     rt.stats.sse_clients += 1
+    timeout = rt.settings.sse_write_timeout_s
+    sent = last_id
     try:
+        _bound_send_buffer(request, rt.settings.sse_send_buffer_bytes)
         await resp.prepare(request)
-        await resp.write(b"retry: %d\n\n" % rt.settings.sse_retry_ms)
+        await _send(request, resp, b"retry: %d\n\n" % rt.settings.sse_retry_ms, timeout)
         replay, gap = channel.replay_after(last_id)
         if gap:
             first = replay[0].id if replay else channel.last_id + 1
             gap_event = b'event: stream.gap\ndata: {"lost_from":%d,"lost_to":%d}\n\n' % (last_id + 1, first - 1)
-            await resp.write(gap_event)
-        sent = last_id
+            await _send(request, resp, gap_event, timeout)
         ended = False
         for ev in replay:
-            await resp.write(ev.encode())
+            await _send(request, resp, ev.encode(), timeout)
             sent = ev.id
             ended = ended or ev.event == "call.ended"
+        heartbeat_s, quiet_s = rt.settings.sse_heartbeat_s, 0.0
         while not ended:
-            batch = await sub.next_batch(rt.settings.sse_heartbeat_s)
+            # aiohttp tells a handler nothing when its client leaves; a write finds out.  A reader of
+            # a call looks at least every heartbeat; one still waiting for its call, whose slot is
+            # capped, every WAITING_CHECK_S so that a departed one frees it soon.
+            wait_s = min(WAITING_CHECK_S, heartbeat_s) if sub.waiting else heartbeat_s
+            batch = await sub.next_batch(wait_s)
             if sub.overflowed:
                 log.info("sse.client_cut", extra={"call_id": call_id, "last_sent": sent})
                 break
             if sub.closed and not batch:
                 break
             if not batch:
-                await resp.write(b": heartbeat\n\n")
+                if request.transport is None:
+                    break  # the client left
+                quiet_s += wait_s
+                if quiet_s >= heartbeat_s:
+                    quiet_s = 0.0
+                    await _send(request, resp, b": heartbeat\n\n", timeout)
                 continue
+            quiet_s = 0.0
             chunk = bytearray()
             for ev in batch:
                 if ev.id > sent:  # skip what the replay already delivered
@@ -96,7 +139,14 @@ async def call_events(request: web.Request) -> web.StreamResponse:
                     sent = ev.id
                     ended = ended or ev.event == "call.ended"
             if chunk:
-                await resp.write(bytes(chunk))
+                await _send(request, resp, bytes(chunk), timeout)
+        # Here rather than in aiohttp after we return: its write_eof would wait on a stuck reader forever.
+        async with asyncio.timeout(timeout):
+            await resp.write_eof()
+    except TimeoutError:  # the reader stopped reading: cut it; it may resume with Last-Event-ID
+        log.info("sse.client_stuck", extra={"call_id": call_id, "last_sent": sent, "timeout_s": timeout})
+        if request.transport is not None:
+            request.transport.abort()  # not close(): that would wait for a buffer that never drains
     except (ConnectionResetError, ConnectionError):
         pass  # the client left; nothing to deliver to
     finally:

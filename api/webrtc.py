@@ -6,7 +6,8 @@ Contract (the agent console is written against it):
   ``settings.agent_token`` is set) and ``{"call_id", "agent_id", "sdp", "type": "offer", "language"?}``
   -> 200 ``{"session_id", "type": "answer", "sdp"}`` once ICE gathering is complete (no trickle).
   Errors are ``{"error": message}``: 400 bad request or SDP (``api.webrtc_signal``, or aiortc's own
-  refusal), 401 bad token, 409 the agent already has a live session, 503 ``webrtc_max_sessions`` live.
+  refusal), 401 bad token, 409 the agent already has a live session, 503 ``webrtc_max_sessions`` live;
+  and from ``api.middleware``: 413 a body over ``OFFER_MAX_BYTES``, 415 not ``application/json``.
 * ``DELETE /api/webrtc/sessions/{session_id}`` (same auth) -> 204; 404 when no such live session.
 
 A session joins its call id whether or not the call's Telnyx stream is live.  The agent's microphone
@@ -44,8 +45,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
 from api.call_session import speech_leg
+from api.middleware import body_limit
 from api.runtime import RUNTIME, Runtime
-from api.webrtc_signal import OfferRequest, SignalError, parse_offer_request
+from api.webrtc_signal import MAX_SDP_BYTES, OfferRequest, SignalError, parse_offer_request
 from engine.frames import Track
 from pipelines.bridge import AgentBridge, BridgeStats
 
@@ -53,7 +55,8 @@ if TYPE_CHECKING:
     from api.call_session import CallSession
 
 log = logging.getLogger("switchboard.webrtc")
-
+# The offer body: the SDP, its line ends escaped in JSON (2 bytes more a line: a quarter is ample), the rest.
+OFFER_MAX_BYTES = MAX_SDP_BYTES + MAX_SDP_BYTES // 4 + 4096
 
 
 def restrict_host_candidates(addresses: Sequence[str]) -> None:
@@ -296,14 +299,16 @@ def _authorized(request: web.Request) -> bool:
                                                               token.get_secret_value().encode())
 
 
+@body_limit(OFFER_MAX_BYTES)
 async def offer(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     registry = rt.agents
     assert registry is not None
     if not _authorized(request):
         return _error(401, "missing or invalid agent token")
+    body = await request.read()  # outside the try: a 413 (api.middleware) must not become a 400
     try:
-        req = parse_offer_request(await request.read(), rt.settings.languages)
+        req = parse_offer_request(body, rt.settings.languages)
         SessionDescription.parse(req.sdp)  # aiortc's own parser, before anything is allocated
     except SignalError as exc:
         return _error(400, exc.message)

@@ -172,7 +172,8 @@ class Load:
 
 
 def get_json(url: str, method: str = "GET") -> dict:  # type: ignore[type-arg]
-    req = urllib.request.Request(url, method=method)
+    # The server takes POSTs only as JSON (415 otherwise: api/middleware.py).
+    req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 

@@ -86,3 +86,54 @@ def test_subscription_to_a_call_that_never_started_leaves_nothing_behind() -> No
     ch, sub = hub.subscribe("never")
     hub.unsubscribe(ch, sub)
     assert hub.get("never") is None and len(hub) == 0
+
+
+def test_waiting_subscriptions_never_take_a_slot_a_new_call_needs() -> None:
+    hub = EventHub(max_calls=2, max_pending=10)
+    for i in range(5):
+        hub.subscribe(f"never-{i}", owner="x")
+    hub.start("a")
+    hub.start("b")  # 5 waiting and 2 calls in a table of 2: the calls got their slots
+    assert (len(hub), hub.waiting) == (2, 5)
+    with pytest.raises(Overflow):  # only live calls alone fill it
+        hub.start("c")
+    hub.end("a")
+    hub.start("c")
+    assert hub.get("a") is None and hub.get("c") is not None
+
+
+def test_waiting_subscribers_are_capped_in_all_and_per_owner() -> None:
+    hub = EventHub(max_pending=3, max_pending_per_owner=2)
+    ch, sub = hub.subscribe("w1", owner="x")
+    hub.subscribe("w2", owner="x")
+    with pytest.raises(Overflow, match="this client"):
+        hub.subscribe("w3", owner="x")
+    hub.subscribe("w1", owner="y")  # a second subscriber of a waiting call is waiting too
+    with pytest.raises(Overflow, match="3 subscribers"):
+        hub.subscribe("w4", owner="z")
+    hub.unsubscribe(ch, sub)
+    hub.subscribe("w3", owner="x")
+    assert hub.waiting == 3
+
+
+async def test_a_call_that_starts_takes_its_waiting_subscribers_along_and_frees_their_places() -> None:
+    hub = EventHub(max_pending=10, max_pending_per_owner=1)
+    ch, sub = hub.subscribe("a", owner="x")
+    hub.start("a")
+    hub.publish("a", "call.started", {})
+    assert hub.channel("a") is ch and hub.waiting == 0
+    assert [e.event for e in await sub.next_batch(1)] == ["call.started"]
+    hub.subscribe("b", owner="x")  # the owner's one waiting place is free again
+    hub.unsubscribe(ch, sub)
+    assert hub.get("a") is ch  # a call's channel stays (replay) when its last reader leaves
+
+
+async def test_an_ended_call_with_readers_is_evicted_rather_than_a_new_call_refused() -> None:
+    hub = EventHub(max_calls=1)
+    hub.publish("a", "call.started", {})
+    _, reader = hub.subscribe("a")
+    hub.publish("a", "call.ended", {})
+    hub.end("a")
+    hub.start("b")
+    assert hub.get("a") is None
+    assert [e.event for e in await reader.next_batch(1)] == ["call.ended"]  # what it still had to read

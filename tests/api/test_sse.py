@@ -1,8 +1,12 @@
-"""SSE delivery: ids, Last-Event-ID replay, heartbeats, 204 for ended calls, bad requests."""
+"""SSE delivery: ids, Last-Event-ID replay, heartbeats, 204 for ended calls, bad requests, the caps on
+waiting subscriptions, and the cut of a reader that stops reading."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
+from collections.abc import Callable
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -16,7 +20,7 @@ from tests.sse_client import read_sse
 @pytest.fixture
 async def client(aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
     settings = Settings(stt_provider="null", persist=False, translation_provider="none", sse_heartbeat_s=0.1,
-                        sse_history=50, sse_client_buffer=16)
+                        sse_history=50, sse_client_buffer=16, sse_max_pending_per_address=3, per_address_exempt=[])
     return await aiohttp_client(create_app(settings))
 
 
@@ -102,10 +106,87 @@ async def test_slow_client_is_cut_and_resumes_with_last_event_id_losing_no_final
 
 @pytest.mark.parametrize(("path", "headers"), [
     ("/api/calls/bad%20id/events", {}),
+    ("/api/calls/" + "x" * 129 + "/events", {}),
+    ("/api/calls/a%0Ab/events", {}),
     ("/api/calls/c7/events", {"Last-Event-ID": "abc"}),
     ("/api/calls/c7/events", {"Last-Event-ID": "-3"}),
+    ("/api/calls/c7/events", {"Last-Event-ID": "1e5"}),
+    ("/api/calls/c7/events", {"Last-Event-ID": "1_000"}),
+    ("/api/calls/c7/events", {"Last-Event-ID": "+5"}),
+    ("/api/calls/c7/events", {"Last-Event-ID": "5" * 5000}),
+    ("/api/calls/c7/events?last_event_id=%D9%A3", {}),  # ARABIC-INDIC DIGIT THREE: int() would take it
+    ("/api/calls/c7/events?last_event_id=%EF%BC%97", {}),  # FULLWIDTH DIGIT SEVEN
+    ("/api/calls/c7/events?last_event_id=7%0A", {}),
 ])
 async def test_bad_requests_get_400_with_a_reason(client: TestClient, path: str, headers: dict[str, str]) -> None:
     resp = await client.get(path, headers=headers)
     assert resp.status == 400
     assert (await resp.text()).strip()
+
+
+async def test_an_empty_last_event_id_counts_as_absent_and_a_128_character_id_is_served(client: TestClient) -> None:
+    call_id = "v3:" + "a" * 125
+    publish_call(runtime(client), call_id, finals=1)
+    stream = await read_sse(client.session, str(client.make_url(f"/api/calls/{call_id}/events")), last_event_id="")
+    assert [e.event for e in stream.events] == ["call.started", "transcript.final", "call.ended"]
+
+
+async def test_waiting_subscriptions_past_the_per_address_cap_get_503_and_departed_ones_free_their_place(
+        client: TestClient) -> None:
+    rt = runtime(client)
+    readers = [asyncio.create_task(read_sse(client.session, str(client.make_url(f"/api/calls/w{i}/events"))))
+               for i in range(3)]
+    await _until(lambda: rt.hub.waiting == 3)
+    resp = await client.get("/api/calls/w4/events")
+    assert resp.status == 503 and resp.headers["Retry-After"] and "this client" in await resp.text()
+    for r in readers:
+        r.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    await _until(lambda: rt.hub.waiting == 0, within=2)  # noticed at the next check, not at a heartbeat
+    assert len(rt.hub) == 0
+
+
+async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
+    for _ in range(int(within / 0.01)):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_resumes(
+        aiohttp_client, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="switchboard.sse")
+    client = await aiohttp_client(create_app(Settings(
+        stt_provider="null", persist=False, translation_provider="none", sse_history=5000, sse_client_buffer=4096,
+        sse_write_timeout_s=0.3, sse_send_buffer_bytes=4096)))
+    rt = runtime(client)
+    publish = rt.hub.publish
+    rt.hub.start("c8")
+    publish("c8", "call.started", {})
+    loop = asyncio.get_running_loop()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.setblocking(False)
+    await loop.sock_connect(stuck, (str(client.host), int(client.port or 0)))
+    await loop.sock_sendall(stuck, b"GET /api/calls/c8/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    got = b""
+    while b"call.started" not in got:
+        got += await loop.sock_recv(stuck, 4096)
+    for i in range(2000):  # 2 MB of finals that it does not read
+        publish("c8", "transcript.final", {"i": i, "text": "x" * 1000})
+        if i % 50 == 0:
+            await asyncio.sleep(0.005)
+    published = loop.time()
+    await _until(lambda: rt.stats.sse_clients == 0, within=0.3 + 1.0)
+    assert loop.time() - published <= 0.3 + 1.0 and "sse.client_stuck" in caplog.messages
+    publish("c8", "call.ended", {})
+    rt.hub.end("c8")
+    while chunk := await asyncio.wait_for(loop.sock_recv(stuck, 65536), 2):  # what the kernel held, then EOF
+        got += chunk
+    stuck.close()
+    complete = got.split(b"\r\n\r\n", 1)[1].split(b"\n\n")[:-1]  # the last one may be cut short
+    last = max(int(line[4:]) for block in complete for line in block.split(b"\n") if line.startswith(b"id: "))
+    assert 1 <= last < 2002
+    rest = await read_sse(client.session, str(client.make_url("/api/calls/c8/events")), last_event_id=str(last))
+    assert [int(e.id or 0) for e in rest.events] == list(range(last + 1, 2003))

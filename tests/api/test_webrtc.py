@@ -378,8 +378,10 @@ async def test_bad_sdp_is_400_with_its_reason_and_leaves_nothing_running(
     assert status == 400 and reply["error"].startswith("sdp refused:"), reply
     status, reply = await post_offer(http, server, b'{"call_id": "v3:bad"')
     assert status == 400 and reply["error"].startswith("body is not valid JSON")
+    status, reply = await post_offer(http, server, {**base, "sdp": "v=0\r\n" + ("a=" + "x" * 70 + "\r\n") * 920})
+    assert status == 400 and reply["error"].startswith("sdp is too large")  # 66 KB: over the SDP limit only
     status, reply = await post_offer(http, server, {**base, "sdp": "v=0\r\n" + "a=x\r\n" * 20000})
-    assert status == 400 and reply["error"].startswith("sdp is too large")
+    assert status == 413 and reply["error"].startswith("body too large")  # over the body limit: never read
     await agent.close()
     assert sessions_live(server) == 0
 
