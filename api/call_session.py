@@ -42,11 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.call")
 
 DRAIN_BASE_S = 5.0  # owed finals: the pipeline's own bound grows with the audio still queued
-# DTMF events published per call: a person presses at most a few keys a second.  A flood past the
-# bucket is counted (``dtmf_dropped`` in call.ended's stats) instead of pushing the call's finals
-# out of its bounded replay history.
-DTMF_PER_S = 10.0
-DTMF_BURST = 20
 
 
 def speech_leg(rt: Runtime, call_id: str, stream_id: str, language: str, target: str | None,
@@ -114,7 +109,11 @@ class CallSession:
         self.events: CallEvents | None = None
         self.dtmf_count = 0
         self.dtmf_dropped = 0
-        self._dtmf_tokens = float(DTMF_BURST)
+        # DTMF events published per call: a person presses at most a few keys a second.  A flood past
+        # the bucket is counted (``dtmf_dropped`` in call.ended's stats) instead of pushing the call's
+        # finals out of its bounded replay history.
+        self._dtmf_rate, self._dtmf_burst = rt.settings.dtmf_per_s, float(rt.settings.dtmf_burst)
+        self._dtmf_tokens = self._dtmf_burst
         self._dtmf_at = time.monotonic()
         self._t0: float | None = None  # frame-lag baseline: the earliest (arrival - audio time) seen
         self._finished = asyncio.Event()
@@ -165,11 +164,11 @@ class CallSession:
 
     def dtmf(self, ev: Dtmf) -> None:
         now = time.monotonic()
-        self._dtmf_tokens = min(DTMF_BURST, self._dtmf_tokens + (now - self._dtmf_at) * DTMF_PER_S)
+        self._dtmf_tokens = min(self._dtmf_burst, self._dtmf_tokens + (now - self._dtmf_at) * self._dtmf_rate)
         self._dtmf_at = now
         if self._dtmf_tokens < 1:
             if not self.dtmf_dropped:
-                log.warning("call.dtmf_flood", extra={"call_id": self.call_id, "limit_per_s": DTMF_PER_S})
+                log.warning("call.dtmf_flood", extra={"call_id": self.call_id, "limit_per_s": self._dtmf_rate})
             self.dtmf_dropped += 1
             return
         self._dtmf_tokens -= 1

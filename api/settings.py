@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     media_max_pending_per_address: int = Field(64, ge=1)
     media_start_timeout_s: float = Field(5.0, gt=0)  # upgrade -> `start`, else closed 1008
     media_idle_timeout_s: float = Field(10.0, gt=0)  # no media for this long ends the call (idle_timeout)
+    dtmf_per_s: float = Field(10.0, gt=0)  # DTMF events published per call and second; more: counted, dropped
+    dtmf_burst: int = Field(20, ge=1)
     shutdown_grace_s: float = Field(20.0, gt=0)  # SIGTERM: live calls drain their owed finals within this
 
     # VAD segmenter

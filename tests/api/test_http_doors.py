@@ -49,6 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         SWITCHBOARD_SSE_SEND_BUFFER_BYTES="4096",
         SWITCHBOARD_SSE_CLIENT_BUFFER="1024",
         SWITCHBOARD_SSE_HISTORY="20000",
+        SWITCHBOARD_DTMF_PER_S="1000000", SWITCHBOARD_DTMF_BURST="100000",  # DTMF is this test's event volume
         SWITCHBOARD_PER_ADDRESS_EXEMPT="[]",  # the victim (127.0.0.1) is capped like the attacker, on its own
     ) as srv:
         yield srv
