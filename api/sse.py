@@ -35,10 +35,11 @@ from aiohttp import web
 
 from api.runtime import RUNTIME
 from engine.errors import Overflow
+from engine.ids import ID
 
 log = logging.getLogger("switchboard.sse")
 
-CALL_ID = re.compile(r"[A-Za-z0-9:_\-.]{1,128}")  # ids are at most 128 characters platform-wide
+CALL_ID = ID  # the platform-wide id rule (engine.ids): what a media stream may start, SSE may watch
 # Plain ASCII decimal only: int() would also take "1_000", " 7" and other scripts' digits ("٣").
 EVENT_ID = re.compile(r"[0-9]{1,18}")
 WAITING_CHECK_S = 1.0

@@ -4,7 +4,7 @@
 ``message`` is what the client gets back as ``{"error": message}`` with HTTP 400.  It checks, in order:
 
 * the body is a JSON object;
-* ``call_id`` (str, ``^[A-Za-z0-9:_\\-.]{1,256}$``, the SSE endpoint's rule), ``agent_id`` (str,
+* ``call_id`` (str, 1-128 characters of ``[A-Za-z0-9:_.-]``: ``engine.ids``, the rule of every door), ``agent_id`` (str,
   1-128 printable characters), ``sdp`` (str), ``type`` (must be ``"offer"``), ``language``
   (optional str, one of the node's languages, default the first), ``replace`` (optional bool: take
   over the agent's live session, e.g. after the agent's browser crashed or reloaded);
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import orjson
 
 from engine.errors import SwitchboardError
+from engine.ids import ID
 
 MAX_SDP_BYTES = 64 * 1024
-CALL_ID = re.compile(r"^[A-Za-z0-9:_\-.]{1,256}$")
+CALL_ID = ID  # the platform-wide id rule (engine.ids): 1-128 characters of [A-Za-z0-9:_.-]
 AGENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: it appears in logs and events
 _OPUS = re.compile(r"^a=rtpmap:(\d+) opus/48000(?:/2)?$", re.IGNORECASE)
 
@@ -59,7 +60,7 @@ def parse_offer_request(body: bytes, languages: Sequence[str]) -> OfferRequest:
     if not isinstance(data, dict):
         raise SignalError("body must be a JSON object")
     call_id = _string(data, "call_id")
-    if not CALL_ID.match(call_id):
+    if not CALL_ID.fullmatch(call_id):
         raise SignalError("call_id must be 1-256 characters of [A-Za-z0-9:_-.]")
     agent_id = _string(data, "agent_id")
     if not AGENT_ID.match(agent_id):
