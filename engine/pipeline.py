@@ -7,16 +7,18 @@ declared ``Policy`` that says what happens when it is full.
   refuses the new item: ``put`` returns ``False`` and counts it in ``dropped`` (or raises
   ``Overflow`` when the channel was built with ``raise_on_full=True``), so the producer decides,
   visibly, what a refusal means: never a silent loss.
-* ``Policy.LATEST``: only the newest item matters (interim transcripts, meters).  A full channel
-  discards its oldest item to make room and counts it in ``dropped``.
+* ``Policy.LATEST``: the newest items matter most (interim transcripts, jobs with a deadline).  A
+  full channel discards its oldest item to make room, counts it in ``dropped`` and hands it to
+  ``on_drop`` (when given) so the owner can report what was shed.
 
 Watermarks let a producer that *can* slow down do so before anything is refused: the channel calls
 ``on_pause`` when it reaches ``high`` items and ``on_resume`` when it drains to ``low`` (the
 pattern of python-websockets' ``asyncio/messages.py``).  A real-time producer (a phone call cannot
 be slowed) ignores them and lets the policy rule.
 
-``Fanout`` hands each item to several channels, each with its own policy; a slow consumer fills
-only its own channel and never stalls the producer or the other consumers.
+Consumers: any number of tasks may ``await get()``; each item goes to exactly one of them, in
+order of arrival (a worker pool drains one channel).  Fan-out to several consumers is one channel
+per consumer, each with its own policy (``api.hub``: a slow SSE client fills only its own).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class BoundedChannel(Generic[T]):
         on_pause: Callable[[], None] | None = None,
         on_resume: Callable[[], None] | None = None,
         raise_on_full: bool = False,
+        on_drop: Callable[[T], None] | None = None,
         name: str = "channel",
     ) -> None:
         if maxsize < 1:
@@ -67,7 +70,8 @@ class BoundedChannel(Generic[T]):
         self._on_pause = on_pause
         self._on_resume = on_resume
         self._raise = raise_on_full
-        self._waiter: asyncio.Future[None] | None = None
+        self._on_drop = on_drop
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._closed = False
 
     def __len__(self) -> int:
@@ -85,7 +89,9 @@ class BoundedChannel(Generic[T]):
         if len(items) >= self.maxsize:
             self.dropped += 1
             if self.policy is Policy.LATEST:
-                items.popleft()
+                shed = items.popleft()
+                if self._on_drop is not None:
+                    self._on_drop(shed)
             elif self._raise:
                 raise Overflow(f"{self.name}: full at {self.maxsize} items")
             else:
@@ -95,10 +101,19 @@ class BoundedChannel(Generic[T]):
             self.paused = True
             if self._on_pause is not None:
                 self._on_pause()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake_one()
         return True
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def peek(self) -> T:
+        """The oldest item, left in place (a consumer that retries it); ``IndexError`` when empty."""
+        return self._items[0]
 
     def get_nowait(self) -> T:
         """Take the oldest item; raises ``IndexError`` when empty."""
@@ -114,37 +129,30 @@ class BoundedChannel(Generic[T]):
         while not self._items:
             if self._closed:
                 raise EOFError(self.name)
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.get_nowait()
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and self._items:
+                    self._wake_one()  # it was woken for an item it will not take: pass the turn on
+                raise
+        item = self.get_nowait()
+        if self._items:
+            self._wake_one()  # more is waiting: the next consumer need not wait for another put
+        return item
+
+    async def wait(self) -> None:
+        """Wait until there is an item (left in place, see ``peek``) or the channel is closed."""
+        while not self._items and not self._closed:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
 
     def close(self) -> None:
         """No more puts; ``get`` returns what is left, then raises ``EOFError``."""
         self._closed = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-class Fanout(Generic[T]):
-    """Publish each item to every attached channel; never blocks."""
-
-    def __init__(self) -> None:
-        self._channels: list[BoundedChannel[T]] = []
-
-    def attach(self, channel: BoundedChannel[T]) -> BoundedChannel[T]:
-        self._channels.append(channel)
-        return channel
-
-    def detach(self, channel: BoundedChannel[T]) -> None:
-        if channel in self._channels:
-            self._channels.remove(channel)
-
-    def publish(self, item: T) -> list[BoundedChannel[T]]:
-        """Put ``item`` into every channel; returns the channels that refused it."""
-        return [ch for ch in self._channels if not ch.closed and not ch.put(item)]
-
-    def __len__(self) -> int:
-        return len(self._channels)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.metrics import LagHistogram
+from engine.pipeline import BoundedChannel, Policy
 from pipelines.translate.base import Translation, TranslationError, TranslationTimeout, Translator
 
 log = logging.getLogger("switchboard.translation")
@@ -56,10 +56,10 @@ class TranslationStage:
                  deadline_s: float = 5.0) -> None:
         self.translator = translator
         self.deadline_s = deadline_s
-        self._queue: deque[TranslationJob] = deque()
-        self._max_pending = max_pending
+        # Past max_pending the oldest waiting job is shed: reported as failed ("shed"), never silent.
+        self._queue: BoundedChannel[TranslationJob] = BoundedChannel(
+            max_pending, Policy.LATEST, on_drop=self._shed, name="translation-jobs")
         self._concurrency = concurrency
-        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.stats = StageStats()
         self.lag = LagHistogram()
@@ -77,25 +77,25 @@ class TranslationStage:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        self._queue.close()
         while self._queue:  # reported, not silently dropped
-            self._failed(self._queue.popleft(), "shutdown")
+            self._failed(self._queue.get_nowait(), "shutdown")
 
     def submit(self, job: TranslationJob) -> None:
         """Queue a job.  Never blocks; sheds the oldest waiting job when full (reported)."""
         self.stats.submitted += 1
-        if len(self._queue) >= self._max_pending:
-            self.stats.shed += 1
-            self._failed(self._queue.popleft(), "shed")
-        self._queue.append(job)
-        self._wake.set()
+        self._queue.put(job)
+
+    def _shed(self, job: TranslationJob) -> None:
+        self.stats.shed += 1
+        self._failed(job, "shed")
 
     async def _worker(self) -> None:
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            job = self._queue.popleft()
+            try:
+                job = await self._queue.get()
+            except EOFError:
+                return
             left = job.submitted + self.deadline_s - time.monotonic()
             if left <= 0:
                 self.stats.deadline += 1

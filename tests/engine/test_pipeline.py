@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from engine.errors import Overflow
-from engine.pipeline import BoundedChannel, Fanout, Policy
+from engine.pipeline import BoundedChannel, Policy
 
 
 def test_every_policy_refuses_when_full_and_counts_the_refusal() -> None:
@@ -59,19 +59,50 @@ async def test_get_waits_for_an_item_and_close_ends_the_stream() -> None:
         await ch.get()
 
 
-def test_fanout_slow_consumer_does_not_affect_others() -> None:
-    fan: Fanout[int] = Fanout()
-    fast = fan.attach(BoundedChannel(100, Policy.EVERY))
-    slow = fan.attach(BoundedChannel(2, Policy.EVERY))
-    meter = fan.attach(BoundedChannel(1, Policy.LATEST))
-    refused = [fan.publish(i) for i in range(5)]
-    assert len(fast) == 5 and len(slow) == 2 and len(meter) == 1
-    assert sum(1 for r in refused if slow in r) == 3 and slow.dropped == 3
-    assert meter.get_nowait() == 4
-
-
 def test_invalid_bounds_are_rejected() -> None:
     with pytest.raises(ValueError):
         BoundedChannel(0)
     with pytest.raises(ValueError):
         BoundedChannel(4, high=5)
+
+
+def test_latest_policy_hands_what_it_sheds_to_on_drop() -> None:
+    shed: list[int] = []
+    ch: BoundedChannel[int] = BoundedChannel(2, Policy.LATEST, on_drop=shed.append)
+    for i in range(5):
+        ch.put(i)
+    assert shed == [0, 1, 2] and ch.dropped == 3 and ch.peek() == 3 and len(ch) == 2
+
+
+async def test_several_consumers_each_take_an_item_once_in_order() -> None:
+    ch: BoundedChannel[int] = BoundedChannel(100)
+    got: list[tuple[int, int]] = []
+
+    async def worker(n: int) -> None:
+        while True:
+            try:
+                item = await ch.get()
+            except EOFError:
+                return
+            got.append((n, item))
+            await asyncio.sleep(0)
+
+    workers = [asyncio.create_task(worker(n)) for n in range(3)]
+    await asyncio.sleep(0)
+    for i in range(30):
+        ch.put(i)
+    await asyncio.sleep(0.01)
+    ch.close()
+    await asyncio.gather(*workers)
+    assert sorted(item for _, item in got) == list(range(30))
+    assert len({n for n, _ in got}) == 3  # the work was shared
+
+
+async def test_a_cancelled_consumer_does_not_strand_an_item() -> None:
+    ch: BoundedChannel[int] = BoundedChannel(4)
+    first = asyncio.create_task(ch.get())
+    second = asyncio.create_task(ch.get())
+    await asyncio.sleep(0)
+    ch.put(1)
+    first.cancel()  # woken for the item, cancelled before it ran
+    assert await asyncio.wait_for(second, 1) == 1
