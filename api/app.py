@@ -15,12 +15,13 @@ import time
 
 from aiohttp import web
 
-from api import blobs, console, media_stream, sse, webrtc
+from api import blobs, console, media_stream, readiness, sse, webrtc
 from api.call_session import CallRegistry
 from api.connections import CONNECTION_GUARD
 from api.hub import EventHub
 from api.middleware import body_limit, doors
 from api.persistence import BusForwarder, Persistence
+from api.recovery import recover_on_start
 from api.relay import BusRelay
 from api.runtime import RUNTIME, Runtime
 from api.settings import Settings
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *, stt: SttProvider | None = No
     app.router.add_get("/api/media/telnyx", media_stream.telnyx_media)
     app.router.add_get("/api/calls/{call_id}/events", sse.call_events)
     app.router.add_get("/healthz", health)
+    readiness.add_routes(app, timeout_s=settings.readiness_timeout_s, cache_s=settings.readiness_cache_s)
     webrtc.add_routes(app)
     console.add_routes(app)
     if settings.persist:
@@ -159,7 +161,11 @@ async def _on_startup(app: web.Application) -> None:
         tiers = await open_tiers(s, app[LOCAL_BLOBS])  # type: ignore[arg-type]
         app[TIERS] = tiers
         rt.persistence = Persistence(tiers, spool_dir=s.data_dir.resolve() / "spool", recording=s.recording_enabled,
-                                     recording_max_s=s.recording_max_s, uploads=s.recording_uploads)
+                                     recording_max_s=s.recording_max_s, uploads=s.recording_uploads,
+                                     node_id=s.node_id)
+        await recover_on_start(rt.persistence, s.node_id)  # before any stream is accepted
+        tiers.supervise(s.supervise_interval_s, s.supervise_backoff_max_s)
+        app[readiness.READINESS].tiers = tiers
         if s.bus_enabled:
             rt.bus = BusForwarder(tiers.bus, s.bus_buffer)
             rt.bus.start()
@@ -194,6 +200,9 @@ async def _on_shutdown(app: web.Application) -> None:
     rt.draining = True
     app[STALL_TASK].cancel()
     t0 = time.monotonic()
+    tiers = app.get(TIERS)
+    if tiers is not None and tiers.supervisor is not None:
+        await tiers.supervisor.aclose()  # a Ctrl-C reaches embedded Valkey too: what stops now stays stopped
     if rt.agents is not None:  # before the streams: a session's bridge sends on its call's stream
         await rt.agents.close_all("server shutting down")
     live = len(rt.calls)

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from api import logs
 from api.settings import Settings
+from storage.lifeline import DataDirInUse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         settings = Settings(**overrides)
         logs.setup(settings.log_level)
-        uvloop.run(_serve(settings))
+        try:
+            uvloop.run(_serve(settings))
+        except DataDirInUse as exc:
+            print(f"switchboard: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "migrate":
         from api.tiers import migrate_only
 
         settings = Settings()
         logs.setup(settings.log_level)
-        applied = uvloop.run(migrate_only(settings))
+        try:
+            applied = uvloop.run(migrate_only(settings))
+        except DataDirInUse as exc:  # the running server's embedded database: it migrates at start-up
+            print(f"switchboard: {exc}", file=sys.stderr)
+            return 1
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
         return 0
     from api.simulator import simulate_call
@@ -107,7 +116,9 @@ async def _serve(settings: Settings) -> None:
     logging.getLogger("switchboard").info("server.listening", extra={"host": settings.host, "port": settings.port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal of `make run` was closed.  Python's default would end the process without
+    # any clean-up; stop as on Ctrl-C instead.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()

@@ -11,9 +11,9 @@ In order, for every route, the WebSocket upgrade at ``/api/media/telnyx`` includ
    bound elsewhere.  A
    request without ``Host`` is 400 in HTTP/1.1 (RFC 9112 says so) and passes in HTTP/1.0 (no
    browser sends one).
-   ``GET``/``HEAD /healthz`` is exempt: load balancers and container health checks address a node
-   by an IP or an internal name that is not the public host, the answer is a constant, and the
-   route changes nothing, so a rebound page learns no more than that the port is open.
+   ``GET``/``HEAD /healthz`` and ``/readyz`` are exempt: load balancers and container probes address
+   a node by an IP or an internal name that is not the public host, and both routes change nothing;
+   a rebound page learns that the port is open and whether each storage tier answers, no data.
 2. **Content type** (no simple-request CSRF): POST, PUT and PATCH need ``Content-Type:
    application/json`` (charset absent or utf-8), else 415, body or not.  A cross-site page can only
    send ``application/json`` after a CORS preflight, which nothing here answers.
@@ -49,6 +49,7 @@ log = logging.getLogger("switchboard.http")
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+PROBES = frozenset({"/healthz", "/readyz"})  # liveness and readiness: exempt from the Host check
 _LIMIT_ATTR = "__switchboard_body_limit__"
 # A host as it may appear in a Host header (lower-cased): a name or IPv4 address, or an IPv6 one in brackets.
 _HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?")
@@ -147,7 +148,7 @@ def _local_port(request: web.Request) -> int | None:
 
 
 def _host_refusal(request: web.Request, policy: HostPolicy) -> web.Response | None:
-    if policy.any_host or (request.path == "/healthz" and request.method in ("GET", "HEAD")):
+    if policy.any_host or (request.path in PROBES and request.method in ("GET", "HEAD")):
         return None
     host = request.headers.get("Host")
     if host is None:

@@ -5,7 +5,10 @@ events for other nodes go through ``BusForwarder`` (bounded, oldest dropped and 
 recording is built and uploaded by a task after the call ends, a bounded number at a time.
 
 A recording whose upload fails after ``UPLOAD_ATTEMPTS`` stays in the spool directory and is logged
-with its path (``recording.upload_failed``): kept, reported, never deleted unsaved.
+with its path (``recording.upload_failed``): kept, reported, never deleted unsaved.  Each recording
+has a sidecar (``<recording_id>.json``, ``RecordingMeta``) next to its spools from its first moment,
+naming its organisation, call and storage key, so that whatever a crash or a failed upload leaves in
+the spool is stored by the next start (``api.recovery``).
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import asyncio
 import logging
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from redis.exceptions import RedisError
 
 from api.hub import HubEvent
@@ -30,7 +35,45 @@ from storage.warm import EventBus
 
 log = logging.getLogger("switchboard.persist")
 
-UPLOAD_ATTEMPTS = 4
+# 0.5 + 1 + 2 + 4 + 8 s between attempts: rides out a restart of the cold tier, then the file stays
+# in the spool (with its sidecar) for the next start to store.
+UPLOAD_ATTEMPTS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingMeta:
+    """The sidecar of a recording in the spool: enough to store it without the process that made it."""
+
+    org_id: uuid.UUID
+    call_id: uuid.UUID
+    call_control_id: str
+    recording_id: uuid.UUID
+    key: str  # where it goes in the cold tier
+    sample_rate: int
+    started_at: datetime
+    node_id: str | None = None
+    codec: str = ""
+    stream_id: str | None = None
+    call_session_id: str | None = None
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({"v": 1, "org_id": str(self.org_id), "call_id": str(self.call_id),
+                             "call_control_id": self.call_control_id, "recording_id": str(self.recording_id),
+                             "key": self.key, "sample_rate": self.sample_rate,
+                             "started_at": self.started_at.isoformat(), "node_id": self.node_id,
+                             "codec": self.codec, "stream_id": self.stream_id,
+                             "call_session_id": self.call_session_id})
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> RecordingMeta:
+        """Raises ``ValueError`` (or ``KeyError``/``TypeError``) for anything but a valid sidecar."""
+        d = orjson.loads(raw)
+        if d.get("v") != 1:
+            raise ValueError(f"unknown sidecar version {d.get('v')!r}")
+        return cls(uuid.UUID(d["org_id"]), uuid.UUID(d["call_id"]), str(d["call_control_id"]),
+                   uuid.UUID(d["recording_id"]), str(d["key"]), int(d["sample_rate"]),
+                   datetime.fromisoformat(d["started_at"]), d.get("node_id"), str(d.get("codec") or ""),
+                   d.get("stream_id"), d.get("call_session_id"))
 
 
 @dataclass(slots=True)
@@ -42,12 +85,14 @@ class CallRecord:
     call_control_id: str
     recording_id: uuid.UUID
     recorder: CallRecorder | None
+    recording_key: str = ""
 
 
 class Persistence:
     def __init__(self, tiers: Tiers, *, spool_dir: Path, recording: bool, recording_max_s: int,
-                 uploads: int) -> None:
+                 uploads: int, node_id: str | None = None) -> None:
         self.tiers = tiers
+        self.node_id = node_id
         self._spool = spool_dir
         self._recording = recording
         self._recording_max_ms = recording_max_s * 1000
@@ -57,6 +102,13 @@ class Persistence:
         self._tasks: set[asyncio.Task[None]] = set()
         self.recordings_stored = 0
         self.recordings_failed = 0
+        self.recordings_recovered = 0  # left in the spool by an earlier run, stored at start-up
+        self.recordings_unrecoverable = 0  # left in the spool, moved aside (see spool_recovery)
+        self.calls_closed_on_start = 0  # calls this node left open, closed at start-up (api.recovery)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool
 
     def call_started(self, *, call_control_id: str, call_session_id: str | None, stream_id: str,
                      from_number: str | None, to_number: str | None, encoding: str, sample_rate: int) -> CallRecord:
@@ -64,17 +116,22 @@ class Persistence:
         # One id per call, whatever the number of media streams (a restarted stream is the same call).
         call_id = uuid.uuid5(org, call_control_id)
         recording_id = uuid.uuid4()  # one recording per stream
+        started_at = datetime.now(UTC)
         w = self.tiers.writer
         w.submit(CallStarted(org, call_id, call_control_id, call_session_id, stream_id, from_number, to_number,
-                             encoding, sample_rate, datetime.now(UTC)))
+                             encoding, sample_rate, started_at, self.node_id))
         w.submit(AuditEntry(org, "call.started", "call", str(call_id), actor_type="provider", actor_id="telnyx",
                             new_value={"call_control_id": call_control_id, "stream_id": stream_id,
                                        "codec": encoding, "sample_rate": sample_rate}))
+        # The key is fixed when the recording starts: a retry after a crash stores the same object.
+        key = f"recordings/{org}/{started_at:%Y/%m/%d}/{call_id}/{recording_id}.wav"
         recorder = None
         if self._recording:
+            meta = RecordingMeta(org, call_id, call_control_id, recording_id, key, sample_rate, started_at,
+                                 self.node_id, encoding, stream_id, call_session_id)
             recorder = CallRecorder(self.spooler, self._spool, recording_id.hex, sample_rate,
-                                    max_ms=self._recording_max_ms)
-        return CallRecord(org, call_id, call_control_id, recording_id, recorder)
+                                    max_ms=self._recording_max_ms, sidecar=meta.to_json())
+        return CallRecord(org, call_id, call_control_id, recording_id, recorder, key)
 
     def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str, *, language: str = "en",
                          redacted: bool = False) -> None:
@@ -110,11 +167,11 @@ class Persistence:
             rec = await call.recorder.finish()
             if rec is None:
                 return
-            day = datetime.now(UTC).strftime("%Y/%m/%d")
-            key = f"recordings/{call.org_id}/{day}/{call.call_id}/{call.recording_id}.wav"
-            if not await self._upload(key, rec, call):
+            key = call.recording_key
+            if not await self.upload(key, rec, call.call_control_id):
                 return
-            rec.path.unlink(missing_ok=True)
+            sidecar = call.recorder.sidecar_path
+            await asyncio.to_thread(_unlink, rec.path, *([sidecar] if sidecar else []))
             self.recordings_stored += 1
             self.tiers.writer.submit(RecordingStored(
                 call.org_id, call.recording_id, call.call_control_id, key, rec.bytes, rec.duration_ms, rec.channels,
@@ -122,7 +179,8 @@ class Persistence:
             self.tiers.writer.submit(AuditEntry(call.org_id, "recording.stored", "recording", key,
                                                 new_value={"bytes": rec.bytes, "duration_ms": rec.duration_ms}))
 
-    async def _upload(self, key: str, rec: RecordingFile, call: CallRecord) -> bool:
+    async def upload(self, key: str, rec: RecordingFile, call_control_id: str) -> bool:
+        """Upload with retries; False (counted in ``recordings_failed``, logged) when all failed."""
         delay = 0.5
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
@@ -131,12 +189,23 @@ class Persistence:
             except Exception as exc:  # any failure: retry, then keep the file and report it
                 if attempt == UPLOAD_ATTEMPTS:
                     self.recordings_failed += 1
-                    log.error("recording.upload_failed", extra={"call_id": call.call_control_id, "key": key,
+                    log.error("recording.upload_failed", extra={"call_id": call_control_id, "key": key,
                                                                 "path": str(rec.path), "error": type(exc).__name__})
                     return False
                 await asyncio.sleep(delay)
                 delay *= 2
         return False
+
+    def run_in_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` as a task that ``drain`` waits for (spool recovery at start-up)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def upload_slot(self) -> asyncio.Semaphore:
+        """Held while a recording is built and uploaded (``recording_uploads`` at a time)."""
+        return self._uploads
 
     async def drain(self, wait_s: float) -> None:
         """Wait for recording uploads in flight (at shutdown), then stop the spool thread."""
@@ -150,7 +219,15 @@ class Persistence:
                 "writer_dropped": s.dropped, "writer_rejected": s.rejected, "writer_retries": s.retries,
                 "writer_last_error": s.last_error, "recordings_stored": self.recordings_stored,
                 "recordings_failed": self.recordings_failed, "uploads_in_flight": len(self._tasks),
+                "recordings_recovered": self.recordings_recovered,
+                "recordings_unrecoverable": self.recordings_unrecoverable,
+                "calls_closed_on_start": self.calls_closed_on_start,
                 "spool_pending_bytes": self.spooler.pending_bytes, "spool_errors": self.spooler.errors}
+
+
+def _unlink(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 class BusForwarder:

@@ -6,11 +6,13 @@ API key.  Secrets are ``SecretStr`` so they never print in logs or reprs.
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.segmenter import SegmenterConfig
@@ -155,6 +157,24 @@ class Settings(BaseSettings):
     relay_max_calls: int = Field(1000, ge=1)  # other nodes' calls relayed to SSE clients here at once
     bus_buffer: int = Field(10_000, ge=100)  # events waiting for Redis; past it the oldest is dropped, counted
 
+    # Crash recovery and supervision of the tiers (api/recovery.py, api/supervisor.py, api/readiness.py).
+    # node_id names this node in calls.node_id: on start-up the node closes the calls it left open.
+    # Unset: the host name and a hash of the data directory, stable across restarts and distinct for
+    # two nodes on one host (each has its own data directory).
+    node_id: str = Field(default_factory=lambda data: _default_node_id(data["data_dir"]), min_length=1,
+                         max_length=64)
+    supervise_interval_s: float = Field(1.0, gt=0)  # how often embedded PostgreSQL and Valkey are checked
+    supervise_backoff_max_s: float = Field(30.0, gt=0)  # longest wait between two restart attempts
+    readiness_timeout_s: float = Field(1.0, gt=0)  # per tier check of GET /readyz
+    readiness_cache_s: float = Field(1.0, ge=0)  # a check's result serves every /readyz for this long
+
+    @field_validator("node_id")
+    @classmethod
+    def _printable_node_id(cls, v: str) -> str:
+        if not v.isprintable() or v != v.strip():
+            raise ValueError("node_id must be printable, without leading or trailing blanks")
+        return v
+
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(
             aggressiveness=self.vad_aggressiveness,
@@ -170,3 +190,9 @@ class Settings(BaseSettings):
             return ()
         lines = self.stt_phrases_file.read_text(encoding="utf-8").splitlines()
         return tuple(line.strip() for line in lines if line.strip())
+
+
+def _default_node_id(data_dir: Path) -> str:
+    """The host name and a hash of the data directory: the same at every start of this node."""
+    host = "".join(c for c in socket.gethostname() if c.isprintable() and not c.isspace())[:48] or "node"
+    return f"{host}-{hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]}"

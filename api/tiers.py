@@ -4,6 +4,10 @@ Each tier uses its configured URL, or starts its embedded default (``storage.emb
 ``settings.data_dir``: PostgreSQL (``DATABASE_URL``), Redis (``REDIS_URL``) and, for the cold tier,
 S3 (``S3_ENDPOINT_URL``, or AWS when only credentials are set) or a local directory with signed URLs.
 Start-up blocks nowhere on the event loop: embedded servers start in threads.
+
+The data directory belongs to one server at a time (``storage.lifeline.DataDirLock``, held until
+``aclose``): what a start-up finds there (a postmaster, a Valkey, spool files) was left by a run that
+is over.  Embedded servers are watched by ``supervise`` (``api.supervisor``) and restarted if they die.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.settings import Settings
+from api.supervisor import TierSupervisor
 from storage import embedded
 from storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from storage.db import APP_ROLE, Database, database_of, ensure_database, migrate, with_database, with_user
+from storage.lifeline import DataDirLock
 from storage.records import ensure_organization
 from storage.warm import EventBus, WarmStore
 from storage.writer import PersistWriter
@@ -39,6 +45,19 @@ class Tiers:
     media_org_id: uuid.UUID
     local_blobs: LocalBlobStore | None = None
     _embedded: list[Any] = field(default_factory=list)
+    lock: DataDirLock | None = None
+    supervisor: TierSupervisor | None = None
+
+    @property
+    def embedded(self) -> dict[str, Any]:
+        """The embedded servers by tier name ("postgres", "redis"); configured URLs are not here."""
+        names = {embedded.EmbeddedPostgres: "postgres", embedded.EmbeddedValkey: "redis"}
+        return {names[type(x)]: x for x in self._embedded if type(x) in names}
+
+    def supervise(self, interval_s: float = 1.0, backoff_max_s: float = 30.0) -> None:
+        """Restart the embedded servers when they die, until ``aclose``."""
+        self.supervisor = TierSupervisor(self.embedded, interval_s=interval_s, backoff_max_s=backoff_max_s)
+        self.supervisor.start()
 
     async def org_settings(self) -> dict[str, Any]:
         """The media organisation's settings JSON (its STT chain, translation and SSE choices)."""
@@ -47,11 +66,15 @@ class Tiers:
         return dict(value or {})
 
     async def aclose(self, drain_s: float = 10.0) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.aclose()  # first: a server stopped below must stay stopped
         await self.writer.aclose(drain_s)
         await self.db.aclose()
         await self.warm.aclose()
         await self.blobs.aclose()
         await _shutdown(self._embedded)
+        if self.lock is not None:
+            self.lock.release()
 
 
 def local_blob_store(s: Settings) -> LocalBlobStore | None:
@@ -71,13 +94,21 @@ def local_blob_store(s: Settings) -> LocalBlobStore | None:
 
 
 async def open_tiers(settings: Settings, local: LocalBlobStore | None) -> Tiers:
-    """Open every tier; ``local`` is ``local_blob_store(settings)``'s result."""
+    """Open every tier; ``local`` is ``local_blob_store(settings)``'s result.
+
+    Raises ``storage.lifeline.DataDirInUse`` when another running server holds the data directory.
+    """
+    lock = DataDirLock(settings.data_dir.resolve())
+    await asyncio.to_thread(lock.acquire)
     started: list[Any] = []
     try:
-        return await _open(settings, local, started)
+        tiers = await _open(settings, local, started)
     except BaseException:
         await _shutdown(started)
+        lock.release()
         raise
+    tiers.lock = lock
+    return tiers
 
 
 async def _shutdown(servers: list[Any]) -> None:
@@ -101,12 +132,16 @@ async def _admin_url(s: Settings, started: list[Any]) -> str:
 async def migrate_only(s: Settings) -> list[str]:
     """``switchboard migrate``: apply pending migrations, and nothing else."""
     started: list[Any] = []
+    lock = DataDirLock(s.data_dir.resolve())
+    if s.database_url is None:  # the embedded server lives in the data directory
+        await asyncio.to_thread(lock.acquire)
     try:
         admin_url = await _admin_url(s, started)
         password = s.database_app_password.get_secret_value() if s.database_app_password else None
         return await migrate(admin_url, app_password=password)
     finally:
         await _shutdown(started)
+        lock.release()
 
 
 async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -> Tiers:
@@ -127,7 +162,7 @@ async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -
 
     # Warm tier
     if s.redis_url is None:
-        valkey = await asyncio.to_thread(embedded.start_valkey, None)
+        valkey = await asyncio.to_thread(embedded.start_valkey, s.data_dir.resolve() / "valkey")
         started.append(valkey)
         redis_url = valkey.url
     else:

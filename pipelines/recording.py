@@ -10,6 +10,12 @@ stays at the level of the real-time path alone (README, Benchmarks).
 ``finish`` (async) hands over the last chunks, waits until the spooler has written them, then
 builds the WAV (interleave, header, SHA-256) in a worker thread.
 
+Files in the spool directory, per recording ``<name>``: ``<name>.json`` (the caller's sidecar,
+written before any audio: what the recording belongs to), ``<name>.<track>.pcm`` (raw 16-bit
+little-endian PCM, appended while the call runs), ``<name>.wav`` (built after the call, deleted
+once stored).  If the process dies, these are what is left; ``pipelines.spool_recovery`` turns them
+into a WAV again: from the PCM when any is left, else by repairing the WAV's header.
+
 Channels: 0 = the consumer (Telnyx ``inbound``), 1 = what the consumer hears (``outbound``, and the
 agent's track once the WebRTC bridge feeds it, mixed with saturation).  Tracks are aligned at their
 first frame, which is the same instant for every track of a Telnyx stream.
@@ -52,7 +58,7 @@ class RecordingFile:
 
 
 class Spooler:
-    """One thread that owns the spool files: opens, appends and closes them in submission order."""
+    """One thread that owns the spool files: opens, appends, writes and closes them in submission order."""
 
     def __init__(self, max_pending_bytes: int = 64 << 20) -> None:
         self.max_pending_bytes = max_pending_bytes
@@ -74,6 +80,19 @@ class Spooler:
             self._pending += len(data)
         self._pool.submit(self._append, path, data)
         return True
+
+    def write_small(self, path: Path, data: bytes) -> None:
+        """Queue writing ``data`` as the whole of ``path`` (atomically: a new name, then a rename).
+        For a few bytes (a sidecar); not counted against the bound.  Never blocks."""
+        self._pool.submit(self._write_small, path, data)
+
+    def _write_small(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        except OSError:
+            self.errors += 1
 
     def _append(self, path: Path, data: bytes) -> None:
         try:
@@ -106,10 +125,16 @@ class Spooler:
 
 class CallRecorder:
     def __init__(self, spooler: Spooler, spool_dir: Path, name: str, sample_rate: int, *,
-                 max_ms: int = 4 * 3600 * 1000, chunk_bytes: int = 16 << 10) -> None:
+                 max_ms: int = 4 * 3600 * 1000, chunk_bytes: int = 16 << 10, sidecar: bytes | None = None) -> None:
+        """``sidecar``: written to ``<name>.json`` before any audio, so that what a crash leaves behind
+        can be attributed; the caller deletes it once the recording is stored (``sidecar_path``)."""
         self._spooler = spooler  # spool_dir must exist: no file-system call here, on the event loop
         self._dir = spool_dir
         self._name = name
+        self.sidecar_path: Path | None = None
+        if sidecar is not None:
+            self.sidecar_path = spool_dir / f"{name}.json"
+            spooler.write_small(self.sidecar_path, sidecar)
         self.sample_rate = sample_rate
         self._max_bytes = max_ms * sample_rate // 1000 * 2
         self._chunk = chunk_bytes
@@ -160,40 +185,53 @@ class CallRecorder:
         await self._spooler.close([self._spool(t) for t in self._buffers])
         if not any(self._written.values()):
             self.discard()
+            if self.sidecar_path is not None:  # written by now: its write was queued ahead of the close
+                await asyncio.to_thread(self.sidecar_path.unlink, missing_ok=True)
             return None
         return await asyncio.to_thread(self._build)
 
     def _build(self) -> RecordingFile:
         """Blocking: interleave the spools into a WAV, hash it, delete the spools."""
-        sizes = {t: self._spool(t).stat().st_size if self._spool(t).exists() else 0 for t in self._buffers}
-        frames = max(sizes.values()) // 2
-        out = self._dir / f"{self._name}.wav"
-        sources = {t: open(self._spool(t), "rb") for t in self._buffers if sizes[t]}
-        try:
-            with wave.open(str(out), "wb") as w:
-                w.setnchannels(2)
-                w.setsampwidth(2)
-                w.setframerate(self.sample_rate)
-                for start in range(0, frames, _CHUNK_SAMPLES):
-                    n = min(_CHUNK_SAMPLES, frames - start)
-                    mix = np.zeros((n, 2), dtype=np.int32)
-                    for track, src in sources.items():
-                        data = np.frombuffer(src.read(n * 2), dtype="<i2")
-                        mix[: len(data), CHANNEL[track]] += data
-                    w.writeframes(np.clip(mix, -32768, 32767).astype("<i2").tobytes())
-        finally:
-            for src in sources.values():
-                src.close()
+        rec = build_wav({t: self._spool(t) for t in self._buffers}, self._dir / f"{self._name}.wav", self.sample_rate)
         self.discard()
-        digest = hashlib.sha256()
-        with open(out, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return RecordingFile(out, out.stat().st_size, frames * 1000 // self.sample_rate, 2, self.sample_rate,
-                             digest.hexdigest())
+        return rec
 
     def discard(self) -> None:
         """Delete the spools (not a built WAV).  Call after ``finish``, or instead of it once stopped."""
         self.closed = True
         for track in self._buffers:
             self._spool(track).unlink(missing_ok=True)
+
+
+def build_wav(spools: dict[Track, Path], out: Path, sample_rate: int) -> RecordingFile:
+    """Blocking: interleave per-track spools (missing or empty ones are silence) into a stereo WAV at
+    ``out``, and hash it.  The spools are left in place.  Tracks are aligned at their first sample;
+    a spool cut in the middle of a sample (the writer died) loses that half sample."""
+    sizes = {t: p.stat().st_size if p.exists() else 0 for t, p in spools.items()}
+    frames = max(sizes.values(), default=0) // 2
+    sources = {t: open(spools[t], "rb") for t in spools if sizes[t]}
+    try:
+        with wave.open(str(out), "wb") as w:
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(sample_rate)
+            for start in range(0, frames, _CHUNK_SAMPLES):
+                n = min(_CHUNK_SAMPLES, frames - start)
+                mix = np.zeros((n, 2), dtype=np.int32)
+                for track, src in sources.items():
+                    raw = src.read(n * 2)
+                    data = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2")
+                    mix[: len(data), CHANNEL[track]] += data
+                w.writeframes(np.clip(mix, -32768, 32767).astype("<i2").tobytes())
+    finally:
+        for src in sources.values():
+            src.close()
+    return RecordingFile(out, out.stat().st_size, frames * 1000 // sample_rate, 2, sample_rate, sha256_of(out))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

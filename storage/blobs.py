@@ -118,6 +118,8 @@ class BlobStore(Protocol):
 
     async def presign_get(self, key: str, expires_s: int = 300) -> str: ...
 
+    async def ping(self) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -242,6 +244,13 @@ class S3BlobStore:
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires)
         return url
 
+    async def ping(self) -> None:
+        """Raise ``BlobBackendError`` unless the bucket answers (HeadBucket; for readiness checks)."""
+        if self._client is None:
+            raise RuntimeError("S3BlobStore used before start() or after aclose()")
+        async with self._errors("HeadBucket"):
+            await self._client.head_bucket(Bucket=self.bucket)
+
     async def aclose(self) -> None:
         """Close the client; safe to call more than once."""
         self._client = None
@@ -347,6 +356,14 @@ class LocalBlobStore:
 
     def _sign(self, key: str, expires: int) -> str:
         return hmac.new(self._signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    async def ping(self) -> None:
+        """Raise ``OSError`` unless the root is a directory this process may write (for readiness checks)."""
+        def check() -> None:
+            if not self.root.is_dir() or not os.access(self.root, os.W_OK | os.X_OK):
+                raise OSError(f"{self.root} is not a writable directory")
+
+        await asyncio.to_thread(check)
 
     async def aclose(self) -> None:
         pass

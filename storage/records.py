@@ -35,20 +35,22 @@ class CallStarted:
     codec: str
     sample_rate: int
     started_at: datetime
+    node_id: str | None = None  # the node whose media stream this is (closed by it after a crash)
 
     async def apply(self, conn: asyncpg.Connection) -> None:
-        # A second stream for the same call (a reconnect) makes the call active again, keeping its id.
+        # A second stream for the same call (a reconnect) makes the call active again, keeping its id,
+        # and owned by the node the stream reached.
         await conn.execute(
             """
             INSERT INTO calls (id, org_id, call_control_id, call_session_id, stream_id, from_number, to_number,
-                               status, codec, sample_rate, started_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10)
+                               status, codec, sample_rate, started_at, node_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10, $11)
             ON CONFLICT (org_id, call_control_id) DO UPDATE
                SET status = 'active', stream_id = EXCLUDED.stream_id, ended_at = NULL, end_reason = NULL,
-                   updated_at = now()
+                   node_id = EXCLUDED.node_id, updated_at = now()
             """,
             self.call_id, self.org_id, self.call_control_id, self.call_session_id, self.stream_id,
-            self.from_number, self.to_number, self.codec, self.sample_rate, self.started_at,
+            self.from_number, self.to_number, self.codec, self.sample_rate, self.started_at, self.node_id,
         )
 
 
@@ -203,8 +205,31 @@ async def ensure_organization(conn: asyncpg.Connection, org_id: uuid.UUID, name:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ClosedCall:
+    org_id: uuid.UUID
+    call_id: uuid.UUID
+    call_control_id: str
+    previous_status: str
+
+
+async def close_calls_of_restarted_node(conn: asyncpg.Connection, node_id: str) -> list[ClosedCall]:
+    """Close the calls ``node_id`` left open when it died: 'failed', end_reason 'node_restart', audited.
+
+    Every organisation's calls, through the migration's SECURITY DEFINER function (0003_call_node.sql
+    says why); ``conn`` needs no tenant.  Call it before the node accepts streams again.
+    """
+    rows = await conn.fetch("SELECT * FROM close_calls_of_restarted_node($1)", node_id)
+    return [ClosedCall(r["org_id"], r["call_id"], r["call_control_id"], r["previous_status"]) for r in rows]
+
+
+async def call_exists(conn: asyncpg.Connection, org_id: uuid.UUID, call_control_id: str) -> bool:
+    """Whether the call is stored (inside ``Database.tenant(org_id)``)."""
+    return bool(await conn.fetchval("SELECT 1 FROM calls WHERE org_id = $1 AND call_control_id = $2",
+                                    org_id, call_control_id))
+
+
 async def _require_call(conn: asyncpg.Connection, org_id: uuid.UUID, call_control_id: str) -> None:
     """Tell "already written" (a retry: fine) from "no such call" (the row would be lost: an error)."""
-    if not await conn.fetchval("SELECT 1 FROM calls WHERE org_id = $1 AND call_control_id = $2",
-                               org_id, call_control_id):
+    if not await call_exists(conn, org_id, call_control_id):
         raise MissingParent(f"call {call_control_id!r} is not stored")

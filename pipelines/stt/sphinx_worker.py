@@ -9,12 +9,24 @@ global.  Because the executor has exactly one process, every call for an utteran
 same decoder state.
 
 The functions prefixed ``_w_`` run inside the worker process.
+
+A worker never outlives the server.  It would: it waits on its call queue, a pipe whose write end it
+holds itself, so the server's death (SIGKILL: no shutdown of the executor) does not wake it.  So the
+initializer starts a watchdog thread that checks ``os.getppid()`` every ``WATCHDOG_S``: once the
+server is gone the worker has been re-parented, and it exits at once (``os._exit``: nothing of its
+state is worth saving).  Not ``prctl(PR_SET_PDEATHSIG)``: that fires when the *thread* that spawned
+the worker exits (here an executor thread, which may come and go), not the process.  When the
+workers are gone, multiprocessing's resource tracker (started by the server for spawned processes)
+reads end-of-file on its pipe, which only the server and the workers held, and exits too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -24,10 +36,20 @@ DOMAIN_LM_WEIGHT = 10.0
 _FILLERS = {"<s>", "</s>", "<sil>"}
 
 _decoder: Any = None  # the worker process's decoder
+WATCHDOG_S = 0.5
 
 
-def _w_init(model: LanguageModel) -> None:
+def _w_watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(WATCHDOG_S)
+    os._exit(0)
+
+
+def _w_init(model: LanguageModel, parent: int) -> None:
     global _decoder
+    # First, before the model loads (a second or so); ``parent`` from the server itself, so a server
+    # that died before this line is noticed too.
+    threading.Thread(target=_w_watch_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
     from pocketsphinx import Decoder
 
     if model.lm_path is None:
@@ -83,7 +105,7 @@ class DecoderProcess:
         self.model = model
         self._pex = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_w_init, initargs=(model,),
+            initializer=_w_init, initargs=(model, os.getpid()),
         )
 
     @classmethod
