@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,8 @@ from redis.exceptions import RedisError
 
 from api.hub import HubEvent
 from api.tiers import Tiers
+from engine.backoff import Backoff
+from engine.pipeline import BoundedChannel, Policy
 from pipelines.recording import CallRecorder, RecordingFile, Spooler
 from pipelines.translate.base import Translation
 from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal, TranslationStored
@@ -181,7 +182,7 @@ class Persistence:
 
     async def upload(self, key: str, rec: RecordingFile, call_control_id: str) -> bool:
         """Upload with retries; False (counted in ``recordings_failed``, logged) when all failed."""
-        delay = 0.5
+        backoff = Backoff(0.5, 8.0)
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
                 await self.tiers.blobs.put_file(key, rec.path, "audio/wav")
@@ -192,8 +193,7 @@ class Persistence:
                     log.error("recording.upload_failed", extra={"call_id": call_control_id, "key": key,
                                                                 "path": str(rec.path), "error": type(exc).__name__})
                     return False
-                await asyncio.sleep(delay)
-                delay *= 2
+                await asyncio.sleep(backoff.next())
         return False
 
     def run_in_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -240,8 +240,8 @@ class BusForwarder:
 
     def __init__(self, bus: EventBus, max_items: int) -> None:
         self._bus = bus
-        self._buf: deque[tuple[str, str, bytes, int]] = deque(maxlen=max_items)
-        self._wake = asyncio.Event()
+        self._buf: BoundedChannel[tuple[str, str, bytes, int]] = BoundedChannel(
+            max_items, Policy.LATEST, on_drop=self._dropped, name="bus-forward")
         self._task: asyncio.Task[None] | None = None
         self.forwarded = 0
         self.dropped = 0
@@ -253,19 +253,16 @@ class BusForwarder:
     def tap(self, call_id: str, ev: HubEvent) -> None:
         if ev.droppable:
             return
-        if len(self._buf) == self._buf.maxlen:
-            self.dropped += 1
-        self._buf.append((call_id, ev.event, ev.data, ev.id))
-        self._wake.set()
+        self._buf.put((call_id, ev.event, ev.data, ev.id))
+
+    def _dropped(self, item: tuple[str, str, bytes, int]) -> None:
+        self.dropped += 1
 
     async def _run(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
-            if not self._buf:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            item = self._buf[0]
+            await self._buf.wait()
+            item = self._buf.peek()  # left in place until Redis has it: a failed publish is retried
             call_id, event, data, ref = item
             try:
                 await self._bus.publish(call_id, event, data, ref=ref)
@@ -274,16 +271,15 @@ class BusForwarder:
             except (OSError, RedisError) as exc:
                 self.errors += 1
                 log.warning("bus.publish_failed", extra={"error": type(exc).__name__, "pending": len(self._buf)})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next())
                 continue
             except ValueError as exc:  # an event the bus refuses (too large): report it, go on
                 self.errors += 1
                 log.error("bus.event_refused", extra={"call_id": call_id, "event": event, "error": str(exc)})
-            if self._buf and self._buf[0] is item:  # unless overflow already pushed it out
-                self._buf.popleft()
+            if self._buf and self._buf.peek() is item:  # unless overflow already pushed it out
+                self._buf.get_nowait()
             self.forwarded += 1
-            backoff = 0.1
+            backoff.reset()
 
     async def aclose(self, drain_s: float = 2.0) -> None:
         """Give waiting events ``drain_s`` to reach Redis, then stop; what is left is logged."""

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from api.persistence import Persistence, RecordingMeta
+from engine.backoff import Backoff
 from pipelines import spool_recovery
 from pipelines.spool_recovery import Leftover, find_leftovers
 from storage.records import (
@@ -165,13 +166,12 @@ async def _set_aside(p: Persistence, left: Leftover, reason: str) -> None:
 
 async def _retrying(op: Callable[[], Awaitable[T]]) -> T:
     """``await op()``, again after a transient database failure (``DB_ATTEMPTS``, 0.5 s doubling)."""
-    delay = 0.5
+    backoff = Backoff(0.5, 30.0)
     for attempt in range(1, DB_ATTEMPTS + 1):
         try:
             return await op()
         except TRANSIENT:
             if attempt == DB_ATTEMPTS:
                 raise
-            await asyncio.sleep(delay)
-            delay *= 2
+            await asyncio.sleep(backoff.next())
     raise AssertionError("unreachable")

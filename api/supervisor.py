@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from engine.backoff import Backoff
+
 log = logging.getLogger("switchboard.supervisor")
 
 _FIRST_BACKOFF_S = 0.5
@@ -81,7 +83,7 @@ class TierSupervisor:
                 continue
             st.up, st.down_since, st.attempts, st.last_error = False, time.monotonic(), 0, None
             log.error("tier.down", extra={"tier": name})
-            delay = _FIRST_BACKOFF_S
+            backoff = Backoff(_FIRST_BACKOFF_S, self._backoff_max)
             while True:
                 # Shielded: cancelling at shutdown waits for the thread instead of abandoning a server half started.
                 restart = asyncio.ensure_future(asyncio.to_thread(server.restart))
@@ -93,10 +95,10 @@ class TierSupervisor:
                 except Exception as exc:
                     st.attempts += 1
                     st.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                    delay = backoff.next()
                     log.warning("tier.restart_failed", extra={"tier": name, "attempt": st.attempts,
                                                               "error": st.last_error, "retry_in_s": delay})
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._backoff_max)
                     continue
                 break
             downtime = time.monotonic() - (st.down_since or time.monotonic())
