@@ -144,8 +144,7 @@ class CallSession:
         })
         log.info("call.started", extra={"stream_id": ev.stream_id, "call_id": self.call_id,
                                         "encoding": ev.encoding, "sample_rate": ev.sample_rate})
-        if rt.agents is not None:
-            rt.agents.stream_started(self)  # an agent who joined the call first is bridged now
+        rt.agents.stream_started(self)  # an agent who joined the call first is bridged now
 
     # -- streaming (the hot path: 50 frames a second per track) -----------------------------------
 
@@ -210,8 +209,7 @@ class CallSession:
         rt = self.rt
         stats: dict[str, Any] = {}
         try:
-            if rt.agents is not None:
-                await rt.agents.stream_ended(self)  # first: the bridge must stop sending on a closing socket
+            await rt.agents.stream_ended(self)  # first: the bridge must stop sending on a closing socket
             if self.pipeline is not None:
                 await self.pipeline.aclose(DRAIN_BASE_S)
                 stats = {k: getattr(self.pipeline.stats, k) for k in self.pipeline.stats.__slots__}  # type: ignore[attr-defined]

@@ -93,13 +93,13 @@ def _tune_gc() -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from api.app import create_app
+    from api.app import build_app
     from api.connections import CONNECTION_GUARD, ConnectionGuard
 
     _raise_fd_limit()
     _tune_gc()
 
-    app = create_app(settings)
+    app = await build_app(settings)  # opens the tiers, recovers a crashed run's leftovers, warms decoders
     guard = app[CONNECTION_GUARD] = ConnectionGuard(header_timeout_s=settings.http_header_timeout_s,
                                                     max_per_address=settings.http_max_pending_per_address,
                                                     exempt=settings.per_address_exempt)

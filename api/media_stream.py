@@ -27,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
 from api.call_session import CallSession
 from api.inline_ws import InlineWebSocketResponse
-from api.runtime import RUNTIME, Runtime
+from api.settings import Settings
 from api.telnyx_protocol import (
     AUTH_FIELD,
     Dtmf,
@@ -46,6 +47,9 @@ from api.telnyx_protocol import (
 )
 from engine.errors import InternalError, Overflow, PolicyViolation, ProtocolError, TryAgainLater
 from pipelines.call_state import CallEvent
+
+if TYPE_CHECKING:
+    from api.runtime import Runtime
 
 log = logging.getLogger("switchboard.media")
 
@@ -129,8 +133,8 @@ class Admission:
             del self.by_address[address]
 
 
-async def telnyx_media(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
+    """The route handler (bound to the node's ``Runtime`` by ``api.app.make_app``)."""
     s = rt.settings
     if rt.draining:
         raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "1"})
@@ -316,9 +320,8 @@ def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
 class StreamWatch:
     """Enforces the start and idle deadlines of every stream, once per ``tick`` seconds."""
 
-    def __init__(self, rt: Runtime) -> None:
-        s = rt.settings
-        self.rt = rt
+    def __init__(self, streams: set[MediaStream], s: Settings) -> None:
+        self.streams = streams
         self.start_timeout = s.media_start_timeout_s
         self.idle_timeout = s.media_idle_timeout_s
         self.tick = max(0.05, min(1.0, self.start_timeout / 4, self.idle_timeout / 4))
@@ -343,7 +346,7 @@ class StreamWatch:
             self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        for stream in list(self.rt.streams):
+        for stream in list(self.streams):
             if stream.ending is not None:
                 continue
             if stream.session is None:
@@ -371,7 +374,7 @@ class StreamWatch:
         task.add_done_callback(self._closing.discard)
 
 
-async def drain_streams(rt: Runtime, watch: StreamWatch, grace_s: float) -> int:
+async def drain_streams(rt: Runtime, grace_s: float) -> int:
     """Shutdown: end every stream with ``server_shutdown`` and wait (bounded) for their calls to finish.
 
     Returns how many streams had not finished within ``grace_s``.
@@ -379,7 +382,7 @@ async def drain_streams(rt: Runtime, watch: StreamWatch, grace_s: float) -> int:
     streams = list(rt.streams)
     for stream in streams:
         if stream.ending is None:
-            watch.expire(stream, (CallEvent.SHUTDOWN, ""))
+            rt.watch.expire(stream, (CallEvent.SHUTDOWN, ""))
     if not streams:
         return 0
     waits = [asyncio.ensure_future(s.done.wait()) for s in streams]

@@ -1,4 +1,4 @@
-"""The HTTP doors: what every request passes before its handler runs (``doors``, installed by ``create_app``).
+"""The HTTP doors: what every request passes before its handler runs (``doors``, installed by ``api.app.make_app``).
 
 In order, for every route, the WebSocket upgrade at ``/api/media/telnyx`` included:
 
@@ -32,6 +32,7 @@ refusal is JSON ``{"error": "..."}`` like the rest of the API.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -66,7 +67,10 @@ def body_limit(nbytes: int) -> Callable[[H], H]:
 
 
 def route_body_limit(request: web.Request) -> int:
-    return int(getattr(request.match_info.handler, _LIMIT_ATTR, 0))
+    handler = request.match_info.handler
+    while isinstance(handler, functools.partial):  # a handler bound to its services (api.app.make_app)
+        handler = handler.func
+    return int(getattr(handler, _LIMIT_ATTR, 0))
 
 
 def _split(host: str) -> tuple[str, int | None] | None:

@@ -26,8 +26,8 @@ from api.tiers import Tiers
 
 
 class Readiness:
-    def __init__(self, *, timeout_s: float = 1.0, cache_s: float = 1.0) -> None:
-        self.tiers: Tiers | None = None  # set once the tiers are open (start-up)
+    def __init__(self, tiers: Tiers | None, *, timeout_s: float = 1.0, cache_s: float = 1.0) -> None:
+        self.tiers = tiers  # None: persistence off, always ready
         self._timeout = timeout_s
         self._cache_s = cache_s
         self._last: dict[str, Any] | None = None
@@ -84,14 +84,6 @@ async def _select_one(tiers: Tiers) -> None:
         await conn.fetchval("SELECT 1")
 
 
-READINESS = web.AppKey("readiness", Readiness)
-
-
-def add_routes(app: web.Application, *, timeout_s: float, cache_s: float) -> None:
-    app[READINESS] = Readiness(timeout_s=timeout_s, cache_s=cache_s)
-    app.router.add_get("/readyz", readyz)
-
-
-async def readyz(request: web.Request) -> web.Response:
-    report = await request.app[READINESS].snapshot()
+async def readyz(readiness: Readiness, request: web.Request) -> web.Response:
+    report = await readiness.snapshot()
     return web.json_response(report, status=200 if report["status"] == "ok" else 503)

@@ -1,13 +1,13 @@
-"""What every handler shares: settings, the event hub, the STT provider, live streams, counters."""
+"""The node's services (``Runtime``) and its counters (``Stats``)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-from aiohttp import web
 
 from api.hub import EventHub
 from api.settings import Settings
@@ -17,12 +17,12 @@ from pipelines.redaction import Redactor
 from pipelines.translation import TranslationStage
 
 if TYPE_CHECKING:
-    from api.call_session import CallRegistry
-    from api.media_stream import Admission, MediaStream
-    from api.persistence import BusForwarder, Persistence
-    from api.relay import BusRelay
+    from api.media_stream import MediaStream
+    from api.persistence import Persistence
     from api.speech import Speech
-    from api.webrtc import AgentSessions
+    from api.tiers import Tiers
+
+log = logging.getLogger("switchboard.app")
 
 
 @dataclass(slots=True)
@@ -49,26 +49,111 @@ class Stats:
             self.gc_pause.record((time.perf_counter() - self._gc_started) * 1000)
 
 
-@dataclass(slots=True)
 class Runtime:
-    settings: Settings
-    hub: EventHub
-    speech: Speech  # providers per language and the organisation's policy
-    calls: CallRegistry  # live calls by call id: the stream slots
-    admission: Admission  # media sockets awaiting `start`
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
-    phrases: tuple[str, ...] = ()
-    streams: set[MediaStream] = field(default_factory=set)  # open media sockets, started or not
-    stats: Stats = field(default_factory=Stats)
-    redactor: Redactor = field(default_factory=Redactor)
-    translation: TranslationStage | None = None  # None when no translator is configured
-    persistence: Persistence | None = None  # None when settings.persist is off
-    bus: BusForwarder | None = None
-    relay: BusRelay | None = None  # other nodes' calls for SSE clients here
-    agents: AgentSessions | None = None  # WebRTC sessions of agent browsers (api.webrtc.add_routes)
-    draining: bool = False  # shutting down: new media streams are refused
+    """Every service of one node, built once (``api.app.open_runtime``) and handed to each door.
 
+    Nothing is attached later: what needs the async start-up (the storage tiers, the translator,
+    the organisation's speech policy) is opened before this object exists and given to it here;
+    what only needs the settings is built here.  ``start`` starts the background tasks, ``drain``
+    ends live calls at shutdown, ``aclose`` releases everything in reverse order.
+    """
 
+    def __init__(self, settings: Settings, *, speech: Speech, tiers: Tiers | None = None,
+                 persistence: Persistence | None = None, translation: TranslationStage | None = None) -> None:
+        from api.call_session import CallRegistry
+        from api.media_stream import Admission, StreamWatch
+        from api.persistence import BusForwarder
+        from api.readiness import Readiness
+        from api.relay import BusRelay
+        from api.webrtc import AgentSessions
 
+        s = settings
+        self.settings = s
+        self.speech = speech  # providers per language and the organisation's policy
+        self.tiers = tiers
+        self.persistence = persistence  # None when settings.persist is off
+        self.translation = translation  # None when no translator is configured
+        self.segmenter: SegmenterConfig = s.segmenter()
+        self.phrases: tuple[str, ...] = s.phrases()
+        self.stats = Stats()
+        self.redactor = Redactor()
+        self.hub = EventHub(history=s.sse_history, client_buffer=s.sse_client_buffer, max_calls=s.sse_max_calls,
+                            retention_s=s.sse_retention_s, max_pending=s.sse_max_pending,
+                            max_pending_per_owner=s.sse_max_pending_per_address)
+        self.calls = CallRegistry(s.max_streams)  # live calls by call id: the stream slots
+        self.admission = Admission(s.media_max_pending, s.media_max_pending_per_address,
+                                   frozenset(s.per_address_exempt))  # media sockets awaiting `start`
+        self.streams: set[MediaStream] = set()  # open media sockets, started or not
+        self.watch = StreamWatch(self.streams, s)
+        self.readiness = Readiness(tiers, timeout_s=s.readiness_timeout_s, cache_s=s.readiness_cache_s)
+        self.bus: BusForwarder | None = None
+        self.relay: BusRelay | None = None  # other nodes' calls for SSE clients here
+        if tiers is not None and s.bus_enabled:
+            self.bus = BusForwarder(tiers.bus, s.bus_buffer)
+            self.hub.taps.append(self.bus.tap)
+            self.relay = BusRelay(tiers.bus, self.hub, self.calls.__contains__, max_calls=s.relay_max_calls)
+        self.agents = AgentSessions(self)  # WebRTC sessions of agent browsers
+        self.draining = False  # shutting down: new media streams are refused
+        self._stall_task: asyncio.Task[None] | None = None
 
-RUNTIME = web.AppKey("runtime", Runtime)
+    def start(self) -> None:
+        """Start the background tasks (on the running loop)."""
+        self.stats.watch_gc()
+        self._stall_task = asyncio.get_running_loop().create_task(self._watch_loop(), name="loop-stall-watch")
+        self.watch.start()
+        if self.tiers is not None:
+            s = self.settings
+            self.tiers.supervise(s.supervise_interval_s, s.supervise_backoff_max_s)
+        if self.bus is not None:
+            self.bus.start()
+        if self.relay is not None:
+            self.relay.start()
+        if self.translation is not None:
+            self.translation.start()
+
+    async def _watch_loop(self) -> None:
+        """Sleep 10 ms at a time and record how late the wake-up is: the event loop's own latency."""
+        hist = self.stats.loop_stall
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.01)
+            hist.record((time.perf_counter() - t0 - 0.01) * 1000)
+
+    async def drain(self) -> None:
+        """Shutdown: refuse new streams, end live calls with ``server_shutdown`` (their owed finals and
+        ``call.ended`` go out first), then release the SSE clients; all within ``shutdown_grace_s``."""
+        from api.media_stream import drain_streams
+
+        self.draining = True
+        if self._stall_task is not None:
+            self._stall_task.cancel()
+        t0 = time.monotonic()
+        if self.tiers is not None and self.tiers.supervisor is not None:
+            await self.tiers.supervisor.aclose()  # a Ctrl-C reaches embedded Valkey too: what stops stays stopped
+        await self.agents.close_all("server shutting down")  # before the streams: a bridge sends on its call's stream
+        live = len(self.calls)
+        left = await drain_streams(self, self.settings.shutdown_grace_s)
+        await self.watch.aclose()
+        log.info("server.drained", extra={"calls": live, "unfinished": left,
+                                          "seconds": round(time.monotonic() - t0, 2)})
+        self.hub.close_all()
+
+    async def aclose(self) -> None:
+        """Release everything, in the reverse order of ``open_runtime``.  Idempotent enough for cleanup."""
+        self.stats.unwatch_gc()
+        if self._stall_task is not None:
+            self._stall_task.cancel()
+            await asyncio.gather(self._stall_task, return_exceptions=True)
+        await self.watch.aclose()
+        await self.speech.aclose()
+        if self.translation is not None:
+            await self.translation.aclose()
+            await self.translation.translator.aclose()
+        if self.persistence is not None:
+            await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+        if self.relay is not None:
+            await self.relay.aclose()
+        if self.bus is not None:
+            await self.bus.aclose()
+        if self.tiers is not None:
+            await self.tiers.aclose()

@@ -30,12 +30,15 @@ import asyncio
 import logging
 import re
 import socket
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from api.runtime import RUNTIME
 from engine.errors import Overflow
 from engine.ids import ID
+
+if TYPE_CHECKING:
+    from api.runtime import Runtime
 
 log = logging.getLogger("switchboard.sse")
 
@@ -70,8 +73,8 @@ async def _send(request: web.Request, resp: web.StreamResponse, data: bytes, wit
         await request.writer.drain()
 
 
-async def call_events(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+async def call_events(rt: Runtime, request: web.Request) -> web.StreamResponse:
+    """The route handler (bound to the node's ``Runtime`` by ``api.app.make_app``)."""
     call_id = request.match_info["call_id"]
     if not CALL_ID.fullmatch(call_id):
         raise web.HTTPBadRequest(text="call_id must be 1-128 characters of [A-Za-z0-9:_-.]")

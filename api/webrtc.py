@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import ipaddress
 import logging
@@ -46,13 +47,13 @@ from aiortc.sdp import SessionDescription
 
 from api.call_session import speech_leg
 from api.middleware import body_limit
-from api.runtime import RUNTIME, Runtime
 from api.webrtc_signal import MAX_SDP_BYTES, OfferRequest, SignalError, parse_offer_request
 from engine.frames import Track
 from pipelines.bridge import AgentBridge, BridgeStats
 
 if TYPE_CHECKING:
     from api.call_session import CallSession
+    from api.runtime import Runtime
 
 log = logging.getLogger("switchboard.webrtc")
 # The offer body: the SDP, its line ends escaped in JSON (2 bytes more a line: a quarter is ample), the rest.
@@ -275,22 +276,20 @@ class AgentSessions:
 # -- HTTP ---------------------------------------------------------------------------------------
 
 
-def add_routes(app: web.Application) -> None:
-    """Register the signalling routes and the session registry on ``app``'s runtime."""
-    rt = app[RUNTIME]
-    rt.agents = AgentSessions(rt)
+def add_routes(app: web.Application, registry: AgentSessions) -> None:
+    """Register the signalling routes, bound to the node's session registry."""
     logging.getLogger("aioice").setLevel(logging.WARNING)  # it logs every candidate-pair check at INFO
-    restrict_host_candidates(rt.settings.webrtc_host_addresses)
-    app.router.add_post("/api/webrtc/offer", offer)
-    app.router.add_delete("/api/webrtc/sessions/{session_id}", end_session)
+    restrict_host_candidates(registry.rt.settings.webrtc_host_addresses)
+    app.router.add_post("/api/webrtc/offer", functools.partial(offer, registry))
+    app.router.add_delete("/api/webrtc/sessions/{session_id}", functools.partial(end_session, registry))
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
-def _authorized(request: web.Request) -> bool:
-    token = request.app[RUNTIME].settings.agent_token
+def _authorized(registry: AgentSessions, request: web.Request) -> bool:
+    token = registry.rt.settings.agent_token
     if token is None:
         return True
     given = request.headers.get("Authorization", "")
@@ -300,11 +299,9 @@ def _authorized(request: web.Request) -> bool:
 
 
 @body_limit(OFFER_MAX_BYTES)
-async def offer(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    registry = rt.agents
-    assert registry is not None
-    if not _authorized(request):
+async def offer(registry: AgentSessions, request: web.Request) -> web.Response:
+    rt = registry.rt
+    if not _authorized(registry, request):
         return _error(401, "missing or invalid agent token")
     body = await request.read()  # outside the try: a 413 (api.middleware) must not become a 400
     try:
@@ -346,13 +343,11 @@ async def offer(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session.id, "type": "answer", "sdp": answer})
 
 
-async def end_session(request: web.Request) -> web.Response:
-    rt = request.app[RUNTIME]
-    if not _authorized(request):
+async def end_session(registry: AgentSessions, request: web.Request) -> web.Response:
+    if not _authorized(registry, request):
         return _error(401, "missing or invalid agent token")
     session_id = request.match_info["session_id"]
-    assert rt.agents is not None
-    session = rt.agents.by_id.get(session_id)
+    session = registry.by_id.get(session_id)
     if session is None:
         return _error(404, f"no live session {session_id[:64]!r}")
     await session.close("ended by the agent (DELETE)")

@@ -154,11 +154,12 @@ async def test_sse_subscriber_before_the_call_receives_its_events(server: Server
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "receive-loop"])
 async def test_both_delivery_paths_stream_a_call_and_refuse_bad_input(aiohttp_client, monkeypatch, inline) -> None:  # type: ignore[no-untyped-def]
     from api import inline_ws
-    from api.app import create_app
+    from api.app import build_app
     from api.settings import Settings
 
     monkeypatch.setattr(inline_ws, "ENABLED", inline)
-    client = await aiohttp_client(create_app(Settings(stt_provider="null", persist=False, translation_provider="none")))
+    client = await aiohttp_client(await build_app(Settings(stt_provider="null", persist=False,
+                                                           translation_provider="none")))
     ws = await client.ws_connect("/api/media/telnyx")
     await ws.send_str(j(event="connected", version="1.0.0"))
     await ws.send_str(start_msg("p1", "v3:path"))

@@ -45,8 +45,7 @@ class FakeTiers:
 
 async def test_a_flood_of_requests_makes_one_round_of_checks() -> None:
     tiers = FakeTiers()
-    ready = Readiness(timeout_s=1.0, cache_s=1.0)
-    ready.tiers = tiers  # type: ignore[assignment]
+    ready = Readiness(tiers, timeout_s=1.0, cache_s=1.0)  # type: ignore[arg-type]
     reports = await asyncio.gather(*(ready.snapshot() for _ in range(500)))
     assert all(r["status"] == "ok" for r in reports)
     assert ready.checks == 1 and tiers.pings == {"postgres": 1, "redis": 1, "blobs": 1}
@@ -57,8 +56,7 @@ async def test_a_flood_of_requests_makes_one_round_of_checks() -> None:
 async def test_a_hung_tier_is_reported_within_the_deadline_and_a_dead_embedded_one_without_asking() -> None:
     tiers = FakeTiers()
     tiers.redis_hangs = True
-    ready = Readiness(timeout_s=0.2, cache_s=0)
-    ready.tiers = tiers  # type: ignore[assignment]
+    ready = Readiness(tiers, timeout_s=0.2, cache_s=0)  # type: ignore[arg-type]
     t0 = time.monotonic()
     report = await ready.snapshot()
     assert time.monotonic() - t0 < 0.5
@@ -75,4 +73,4 @@ async def test_a_hung_tier_is_reported_within_the_deadline_and_a_dead_embedded_o
 
 
 async def test_without_tiers_it_is_ready() -> None:
-    assert await Readiness().snapshot() == {"status": "ok", "tiers": {}}
+    assert await Readiness(None).snapshot() == {"status": "ok", "tiers": {}}

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from api.app import create_app
-from api.runtime import RUNTIME, Runtime
+from api.app import make_app, open_runtime
+from api.runtime import Runtime
 from api.settings import Settings
 from tests.sse_client import read_sse
 
@@ -21,11 +23,22 @@ from tests.sse_client import read_sse
 async def client(aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
     settings = Settings(stt_provider="null", persist=False, translation_provider="none", sse_heartbeat_s=0.1,
                         sse_history=50, sse_client_buffer=16, sse_max_pending_per_address=3, per_address_exempt=[])
-    return await aiohttp_client(create_app(settings))
+    return await serve(aiohttp_client, settings)
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[web.Application, Runtime] = weakref.WeakKeyDictionary()
+
+
+async def serve(aiohttp_client, settings: Settings) -> TestClient:  # type: ignore[no-untyped-def]
+    """A test client of the app serving a fresh node built from ``settings``."""
+    rt = await open_runtime(settings)
+    app = make_app(rt)
+    _RUNTIMES[app] = rt
+    return await aiohttp_client(app)  # type: ignore[no-any-return]
 
 
 def runtime(client: TestClient) -> Runtime:
-    return client.app[RUNTIME]
+    return _RUNTIMES[client.app]
 
 
 def publish_call(rt: Runtime, call_id: str, finals: int) -> None:
@@ -157,9 +170,9 @@ async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
 async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_resumes(
         aiohttp_client, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, logger="switchboard.sse")
-    client = await aiohttp_client(create_app(Settings(
+    client = await serve(aiohttp_client, Settings(
         stt_provider="null", persist=False, translation_provider="none", sse_history=5000, sse_client_buffer=4096,
-        sse_write_timeout_s=0.3, sse_send_buffer_bytes=4096)))
+        sse_write_timeout_s=0.3, sse_send_buffer_bytes=4096))
     rt = runtime(client)
     publish = rt.hub.publish
     rt.hub.start("c8")

@@ -26,8 +26,7 @@ import websockets
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from api.app import create_app
-from api.runtime import RUNTIME
+from api.app import make_app, open_runtime
 from api.settings import Settings
 from api.webrtc import restrict_host_candidates
 from engine.codecs import get_codec
@@ -467,10 +466,10 @@ async def _settled(baseline: int, within_s: float = 5.0) -> int:
 
 
 async def test_five_sessions_opened_and_closed_leave_no_task_or_transport_running(aiohttp_client) -> None:  # type: ignore[no-untyped-def]
-    app = create_app(Settings(persist=False, translation_provider="none", stt_provider="null"))
-    client = await aiohttp_client(app)
+    rt = await open_runtime(Settings(persist=False, translation_provider="none", stt_provider="null"))
+    client = await aiohttp_client(make_app(rt))
     base = str(client.make_url(""))
-    registry = app[RUNTIME].agents
+    registry = rt.agents
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/healthz") as r:  # the keep-alive connection's handler is part of the baseline
             assert r.status == 200
@@ -503,10 +502,10 @@ async def test_ice_to_a_closed_port_times_out_with_the_reason_and_cleans_up(aioh
     """Candidates on a loopback port nobody listens on: checks go unanswered (Linux does not report
     ICMP errors to unconnected UDP sockets, so aioice would retry for a minute); the session's
     connect deadline ends it."""
-    app = create_app(Settings(persist=False, translation_provider="none", stt_provider="null"))
-    client = await aiohttp_client(app)
+    rt = await open_runtime(Settings(persist=False, translation_provider="none", stt_provider="null",
+                                     webrtc_connect_timeout_s=1.0))
+    client = await aiohttp_client(make_app(rt))
     base = str(client.make_url(""))
-    app[RUNTIME].agents.connect_timeout_s = 1.0
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/healthz") as r:
             assert r.status == 200
