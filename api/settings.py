@@ -7,6 +7,7 @@ API key.  Secrets are ``SecretStr`` so they never print in logs or reprs.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import uuid
 from pathlib import Path
@@ -79,9 +80,10 @@ class Settings(BaseSettings):
     # PII: transcripts are redacted before translation, storage, the bus and logs, always.  SSE shows
     # agents the redacted text unless this is false (per organisation: settings JSON "sse_redacted").
     sse_redacted: bool = True
-    stt_max_decoders: int = Field(2, ge=1)  # decoder processes per language model (32-118 MB each)
+    # Decoder processes per language model (32-118 MB each); decoding is CPU-bound: one per core.
+    stt_max_decoders: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
     stt_workers: int = Field(2, ge=1)  # threads for blocking set-up: LM builds, decoder process starts
-    stt_acquire_timeout: float = Field(10.0, gt=0)  # wait for a free decoder before giving up
+    stt_queue_max_s: float = Field(120.0, gt=0)  # audio of finals waiting for a decoder, all calls; past it: stt.failed
     stt_phrases_file: Path | None = None  # one phrase per line: the domain language model
     stt_max_buffer_ms: int = Field(30_000, ge=1000)  # audio a session may hold while behind
 

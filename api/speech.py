@@ -63,7 +63,7 @@ def make_provider(name: str, s: Settings) -> SttProvider:
         from pipelines.stt.pocketsphinx import PocketsphinxProvider
 
         return PocketsphinxProvider(max_decoders=s.stt_max_decoders, max_workers=s.stt_workers,
-                                    acquire_timeout=s.stt_acquire_timeout, max_buffer_ms=s.stt_max_buffer_ms)
+                                    queue_max_s=s.stt_queue_max_s, max_buffer_ms=s.stt_max_buffer_ms)
     if name == "assemblyai":
         from pipelines.stt.assemblyai import AssemblyAIProvider
 

@@ -3,9 +3,9 @@
     python -m bench.stt_stall [--seconds 10]
 
 A ticker task sleeps 5 ms at a time and records how late it wakes, while the provider (1) creates
-its decoders and (2) decodes one utterance of ``--seconds`` of speech-like noise (live chunks plus
-the final pass).  Prints the worst and p99 extra delay for each phase.  With decoders in worker
-processes both should stay within a few milliseconds, whatever the utterance length.
+its decoders and (2) decodes one utterance of ``--seconds`` of speech-like noise (partials while it
+is pushed, then the final).  Prints the worst and p99 extra delay for each phase.  With decoders in
+worker processes both should stay within a few milliseconds, whatever the utterance length.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ class CallStats:
     finals: int = 0
     stt_errors: int = 0
     stt_failovers: int = 0
+    stt_failed_utterances: int = 0  # utterances the recogniser owed a final for and could not deliver
 
 
 class _Track:
@@ -154,6 +155,7 @@ class CallPipeline:
             return
         t.session = session
         session.on_failure = lambda exc: self._on_failure(t, exc)
+        session.on_utterance_failed = lambda seq, reason: self._on_utterance_failed(t, seq, reason)
         while t.backlog:
             item = t.backlog.popleft()
             if item is None:
@@ -174,6 +176,12 @@ class CallPipeline:
                                                   "provider": self._provider.name, "error": str(exc)})
         self._publish("stt.failed", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
                                      "reason": str(exc)[:200]}, False, "")
+
+    def _on_utterance_failed(self, t: _Track, seq: int, reason: str) -> None:
+        """One utterance got no final (the session logged why): say so; the session goes on."""
+        self.stats.stt_failed_utterances += 1
+        self._publish("stt.failed", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
+                                     "seq": seq, "reason": reason[:200]}, False, "")
 
     def _on_segments(self, t: _Track, events: Any) -> None:
         for ev in events:

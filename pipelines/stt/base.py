@@ -11,15 +11,21 @@ Contract of a session:
   caller's to count as dropped.  Frames arrive at the provider's ``sample_rate``.
 * ``finalize()`` marks the end of an utterance: every frame pushed before it is decoded, then exactly
   one final ``Transcript`` (possibly with empty text) is emitted for the utterance, unless the
-  utterance held no audio at all, or the provider failed on it: a failure is logged with its reason
-  and counted in the session's ``failed_utterances``, never silent.
-* ``emit`` is called on the event loop, never from a worker thread, and must not block.
-* ``aclose()`` finishes what was pushed (bounded by ``drain_timeout``), emits the last final if an
-  utterance was open, releases every resource (decoder, socket, task) and is idempotent.
+  utterance held no audio at all, or the provider failed on it.  A failure is never silent: the
+  session logs it with its reason and calls ``utterance_failed(seq, reason)``, which counts it in
+  ``failed_utterances`` and passes it to ``on_utterance_failed`` (set by the pipeline after
+  ``open_session``).  ``seq`` is the ``Transcript.utterance`` its final would have had.
+* ``emit`` and ``on_utterance_failed`` are called on the event loop, never from a worker thread, and
+  must not block.
+* ``aclose(drain_timeout)`` finishes what was pushed, emits the last final if an utterance was open,
+  releases every resource (decoder, socket, task) and is idempotent.  It waits ``drain_timeout``, or
+  longer when the session knows it owes more work than that covers (its own bound, proportional to
+  the audio it has queued, never unbounded); what is not done then is reported as failed utterances.
 * A session that can no longer deliver (a cloud provider unreachable after its reconnect attempts,
   refusing the credentials, out of quota) calls ``self.fail(exc)`` once: it sets ``failure`` and
   calls ``on_failure`` (set by the pipeline after ``open_session``), which may move the call to the
-  next provider.  After that ``push`` raises ``Overflow`` and ``finalize`` emits nothing.
+  next provider.  After that (and after ``aclose``) ``push`` raises ``engine.errors.SessionClosed``
+  and ``finalize`` emits nothing.
   ``open_session`` itself raises ``ProviderUnavailable`` when it cannot connect at all.
 """
 
@@ -71,6 +77,7 @@ class SttSession(abc.ABC):
     failed_utterances: int = 0
     failure: ProviderError | None = None
     on_failure: Callable[[ProviderError], None] | None = None
+    on_utterance_failed: Callable[[int, str], None] | None = None  # (utterance seq, reason)
 
     def fail(self, exc: ProviderError) -> None:
         """Report that this session is dead (once); see the module docstring."""
@@ -79,6 +86,12 @@ class SttSession(abc.ABC):
         self.failure = exc
         if self.on_failure is not None:
             self.on_failure(exc)
+
+    def utterance_failed(self, seq: int, reason: str) -> None:
+        """Count utterance ``seq`` as lost and tell the owner; see the module docstring."""
+        self.failed_utterances += 1
+        if self.on_utterance_failed is not None:
+            self.on_utterance_failed(seq, reason)
 
     @abc.abstractmethod
     def push(self, frame: AudioFrame) -> None: ...

@@ -1,14 +1,17 @@
-"""A bounded pool of pocketsphinx decoders, and the domain language models they load.
+"""Pools of pocketsphinx decoders that run batch jobs, and the domain language models they load.
 
 A decoder with the bundled English LM holds about 90 MB; one with a domain LM about 40 MB.  A
 burst of calls must not create one per call, so decoders are pooled per language model:
 
-* at most ``max_decoders`` exist per model, created lazily in the executor;
-* a session holds one for a single utterance (``acquire`` ... ``release``), so N decoders serve
-  many more calls than N, with utterances queueing for a free one;
-* ``acquire`` waits at most ``acquire_timeout`` seconds, then raises ``ProviderUnavailable``;
-* a decoder whose state is uncertain (its owner was cancelled mid-call) is ``discard``ed, not
-  reused: the pool forgets it and may create a fresh one.
+* at most ``max_decoders`` exist per model, created lazily in the executor (or all at once by
+  ``warm``), each a process of its own (``pipelines.stt.sphinx_worker``);
+* a decoder is busy for one job only, a batch decode of audio a session already holds: what runs
+  next is decided by ``pipelines.stt.decode_queue`` (owed finals in FIFO order, partials only on
+  an idle decoder), and this module carries it out;
+* a job whose decode raises, whose process dies, or that runs past ``job_timeout`` fails: its
+  owner is told (``Job.done`` with a reason) and the decoder is discarded (killed, never reused);
+  the pool starts a fresh one when finals wait.  The default timeout, 10 s plus 2 s per second of
+  audio, is eight times the bundled LM's measured cost: only a hung or starved process reaches it.
 
 Domain models are built from a phrase list with ``pocketsphinx.lm`` (an ARPA trigram LM) plus a
 dictionary cut down to the phrases' words, cached on disk by a hash of the normalised phrases.
@@ -22,11 +25,13 @@ import io
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ProviderUnavailable
+from pipelines.stt.decode_queue import AudioBudget, Decoded, DecodeQueue, Job
 
 log = logging.getLogger("switchboard.stt.pocketsphinx")
 
@@ -101,72 +106,156 @@ def build_domain_model(phrases: Sequence[str], cache_dir: Path) -> LanguageModel
 
 
 class DecoderPool:
-    """Decoders for one language model.  ``factory`` is blocking and runs in the executor."""
+    """Decoders for one language model, running the jobs its ``DecodeQueue`` hands them.
+
+    ``factory`` is blocking (spawn and model load) and runs through ``run``, in the executor.  The
+    decoders it makes must have ``async decode(pcm, words) -> Decoded`` and ``close(kill=...)``.
+    Every job submitted gets exactly one ``Job.done`` call, on the event loop, unless its owner
+    takes it back first with ``cancel``.
+    """
 
     def __init__(
         self,
         model: LanguageModel,
-        factory: Callable[[LanguageModel], object],
+        factory: Callable[[LanguageModel], Any],
         *,
         max_decoders: int,
-        acquire_timeout: float,
-        run: Callable[..., asyncio.Future[object]],
+        budget: AudioBudget,
+        run: Callable[..., asyncio.Future[Any]],
+        partial_reserve: int = 0,
+        job_timeout: Callable[[Job], float] = lambda job: 10.0 + job.audio_ms / 500,  # see the docstring
     ) -> None:
         self.model = model
-        self.max_decoders = max_decoders
-        self.created = 0
-        self.in_use = 0
+        self.queue: DecodeQueue[Any] = DecodeQueue(max_decoders, budget, partial_reserve)
+        self.sessions = 0  # open sessions using this model (the provider evicts only unused pools)
+        self.closed = False
         self._factory = factory
-        self._timeout = acquire_timeout
         self._run = run
-        self._idle: list[object] = []
-        self._cond = asyncio.Condition()
+        self._job_timeout = job_timeout
+        self._tasks: set[asyncio.Task[None]] = set()  # decodes: cancelled by close()
+        self._starts: set[asyncio.Task[None]] = set()  # never cancelled: see _create
 
-    async def acquire(self) -> object:
-        async with self._cond:
-            try:
-                await asyncio.wait_for(
-                    self._cond.wait_for(lambda: bool(self._idle) or self.created < self.max_decoders),
-                    self._timeout,
-                )
-            except TimeoutError:
-                raise ProviderUnavailable(
-                    f"no free pocketsphinx decoder within {self._timeout:g}s ({self.max_decoders} in use)"
-                ) from None
-            self.in_use += 1
-            if self._idle:
-                return self._idle.pop()
-            self.created += 1
-        try:
-            return await self._run(self._factory, self.model)
-        except BaseException:
-            async with self._cond:
-                self.created -= 1
-                self.in_use -= 1
-                self._cond.notify()
-            raise
+    @property
+    def max_decoders(self) -> int:
+        return self.queue.max_decoders
 
-    async def release(self, decoder: object) -> None:
-        async with self._cond:
-            self.in_use -= 1
-            self._idle.append(decoder)
-            self._cond.notify()
+    def submit_final(self, job: Job) -> None:
+        """Queue an owed final.  Raises ``Overflow`` when the provider's queue bound is spent."""
+        if self.closed:
+            raise ProviderUnavailable("pocketsphinx provider closed")
+        self.queue.submit(job)
+        self._step()
 
-    async def discard(self, decoder: object) -> None:
-        _close(decoder)
-        async with self._cond:
-            self.in_use -= 1
-            self.created -= 1
-            self._cond.notify()
+    def can_take_partial(self) -> bool:
+        return not self.closed and self.queue.can_take_partial()
+
+    def try_partial(self, job: Job) -> bool:
+        """Run a partial now if a decoder is idle and no final waits; False: skipped."""
+        if self.closed:
+            return False
+        decoder = self.queue.try_partial(job)
+        if decoder is None:
+            return False
+        self._spawn(self._decode(decoder, job))
+        return True
+
+    def cancel(self, owner: object) -> list[Job]:
+        """Take back ``owner``'s jobs still waiting for a decoder (they will not be run nor reported)."""
+        return self.queue.cancel(owner)
+
+    async def warm(self) -> None:
+        """Start every missing decoder now and wait for them (start failures are logged)."""
+        starts = [self._spawn_start() for _ in range(self.queue.reserve_starts())]
+        await asyncio.gather(*(asyncio.shield(t) for t in starts), return_exceptions=True)
 
     def close(self) -> None:
-        """Close the idle decoders (decoders in use are closed by their sessions' ``discard``)."""
-        for decoder in self._idle:
-            _close(decoder)
-        self._idle.clear()
+        """Stop every decoder now and fail every job not finished (their owners are told)."""
+        if self.closed:
+            return
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()
+        decoders, jobs = self.queue.clear()
+        for decoder in decoders:
+            decoder.close(kill=True)
+        for job in jobs:
+            job.done(job, None, "pocketsphinx provider closed")
 
+    # -- internals -------------------------------------------------------------------------------
 
-def _close(decoder: object) -> None:
-    close = getattr(decoder, "close", None)
-    if close is not None:
-        close()
+    def _spawn(self, coro: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]] | None = None
+               ) -> asyncio.Task[None]:
+        tasks = self._tasks if tasks is None else tasks
+        task = asyncio.get_running_loop().create_task(coro, name=f"pocketsphinx-{self.model.key}")
+        tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, tasks))
+        return task
+
+    def _spawn_start(self) -> asyncio.Task[None]:
+        return self._spawn(self._start(), self._starts)
+
+    def _task_done(self, task: asyncio.Task[None], tasks: set[asyncio.Task[None]]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stt.pool_task_failed", exc_info=task.exception())
+
+    def _step(self) -> None:
+        if self.closed:
+            return
+        run, start = self.queue.next_steps()
+        for decoder, job in run:
+            self._spawn(self._decode(decoder, job))
+        for _ in range(start):
+            self._spawn_start()
+
+    def _create(self) -> Any:
+        """Runs in the executor thread.  Start tasks are never cancelled, so each decoder made here is
+        either handed to the queue or closed, by ``_start`` or, if the pool closed meanwhile, here."""
+        decoder = self._factory(self.model)
+        if self.closed:  # the pool closed meanwhile: nobody else will ever close this one
+            decoder.close()
+            raise ProviderUnavailable("pocketsphinx provider closed")
+        return decoder
+
+    async def _start(self) -> None:
+        try:
+            decoder = await self._run(self._create)
+        except Exception as exc:
+            if self.closed:
+                return
+            log.error("stt.decoder_start_failed", extra={"model": self.model.key, "error": repr(exc)})
+            # No retry from here (a start that keeps failing must not spin): the next submit or
+            # finished job starts one again if finals still wait.
+            for job in self.queue.start_failed():
+                job.done(job, None, f"no pocketsphinx decoder could start: {exc!r}")
+            return
+        if self.closed:
+            decoder.close()
+            return
+        self.queue.started(decoder)
+        self._step()
+
+    async def _decode(self, decoder: Any, job: Job) -> None:
+        result: Decoded | None = None
+        error: str | None = None
+        timeout = self._job_timeout(job)
+        try:
+            result = await asyncio.wait_for(decoder.decode(job.pcm, job.final), timeout)
+        except TimeoutError:
+            error = f"pocketsphinx decode of {job.audio_ms} ms of audio took over {timeout:g} s"
+        except asyncio.CancelledError:
+            raise  # the pool is closing: close() fails the job
+        except Exception as exc:  # the worker raised, or its process died (BrokenProcessPool)
+            error = f"pocketsphinx decoder failed: {exc!r}"
+        if self.closed:
+            return
+        self.queue.done(decoder, healthy=error is None)
+        if error is not None:
+            # Its state is unknown (it failed or hung mid-job): never hand it another job.
+            decoder.close(kill=True)
+            log.warning("stt.decoder_discarded", extra={"model": self.model.key, "reason": error})
+        try:
+            job.done(job, result, error)
+        finally:
+            self._step()
+

@@ -158,6 +158,7 @@ class FailoverSession(SttSession):
         self._index, self._inner = opened
         self.provider = self._chain.providers[self._index].name
         self._inner.on_failure = self._inner_failed
+        self._inner.on_utterance_failed = self.utterance_failed
         rate = self._inner.sample_rate
         self._resampler = None if rate == self.sample_rate else Resampler(self.sample_rate, rate)
         if previous:

@@ -97,3 +97,38 @@ async def test_a_recogniser_that_falls_behind_is_reported_once_then_recovery_wit
     recovered = next(p for e, p, *_ in published if e == "stt.recovered")
     assert (lagging["provider"], lagging["track"]) == ("behind", "inbound") and "buffer full" in lagging["reason"]
     assert recovered["dropped_frames"] == 30 == pipe.stats.stt_dropped
+
+
+class _RefusingSession(_BehindSession):
+    """Takes every frame, and reports every utterance as failed at its end (a full decode queue)."""
+
+    def __init__(self) -> None:
+        super().__init__(after=0, refuse=0)
+        self.seq = 0
+
+    def finalize(self) -> None:
+        self.seq += 1
+        self.utterance_failed(self.seq, "speech-to-text queue full")
+
+
+class _RefusingProvider(_BehindProvider):
+    async def open_session(self, options: SessionOptions, emit: Emit) -> SttSession:
+        return _RefusingSession()
+
+
+async def test_a_failed_utterance_is_published_as_stt_failed_with_its_seq_and_counted() -> None:
+    published: list[tuple[str, dict[str, Any], bool, str]] = []
+    pipe = CallPipeline(call_id="c", stream_id="s", provider=_RefusingProvider(),
+                        publish=lambda *a: published.append(a))
+    pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
+    pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
+    for i in range(0, len(pcm), 320):
+        pipe.feed(Track.INBOUND, pcm[i : i + 320], 8000, i // 16)
+        await asyncio.sleep(0)
+    await pipe.aclose()
+    failed = [(p, droppable) for e, p, droppable, _ in published if e == "stt.failed"]
+    assert [p for p, _ in failed] == [
+        {"call_id": "c", "stream_id": "s", "track": "inbound", "seq": n, "reason": "speech-to-text queue full"}
+        for n in (1, 2)]
+    assert not any(droppable for _, droppable in failed)
+    assert pipe.stats.stt_failed_utterances == 2 and pipe.stats.stt_errors == 0
