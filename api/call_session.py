@@ -31,6 +31,7 @@ from engine.errors import Overflow
 from engine.frames import Track
 from pipelines.call import CallPipeline
 from pipelines.call_state import STATUS, CallEvent, CallMachine, CallState
+from pipelines.events import CallDtmf, CallEnded, CallStarted
 
 if TYPE_CHECKING:
     from api.media_stream import MediaStream
@@ -137,11 +138,9 @@ class CallSession:
         self.events, self.pipeline = speech_leg(rt, self.call_id, ev.stream_id, self.language, self.target,
                                                 self.record)
         provider = self.events.provider
-        rt.hub.publish(self.call_id, "call.started", {
-            "call_id": self.call_id, "stream_id": ev.stream_id, "call_session_id": ev.call_session_id,
-            "encoding": ev.encoding, "sample_rate": ev.sample_rate, "from": ev.from_, "to": ev.to,
-            "language": self.language, "translate_to": self.target, "stt_provider": provider,
-        })
+        rt.hub.publish(self.call_id, CallStarted(
+            self.call_id, ev.stream_id, ev.call_session_id, ev.encoding, ev.sample_rate, ev.from_, ev.to,
+            self.language, self.target, provider))
         log.info("call.started", extra={"stream_id": ev.stream_id, "call_id": self.call_id,
                                         "encoding": ev.encoding, "sample_rate": ev.sample_rate})
         rt.agents.stream_started(self)  # an agent who joined the call first is bridged now
@@ -172,7 +171,7 @@ class CallSession:
             return
         self._dtmf_tokens -= 1
         self.dtmf_count += 1
-        self.rt.hub.publish(self.call_id, "call.dtmf", {"call_id": self.call_id, "digit": ev.digit})
+        self.rt.hub.publish(self.call_id, CallDtmf(self.call_id, ev.digit))
 
     def _lag_ms(self, timestamp_ms: int, now: float) -> float:
         base = now - timestamp_ms / 1000.0
@@ -227,9 +226,8 @@ class CallSession:
             state = self.machine.handle(CallEvent.DRAINED)
             reason, detail = self.machine.reason, self.machine.detail
             try:
-                rt.hub.publish(self.call_id, "call.ended", {
-                    "call_id": self.call_id, "stream_id": self.stream_id, "reason": reason, "detail": detail,
-                    "status": STATUS[state], "stats": stats})
+                rt.hub.publish(self.call_id, CallEnded(self.call_id, self.stream_id, reason, detail, STATUS[state],
+                                                       stats))
             except Overflow:
                 log.error("call.ended_unpublished", extra={"call_id": self.call_id})
             rt.hub.end(self.call_id)

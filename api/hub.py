@@ -43,6 +43,7 @@ import orjson
 
 from engine.errors import Overflow
 from engine.pipeline import BoundedChannel, Policy
+from pipelines.events import Event, Untyped
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +107,11 @@ class CallChannel:
         self.last_id = 0
         self.ended_at: float | None = None
 
-    def publish(self, event: str, payload: dict[str, Any], droppable: bool, key: str) -> HubEvent:
+    def publish(self, event: Event) -> HubEvent:
+        """Number ``event`` and serialise it: the one place an event becomes JSON."""
         self.last_id += 1
-        ev = HubEvent(self.last_id, event, orjson.dumps(payload), droppable, key)
+        droppable = event.droppable
+        ev = HubEvent(self.last_id, event.name, orjson.dumps(event.payload()), droppable, event.key)
         if not droppable:
             self.history.append(ev)
         for sub in self.subscribers:
@@ -175,16 +178,13 @@ class EventHub:
             self._channels[call_id] = ch
         return ch
 
-    def publish(
-        self, call_id: str, event: str, payload: dict[str, Any], *, droppable: bool = False, key: str = "",
-        tap_payload: dict[str, Any] | None = None,
-    ) -> HubEvent:
-        """Publish to the call's SSE clients; taps get ``tap_payload`` instead when it is given (the
-        redacted form of a transcript that this node's agents may see unredacted)."""
+    def publish(self, call_id: str, event: Event, *, tap: Event | None = None) -> HubEvent:
+        """Publish to the call's SSE clients; taps get ``tap`` instead when it is given (the redacted
+        form of a transcript that this node's agents may see unredacted)."""
         self.published += 1
-        ev = self.channel(call_id).publish(event, payload, droppable, key)
-        if not droppable and self.taps:
-            tapped = ev if tap_payload is None else HubEvent(ev.id, ev.event, orjson.dumps(tap_payload))
+        ev = self.channel(call_id).publish(event)
+        if not ev.droppable and self.taps:
+            tapped = ev if tap is None else HubEvent(ev.id, ev.event, orjson.dumps(tap.payload()))
             for tap in self.taps:
                 tap(call_id, tapped)
         return ev
@@ -200,7 +200,7 @@ class EventHub:
             return False
         self.published += 1
         ch.last_id = ref - 1
-        ch.publish(event, payload, False, "")
+        ch.publish(Untyped(event, payload))
         if event == "call.started":
             ch.ended_at = None
         elif event == "call.ended":

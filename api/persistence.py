@@ -29,6 +29,7 @@ from api.hub import HubEvent
 from api.tiers import Tiers
 from engine.backoff import Backoff
 from engine.pipeline import BoundedChannel, Policy
+from pipelines.events import TranscriptEvent
 from pipelines.recording import CallRecorder, RecordingFile, Spooler
 from pipelines.translate.base import Translation
 from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal, TranslationStored
@@ -134,13 +135,13 @@ class Persistence:
                                     max_ms=self._recording_max_ms, sidecar=meta.to_json())
         return CallRecord(org, call_id, call_control_id, recording_id, recorder, key)
 
-    def transcript_final(self, call: CallRecord, payload: dict[str, Any], provider: str, *, language: str = "en",
+    def transcript_final(self, call: CallRecord, ev: TranscriptEvent, provider: str, *, language: str = "en",
                          redacted: bool = False) -> None:
-        """Store a final transcript; ``payload`` must already be redacted."""
+        """Store a final transcript; ``ev`` must already be redacted."""
+        payload = ev.payload()  # the stored words are the published ones
         self.tiers.writer.submit(TranscriptFinal(
-            call.org_id, call.call_control_id, payload["stream_id"], payload["track"], payload["seq"], payload["text"],
-            payload.get("confidence"), payload.get("words", []), payload.get("start"), payload.get("end"), provider,
-            language, redacted,
+            call.org_id, call.call_control_id, ev.stream_id, ev.track, ev.seq, ev.text, payload["confidence"],
+            payload["words"], ev.start, ev.end, provider, language, redacted,
         ))
 
     def translation(self, call: CallRecord, stream_id: str, track: str, seq: int, tr: Translation) -> None:

@@ -3,7 +3,7 @@ publisher that ties a call's transcript events to SSE, storage and translation.
 
 Order of operations for every transcript event a call's pipeline emits (``CallEvents.publish``):
 
-1. redact it (text and timed words; ``pipelines.redact_transcript``);
+1. redact it (text and timed words; ``pipelines.events.TranscriptEvent.redacted``);
 2. publish to the call's SSE clients: redacted unless the organisation chose otherwise
    (``sse_redacted``); the cross-node bus always gets the redacted form;
 3. for a final: store it (redacted) and submit its redacted text for translation.
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from api.hub import EventHub
 from api.settings import Settings
-from pipelines.redact_transcript import redact_payload
+from pipelines.events import Event, TranscriptEvent, TranslationFailed, TranslationFinal
 from pipelines.redaction import Redactor
 from pipelines.stt.base import SttProvider
 from pipelines.stt.failover import FailoverProvider
@@ -155,43 +155,43 @@ class CallEvents:
     def __post_init__(self) -> None:
         self._idle.set()
 
-    def publish(self, event: str, payload: dict[str, Any], droppable: bool, key: str) -> None:
-        if event not in ("transcript.partial", "transcript.final"):
-            self.hub.publish(self.call_id, event, payload, droppable=droppable, key=key)
+    def publish(self, event: Event) -> None:
+        if not isinstance(event, TranscriptEvent):
+            self.hub.publish(self.call_id, event)
             return
-        redacted, found = redact_payload(self.redactor, payload)
-        if self.sse_redacted or redacted is payload:
-            self.hub.publish(self.call_id, event, redacted, droppable=droppable, key=key)
+        redacted, found = event.redacted(self.redactor)
+        if self.sse_redacted or redacted is event:
+            self.hub.publish(self.call_id, redacted)
         else:
-            self.hub.publish(self.call_id, event, payload, droppable=droppable, key=key, tap_payload=redacted)
-        if event != "transcript.final":
+            self.hub.publish(self.call_id, event, tap=redacted)
+        if not event.final:
             return
         self.redactions += found
         if self.persistence is not None and self.record is not None:
             self.persistence.transcript_final(self.record, redacted, self.provider, language=self.language,
                                               redacted=found > 0)
-        if self.stage is not None and self.target and redacted["text"].strip():
+        if self.stage is not None and self.target and redacted.text.strip():
             self._pending += 1
             self._idle.clear()
             self.stage.submit(TranslationJob(
-                redacted["text"], self.language, self.target,
-                {"call_id": self.call_id, "stream_id": self.stream_id, "track": payload["track"],
-                 "seq": payload["seq"]},
+                redacted.text, self.language, self.target,
+                {"call_id": self.call_id, "stream_id": event.stream_id, "track": event.track, "seq": event.seq},
                 self._translated, self._not_translated))
 
     def _translated(self, job: TranslationJob, tr: Translation) -> None:
         self._done()
         ctx = job.context
-        self.hub.publish(self.call_id, "translation.final", {
-            **ctx, "original": tr.original, "translated": tr.translated, "source_lang": tr.source_lang,
-            "target_lang": tr.target_lang, "provider": tr.provider, "latency_ms": round(tr.latency_ms, 1)})
+        self.hub.publish(self.call_id, TranslationFinal(
+            ctx["call_id"], ctx["stream_id"], ctx["track"], ctx["seq"], tr.original, tr.translated, tr.source_lang,
+            tr.target_lang, tr.provider, round(tr.latency_ms, 1)))
         if self.persistence is not None and self.record is not None:
             self.persistence.translation(self.record, ctx["stream_id"], ctx["track"], ctx["seq"], tr)
 
     def _not_translated(self, job: TranslationJob, reason: str) -> None:
         self._done()
-        self.hub.publish(self.call_id, "translation.failed", {
-            **job.context, "source_lang": job.source_lang, "target_lang": job.target_lang, "reason": reason})
+        ctx = job.context
+        self.hub.publish(self.call_id, TranslationFailed(ctx["call_id"], ctx["stream_id"], ctx["track"], ctx["seq"],
+                                                         job.source_lang, job.target_lang, reason))
 
     def _done(self) -> None:
         self._pending -= 1

@@ -50,6 +50,7 @@ from api.middleware import body_limit
 from api.webrtc_signal import MAX_SDP_BYTES, OfferRequest, SignalError, parse_offer_request
 from engine.frames import Track
 from pipelines.bridge import AgentBridge, BridgeStats
+from pipelines.events import AgentJoined, AgentLeft
 
 if TYPE_CHECKING:
     from api.call_session import CallSession
@@ -196,9 +197,7 @@ class AgentSession:
             self.registry.fold(self.bridge.stats)
             if announce:
                 rt = self.registry.rt
-                rt.hub.publish(self.call_id, "agent.left", {
-                    "call_id": self.call_id, "agent_id": self.agent_id, "session_id": self.id, "reason": reason,
-                    "stats": stats})
+                rt.hub.publish(self.call_id, AgentLeft(self.call_id, self.agent_id, self.id, reason, stats))
                 if self.call_id not in rt.calls and not self.registry.on_call(self.call_id):
                     rt.hub.end(self.call_id)  # an agent-only channel: evictable like an ended call's
             log.info("webrtc.closed", extra={"session_id": self.id, "agent_id": self.agent_id,
@@ -335,9 +334,8 @@ async def offer(registry: AgentSessions, request: web.Request) -> web.Response:
     stream = rt.calls.get(req.call_id)
     if stream is not None and stream.bridge is None:
         session.attach(stream)
-    rt.hub.publish(req.call_id, "agent.joined", {
-        "call_id": req.call_id, "agent_id": req.agent_id, "session_id": session.id, "language": req.language,
-        "bridged": session.stream is not None})
+    rt.hub.publish(req.call_id, AgentJoined(req.call_id, req.agent_id, session.id, req.language,
+                                            session.stream is not None))
     log.info("webrtc.session", extra={"session_id": session.id, "agent_id": req.agent_id, "call_id": req.call_id,
                                       "bridged": session.stream is not None})
     return web.json_response({"session_id": session.id, "type": "answer", "sdp": answer})

@@ -18,8 +18,9 @@ import shutil
 import subprocess
 import time
 
-from pipelines.redact_transcript import redact_payload
+from pipelines.events import TranscriptEvent
 from pipelines.redaction import Redactor
+from pipelines.stt.base import Word
 
 SENTENCES = [
     "i would like to make a payment of four hundred dollars today",
@@ -36,14 +37,14 @@ SENTENCES = [
 def bench_redaction(n: int) -> float:
     redactor = Redactor()
     rng = random.Random(1)
-    payloads = []
+    events = []
     for _ in range(n):
         text = rng.choice(SENTENCES)
-        words = [{"word": w, "start": i * 300, "end": i * 300 + 250} for i, w in enumerate(text.split())]
-        payloads.append({"text": text, "words": words, "track": "inbound", "seq": 1})
+        words = tuple(Word(w, i * 300, i * 300 + 250) for i, w in enumerate(text.split()))
+        events.append(TranscriptEvent("c", "s", "inbound", text, words, 0.9, 1, 0, len(words) * 300, True))
     t0 = time.perf_counter()
-    for p in payloads:
-        redact_payload(redactor, p)
+    for ev in events:
+        ev.redacted(redactor)
     us = (time.perf_counter() - t0) / n * 1e6
     # 900 streams, one final every ~4 s each (the capacity benchmark's speech): 225 finals a second.
     print(f"redaction: {us:.1f} us per final transcript ({n} finals); at 225 finals/s "

@@ -3,7 +3,7 @@
     Media (per track) -> 20 ms AudioFrames -> Segmenter (webrtcvad)
         -> utterance audio -> Resampler (to the provider's rate) -> SttSession.push
         -> utterance end   -> SttSession.finalize
-    SttSession emit -> Publish("transcript.partial" | "transcript.final", payload)
+    SttSession emit -> Publish(TranscriptEvent)   (and SttLagging, SttRecovered, SttFailed, SttFailover)
 
 ``feed`` runs synchronously on the event loop in the WebSocket reader: VAD and segmentation cost a
 few microseconds per frame, and the only buffer on this path is the session's own, declared bound
@@ -28,13 +28,14 @@ from engine.errors import Overflow, ProviderError, SessionClosed, SwitchboardErr
 from engine.frames import FRAME_MS, AudioFrame, Track, frame_bytes
 from engine.resample import Resampler
 from engine.segmenter import Segmenter, SegmenterConfig, SpeechStarted, UtteranceAudio, UtteranceEnded
+from pipelines.events import Event, SttFailed, SttFailover, SttLagging, SttRecovered, TranscriptEvent
 from pipelines.stt.base import SessionOptions, SttProvider, SttSession, Transcript
 from pipelines.stt.failover import FailoverProvider
 
 log = logging.getLogger("switchboard.call")
 
-Publish = Callable[[str, dict[str, Any], bool, str], None]
-"""(event type, payload, droppable, coalescing key) -> None; must not block."""
+Publish = Callable[[Event], None]
+"""Takes a typed event (``pipelines.events``); must not block."""
 
 
 @dataclass(slots=True)
@@ -165,8 +166,7 @@ class CallPipeline:
 
     def _on_switch(self, t: _Track, old: str, new: str, reason: str) -> None:
         self.stats.stt_failovers += 1
-        self._publish("stt.failover", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
-                                       "from": old, "to": new, "reason": reason[:200]}, False, "")
+        self._publish(SttFailover(self.call_id, self.stream_id, t.track.value, old, new, reason[:200]))
 
     def _on_failure(self, t: _Track, exc: ProviderError) -> None:
         """The track's recogniser is gone for good: say so; its audio is counted as dropped from now."""
@@ -174,14 +174,12 @@ class CallPipeline:
         self.stats.stt_errors += 1
         log.warning("stt.session_failed", extra={"call_id": self.call_id, "track": t.track.value,
                                                   "provider": self._provider.name, "error": str(exc)})
-        self._publish("stt.failed", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
-                                     "reason": str(exc)[:200]}, False, "")
+        self._publish(SttFailed(self.call_id, self.stream_id, t.track.value, str(exc)[:200]))
 
     def _on_utterance_failed(self, t: _Track, seq: int, reason: str) -> None:
         """One utterance got no final (the session logged why): say so; the session goes on."""
         self.stats.stt_failed_utterances += 1
-        self._publish("stt.failed", {"call_id": self.call_id, "stream_id": self.stream_id, "track": t.track.value,
-                                     "seq": seq, "reason": reason[:200]}, False, "")
+        self._publish(SttFailed(self.call_id, self.stream_id, t.track.value, reason[:200], seq))
 
     def _on_segments(self, t: _Track, events: Any) -> None:
         for ev in events:
@@ -217,14 +215,12 @@ class CallPipeline:
         except Overflow as exc:
             self.stats.stt_dropped += 1
             if not t.behind and not t.failed:
-                self._publish("stt.lagging", {"call_id": self.call_id, "stream_id": self.stream_id,
-                                              "track": t.track.value, "provider": self._provider.name,
-                                              "reason": str(exc)[:200]}, False, "")
+                self._publish(SttLagging(self.call_id, self.stream_id, t.track.value, self._provider.name,
+                                         str(exc)[:200]))
             t.behind += 1
             return
         if t.behind:
-            self._publish("stt.recovered", {"call_id": self.call_id, "stream_id": self.stream_id,
-                                            "track": t.track.value, "dropped_frames": t.behind}, False, "")
+            self._publish(SttRecovered(self.call_id, self.stream_id, t.track.value, t.behind))
             t.behind = 0
 
     def _wait_in_backlog(self, t: _Track, item: AudioFrame | None) -> None:
@@ -235,22 +231,7 @@ class CallPipeline:
     def _on_transcript(self, t: _Track, tr: Transcript) -> None:
         if tr.is_final:
             self.stats.finals += 1
-            event = "transcript.final"
         else:
             self.stats.partials += 1
-            event = "transcript.partial"
-        payload = {
-            "call_id": self.call_id,
-            "stream_id": self.stream_id,
-            "track": t.track.value,
-            "text": tr.text,
-            "words": [
-                {"word": w.text, "start": w.start_ms, "end": w.end_ms, "confidence": round(w.confidence, 3)}
-                for w in tr.words
-            ],
-            "confidence": round(tr.confidence, 3),
-            "seq": tr.utterance,
-            "start": tr.start_ms,
-            "end": tr.end_ms,
-        }
-        self._publish(event, payload, not tr.is_final, f"partial:{t.track.value}")
+        self._publish(TranscriptEvent(self.call_id, self.stream_id, t.track.value, tr.text, tr.words, tr.confidence,
+                                      tr.utterance, tr.start_ms, tr.end_ms, tr.is_final))

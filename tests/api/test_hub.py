@@ -9,13 +9,14 @@ import pytest
 
 from api.hub import EventHub
 from engine.errors import Overflow
+from pipelines.events import Untyped
 
 
 def test_event_ids_increase_per_call_and_encode_as_sse() -> None:
     hub = EventHub()
-    a1 = hub.publish("a", "call.started", {"n": 1})
-    b1 = hub.publish("b", "call.started", {"n": 1})
-    a2 = hub.publish("a", "transcript.final", {"text": "hi"})
+    a1 = hub.publish("a", Untyped("call.started", {"n": 1}))
+    b1 = hub.publish("b", Untyped("call.started", {"n": 1}))
+    a2 = hub.publish("a", Untyped("transcript.final", {"text": "hi"}))
     assert (a1.id, a2.id, b1.id) == (1, 2, 1)
     assert a2.encode() == b'id: 2\nevent: transcript.final\ndata: {"text":"hi"}\n\n'
 
@@ -23,7 +24,7 @@ def test_event_ids_increase_per_call_and_encode_as_sse() -> None:
 def test_history_is_bounded_and_replay_reports_a_gap() -> None:
     hub = EventHub(history=10)
     for i in range(25):
-        hub.publish("a", "transcript.final", {"i": i})
+        hub.publish("a", Untyped("transcript.final", {"i": i}))
     ch = hub.channel("a")
     assert len(ch.history) == 10
     events, gap = ch.replay_after(3)
@@ -34,8 +35,8 @@ def test_history_is_bounded_and_replay_reports_a_gap() -> None:
 
 def test_partials_are_not_kept_in_history() -> None:
     hub = EventHub()
-    hub.publish("a", "transcript.partial", {}, droppable=True, key="partial:inbound")
-    hub.publish("a", "transcript.final", {})
+    hub.publish("a", Untyped("transcript.partial", {}, coalesce="partial:inbound"))
+    hub.publish("a", Untyped("transcript.final", {}))
     events, _ = hub.channel("a").replay_after(0)
     assert [e.event for e in events] == ["transcript.final"]
 
@@ -44,10 +45,10 @@ async def test_slow_subscriber_keeps_only_latest_partial_per_track_but_every_fin
     hub = EventHub(client_buffer=100)
     _, sub = hub.subscribe("a")
     for i in range(50):
-        hub.publish("a", "transcript.partial", {"i": i}, droppable=True, key="partial:inbound")
-        hub.publish("a", "transcript.partial", {"i": i}, droppable=True, key="partial:outbound")
+        hub.publish("a", Untyped("transcript.partial", {"i": i}, coalesce="partial:inbound"))
+        hub.publish("a", Untyped("transcript.partial", {"i": i}, coalesce="partial:outbound"))
         if i % 10 == 9:
-            hub.publish("a", "transcript.final", {"i": i})
+            hub.publish("a", Untyped("transcript.final", {"i": i}))
     batch = await sub.next_batch(1)
     finals = [e for e in batch if e.event == "transcript.final"]
     partials = [orjson.loads(e.data)["i"] for e in batch if e.event == "transcript.partial"]
@@ -60,7 +61,7 @@ async def test_subscriber_that_falls_behind_on_finals_is_marked_overflowed() -> 
     hub = EventHub(client_buffer=8)
     _, sub = hub.subscribe("a")
     for i in range(9):
-        hub.publish("a", "transcript.final", {"i": i})
+        hub.publish("a", Untyped("transcript.final", {"i": i}))
     assert sub.overflowed
     assert len(await sub.next_batch(1)) == 8  # what it holds is still delivered in order
 
@@ -72,13 +73,13 @@ async def test_next_batch_times_out_empty_for_heartbeats() -> None:
 
 def test_full_hub_evicts_ended_calls_first_then_refuses() -> None:
     hub = EventHub(max_calls=2, retention_s=3600)
-    hub.publish("a", "call.started", {})
-    hub.publish("b", "call.started", {})
+    hub.publish("a", Untyped("call.started", {}))
+    hub.publish("b", Untyped("call.started", {}))
     hub.end("a")
-    hub.publish("c", "call.started", {})  # evicts ended "a"
+    hub.publish("c", Untyped("call.started", {}))  # evicts ended "a"
     assert hub.get("a") is None and hub.get("c") is not None
     with pytest.raises(Overflow):
-        hub.publish("d", "call.started", {})
+        hub.publish("d", Untyped("call.started", {}))
 
 
 def test_subscription_to_a_call_that_never_started_leaves_nothing_behind() -> None:
@@ -120,7 +121,7 @@ async def test_a_call_that_starts_takes_its_waiting_subscribers_along_and_frees_
     hub = EventHub(max_pending=10, max_pending_per_owner=1)
     ch, sub = hub.subscribe("a", owner="x")
     hub.start("a")
-    hub.publish("a", "call.started", {})
+    hub.publish("a", Untyped("call.started", {}))
     assert hub.channel("a") is ch and hub.waiting == 0
     assert [e.event for e in await sub.next_batch(1)] == ["call.started"]
     hub.subscribe("b", owner="x")  # the owner's one waiting place is free again
@@ -130,9 +131,9 @@ async def test_a_call_that_starts_takes_its_waiting_subscribers_along_and_frees_
 
 async def test_an_ended_call_with_readers_is_evicted_rather_than_a_new_call_refused() -> None:
     hub = EventHub(max_calls=1)
-    hub.publish("a", "call.started", {})
+    hub.publish("a", Untyped("call.started", {}))
     _, reader = hub.subscribe("a")
-    hub.publish("a", "call.ended", {})
+    hub.publish("a", Untyped("call.ended", {}))
     hub.end("a")
     hub.start("b")
     assert hub.get("a") is None

@@ -7,10 +7,10 @@ import orjson
 from api.hub import EventHub, HubEvent
 from api.settings import Settings
 from api.speech import CallEvents, Policy
+from pipelines.events import TranscriptEvent
 from pipelines.redaction import Redactor
 
-RAW = {"call_id": "c", "stream_id": "s", "track": "inbound", "seq": 1,
-       "text": "my card is 4111 1111 1111 1111", "words": [], "start": 0, "end": 900}
+RAW = TranscriptEvent("c", "s", "inbound", "my card is 4111 1111 1111 1111", (), 0.9, 1, 0, 900, True)
 
 
 def publish(sse_redacted: bool) -> tuple[list[bytes], list[HubEvent]]:
@@ -19,7 +19,7 @@ def publish(sse_redacted: bool) -> tuple[list[bytes], list[HubEvent]]:
     hub.taps.append(lambda call_id, ev: tapped.append(ev))
     events = CallEvents(call_id="c", stream_id="s", language="en", target=None, hub=hub, redactor=Redactor(),
                         sse_redacted=sse_redacted, provider="scripted")
-    events.publish("transcript.final", dict(RAW), False, "")
+    events.publish(RAW)
     channel = hub.get("c")
     assert channel is not None
     return [ev.data for ev in channel.history], tapped  # what SSE clients get (and replay)
@@ -33,7 +33,7 @@ def test_agents_see_redacted_text_by_default_and_the_bus_always_does() -> None:
 
 def test_an_organisation_may_show_its_agents_raw_text_but_the_bus_still_gets_it_redacted() -> None:
     sse, tapped = publish(sse_redacted=False)
-    assert orjson.loads(sse[0])["text"] == RAW["text"]
+    assert orjson.loads(sse[0])["text"] == RAW.text
     assert orjson.loads(tapped[0].data)["text"] == "my card is [REDACTED:card]"
     assert tapped[0].id == 1  # the same event, under the same id
 

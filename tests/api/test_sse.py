@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from api.app import make_app, open_runtime
 from api.runtime import Runtime
 from api.settings import Settings
+from pipelines.events import Untyped
 from tests.sse_client import read_sse
 
 
@@ -43,11 +44,11 @@ def runtime(client: TestClient) -> Runtime:
 
 def publish_call(rt: Runtime, call_id: str, finals: int) -> None:
     rt.hub.start(call_id)
-    rt.hub.publish(call_id, "call.started", {"call_id": call_id})
+    rt.hub.publish(call_id, Untyped("call.started", {"call_id": call_id}))
     for i in range(finals):
-        rt.hub.publish(call_id, "transcript.partial", {"i": i}, droppable=True, key="partial:inbound")
-        rt.hub.publish(call_id, "transcript.final", {"i": i})
-    rt.hub.publish(call_id, "call.ended", {"call_id": call_id})
+        rt.hub.publish(call_id, Untyped("transcript.partial", {"i": i}, coalesce="partial:inbound"))
+        rt.hub.publish(call_id, Untyped("transcript.final", {"i": i}))
+    rt.hub.publish(call_id, Untyped("call.ended", {"call_id": call_id}))
     rt.hub.end(call_id)
 
 
@@ -88,13 +89,13 @@ async def test_heartbeat_comments_flow_while_the_call_is_quiet(client: TestClien
 async def test_live_subscriber_gets_events_in_id_order_without_duplicates(client: TestClient) -> None:
     rt = runtime(client)
     rt.hub.start("c5")
-    rt.hub.publish("c5", "call.started", {})
+    rt.hub.publish("c5", Untyped("call.started", {}))
     reader = asyncio.create_task(read_sse(client.session, str(client.make_url("/api/calls/c5/events"))))
     await asyncio.sleep(0.1)
     for i in range(10):
-        rt.hub.publish("c5", "transcript.final", {"i": i})
+        rt.hub.publish("c5", Untyped("transcript.final", {"i": i}))
         await asyncio.sleep(0)
-    rt.hub.publish("c5", "call.ended", {})
+    rt.hub.publish("c5", Untyped("call.ended", {}))
     stream = await asyncio.wait_for(reader, 5)
     ids = [int(e.id or 0) for e in stream.events]
     assert ids == list(range(1, 13))
@@ -105,11 +106,11 @@ async def test_slow_client_is_cut_and_resumes_with_last_event_id_losing_no_final
     rt.hub.start("c6")
     channel, sub = rt.hub.subscribe("c6")  # a client that never reads
     for i in range(40):
-        rt.hub.publish("c6", "transcript.final", {"i": i})
+        rt.hub.publish("c6", Untyped("transcript.final", {"i": i}))
     assert sub.overflowed  # buffer of 16 exceeded: its handler would end the response
     first = (await sub.next_batch(0.1))[-1].id
     rt.hub.unsubscribe(channel, sub)
-    rt.hub.publish("c6", "call.ended", {})
+    rt.hub.publish("c6", Untyped("call.ended", {}))
     rt.hub.end("c6")
     stream = await read_sse(client.session, str(client.make_url("/api/calls/c6/events")),
                             last_event_id=str(first))
@@ -176,7 +177,7 @@ async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_re
     rt = runtime(client)
     publish = rt.hub.publish
     rt.hub.start("c8")
-    publish("c8", "call.started", {})
+    publish("c8", Untyped("call.started", {}))
     loop = asyncio.get_running_loop()
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -187,13 +188,13 @@ async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_re
     while b"call.started" not in got:
         got += await loop.sock_recv(stuck, 4096)
     for i in range(2000):  # 2 MB of finals that it does not read
-        publish("c8", "transcript.final", {"i": i, "text": "x" * 1000})
+        publish("c8", Untyped("transcript.final", {"i": i, "text": "x" * 1000}))
         if i % 50 == 0:
             await asyncio.sleep(0.005)
     published = loop.time()
     await _until(lambda: rt.stats.sse_clients == 0, within=0.3 + 1.0)
     assert loop.time() - published <= 0.3 + 1.0 and "sse.client_stuck" in caplog.messages
-    publish("c8", "call.ended", {})
+    publish("c8", Untyped("call.ended", {}))
     rt.hub.end("c8")
     while chunk := await asyncio.wait_for(loop.sock_recv(stuck, 65536), 2):  # what the kernel held, then EOF
         got += chunk

@@ -8,9 +8,15 @@ from typing import Any
 from engine.errors import Overflow
 from engine.frames import AudioFrame, Track
 from pipelines.call import CallPipeline
+from pipelines.events import Event
 from pipelines.stt.base import Emit, SessionOptions, SttProvider, SttSession
 from pipelines.stt.scripted import ScriptedProvider
 from tests.speech import utterances_with_pauses
+
+
+def as_tuple(ev: Event) -> tuple[str, dict[str, Any], bool, str]:
+    """What the hub takes from an event: its wire name, JSON object, delivery class and key."""
+    return ev.name, ev.payload(), ev.droppable, ev.key
 
 TEXTS = ["please confirm your account number", "can you call me back tomorrow morning"]
 
@@ -19,7 +25,7 @@ async def test_two_utterances_give_partials_and_finals_in_order_with_resampled_a
     published: list[tuple[str, dict[str, Any], bool, str]] = []
     provider = ScriptedProvider(["first one", "second one here"], sample_rate=16000)
     pipe = CallPipeline(call_id="c", stream_id="s", provider=provider,
-                        publish=lambda *a: published.append(a))
+                        publish=lambda ev: published.append(as_tuple(ev)))
     pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
     pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
     for i in range(0, len(pcm), 320):
@@ -39,7 +45,7 @@ async def test_two_utterances_give_partials_and_finals_in_order_with_resampled_a
 async def test_frames_beyond_the_open_backlog_are_dropped_and_counted() -> None:
     published: list[Any] = []
     pipe = CallPipeline(call_id="c", stream_id="s", provider=ScriptedProvider(["a", "b"]),
-                        publish=lambda *a: published.append(a), open_backlog_ms=1000)
+                        publish=lambda ev: published.append(as_tuple(ev)), open_backlog_ms=1000)
     pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
     pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
     for i in range(0, len(pcm), 320):  # no yield: the session cannot open while this runs
@@ -83,7 +89,8 @@ class _BehindProvider(SttProvider):
 
 async def test_a_recogniser_that_falls_behind_is_reported_once_then_recovery_with_the_count() -> None:
     published: list[tuple[str, dict[str, Any], bool, str]] = []
-    pipe = CallPipeline(call_id="c", stream_id="s", provider=_BehindProvider(), publish=lambda *a: published.append(a))
+    pipe = CallPipeline(call_id="c", stream_id="s", provider=_BehindProvider(),
+                        publish=lambda ev: published.append(as_tuple(ev)))
     pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
     pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
     for i in range(0, len(pcm), 320):
@@ -119,7 +126,7 @@ class _RefusingProvider(_BehindProvider):
 async def test_a_failed_utterance_is_published_as_stt_failed_with_its_seq_and_counted() -> None:
     published: list[tuple[str, dict[str, Any], bool, str]] = []
     pipe = CallPipeline(call_id="c", stream_id="s", provider=_RefusingProvider(),
-                        publish=lambda *a: published.append(a))
+                        publish=lambda ev: published.append(as_tuple(ev)))
     pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
     pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
     for i in range(0, len(pcm), 320):
