@@ -125,7 +125,7 @@ async def test_a_stalled_session_holds_no_decoder_and_other_sessions_get_their_f
         assert len(await r.wait(1, deadline_s=10)) == 1
     waited = max(r.final_at[1] for _, r in others) - t0
     print(f"\n3 finals behind a stalled session on 1 decoder: last after {waited:.2f} s")
-    assert waited < 5  # measured ~0.3 s here; the old design waited for the stalled utterance (forever)
+    assert waited < 5  # measured ~0.3 s; the earlier design held the only decoder for the stalled utterance
     assert not pool.queue.busy and not [r for r in rs if r.is_final]
     await stalled.aclose()  # closing ends its utterance: owed, and delivered
     assert len(await rs.wait(1)) == 1 and not rs.failed
