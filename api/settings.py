@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # agents the redacted text unless this is false (per organisation: settings JSON "sse_redacted").
     sse_redacted: bool = True
     # Decoder processes per language model (32-118 MB each); decoding is CPU-bound: one per core.
-    stt_max_decoders: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    stt_max_decoders: int = Field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))), ge=1)  # usable cores
     stt_workers: int = Field(2, ge=1)  # threads for blocking set-up: LM builds, decoder process starts
     stt_queue_max_s: float = Field(120.0, gt=0)  # audio of finals waiting for a decoder, all calls; past it: stt.failed
     stt_phrases_file: Path | None = None  # one phrase per line: the domain language model

@@ -124,10 +124,11 @@ class CallPipeline:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        # Tracks drain together: their owed finals share the decoders, and their waits must not add up.
+        sessions = [t.session for t in self._tracks.values() if t.session is not None]
         for t in self._tracks.values():
-            if t.session is not None:
-                await t.session.aclose(drain_timeout)
-                t.session = None
+            t.session = None
+        await asyncio.gather(*(s.aclose(drain_timeout) for s in sessions))
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -79,8 +79,9 @@ DRAIN_S_PER_AUDIO_S = 0.5  # aclose's extra wait per second of queued audio (see
 
 
 def default_decoders() -> int:
-    """One decoder process per core: decoding is CPU-bound, more would only share the cores."""
-    return max(1, os.cpu_count() or 1)
+    """One decoder process per core this process may run on (its affinity, not the machine's count:
+    a pinned or CPU-limited server gets no more decoders than cores); more would only share them."""
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 class PocketsphinxProvider(SttProvider):
