@@ -5,7 +5,7 @@ sequence order, or raises a ``ProtocolError`` whose ``close_code`` the transport
 frame.  Outbound messages (bidirectional streams) come back as JSON text from ``media``, ``mark``
 and ``clear``; the transport only moves text.  Nothing here imports asyncio or aiohttp.
 
-Rules (see ../shared/PROTOCOLS.md):
+Rules (Telnyx media streaming, as its documentation describes the messages):
 
 * ``connected`` comes first; the stream auth token arrives in the ``x-telnyx-streaming-auth-token``
   header (given to the constructor) or in the field of the same name on ``connected``.  When a token
