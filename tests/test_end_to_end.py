@@ -32,6 +32,7 @@ from tests.servers import Server, running_server
 from tests.speech import utterances_with_pauses, word_error_rate
 from tests.sse_client import read_sse
 from tests.storage.conftest import APP_PASSWORD, DbUrls, migrated_database
+from tests.telnyx_client import send_paced
 
 SENTENCES = [
     "please confirm your account number",
@@ -72,14 +73,7 @@ async def stream_call(server: Server, call_id: str, pcm: np.ndarray, encoding: s
     messages = telnyx_messages(pcm, call_id=call_id, stream_id=f"stream-{call_id}", encoding=encoding,
                                sample_rate=8000, token=None)
     async with websockets.connect(server.ws + query) as ws:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for i, msg in enumerate(messages):
-            if i >= 2:
-                delay = t0 + (i - 2) * 0.02 - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            await ws.send(msg)
+        await send_paced(ws, messages)
         await ws.wait_closed()
         assert ws.close_code == 1000
 

@@ -20,6 +20,7 @@ from tests.servers import running_server
 from tests.speech import utterances_with_pauses
 from tests.sse_client import read_sse
 from tests.storage.conftest import APP_PASSWORD, migrated_database
+from tests.telnyx_client import send_paced
 
 GRACE_S = 8.0
 
@@ -37,19 +38,7 @@ async def test_sigterm_drains_live_calls_with_server_shutdown(tmp_path: Path, pg
             reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/v3:drain/events"))
             await asyncio.sleep(0.2)
             ws = await websockets.connect(server.ws)
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            sent = 0
-            for i, msg in enumerate(messages):
-                if i >= 2:
-                    delay = t0 + (i - 2) * 0.02 - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                await ws.send(msg)
-                if i >= 2:
-                    sent += 1
-                if loop.time() - t0 > 1.5:  # mid-way through the first sentence
-                    break
+            sent = await send_paced(ws, messages, for_s=1.5)  # stops mid-way through the first sentence
             server.proc.send_signal(signal.SIGTERM)
             term_at = time.monotonic()
             try:

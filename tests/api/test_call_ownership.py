@@ -22,6 +22,7 @@ from api.simulator import telnyx_messages
 from tests.servers import Server, get_json, running_server
 from tests.speech import utterances_with_pauses
 from tests.sse_client import SseStream, read_sse
+from tests.telnyx_client import send_paced
 
 TOKEN = "ownership-token"
 SENTENCES = ["please confirm your account number", "i would like to make a payment today"]
@@ -85,16 +86,8 @@ async def stream_call(server: Server, call_id: str, pcm: np.ndarray, *, stop: bo
                                               last_event_id=last_event_id))
         await asyncio.sleep(0.2)  # subscribed before the call starts
         async with websockets.connect(server.ws, local_addr=(local, 0)) as ws:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
             try:
-                for i, msg in enumerate(msgs):
-                    if i >= 2:
-                        delay = t0 + (i - 2) * 0.02 - loop.time()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                    await ws.send(msg)
-                    out.sent_frames += '"media"' in msg
+                out.sent_frames = await send_paced(ws, msgs)
                 while True:
                     await asyncio.wait_for(ws.recv(), 15)
             except websockets.ConnectionClosed:

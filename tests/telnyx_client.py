@@ -1,0 +1,28 @@
+"""Sending a Telnyx stream as Telnyx does: ``connected`` and ``start`` at once, then one message every
+20 ms of audio, paced against the clock (not slept one by one, so lateness does not add up)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import websockets
+
+FRAME_S = 0.02
+
+
+async def send_paced(ws: websockets.ClientConnection, messages: list[str], *, for_s: float | None = None) -> int:
+    """Send ``messages`` (``api.simulator.telnyx_messages``: connected, start, media..., maybe stop) in
+    real time; stop after ``for_s`` seconds of media when given.  Returns the media messages sent."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    sent = 0
+    for i, msg in enumerate(messages):
+        if i >= 2:
+            delay = t0 + (i - 2) * FRAME_S - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if for_s is not None and loop.time() - t0 > for_s:
+                break
+        await ws.send(msg)
+        sent += '"event":"media"' in msg
+    return sent
