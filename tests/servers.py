@@ -48,7 +48,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, **env: str) -> Iterator[Server]:
+def running_server(tmp: Path, *, new_session: bool = False, **env: str) -> Iterator[Server]:
+    """The server as a subprocess; ``new_session``: in a process group of its own, as a terminal's
+    foreground job is (a test may then signal the whole group, as Ctrl-C does)."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     # Storage tiers and translation are off unless a test turns them on (and points them at its servers).
@@ -58,7 +60,7 @@ def running_server(tmp: Path, **env: str) -> Iterator[Server]:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-            env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session,
         )
     server = Server(port, log_path, proc)
     try:

@@ -5,6 +5,7 @@ end reason says the same, and the process exits within the grace period."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -82,3 +83,31 @@ async def test_a_draining_server_refuses_new_streams(tmp_path: Path) -> None:
             await websockets.connect(server.ws, open_timeout=2)
         await asyncio.to_thread(server.proc.wait, 15)
         assert server.proc.returncode == 0
+
+
+async def test_ctrl_c_to_the_whole_process_group_still_delivers_the_owed_final(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's job, decoders included: the server drains, and
+    the decoder it needs for the owed final is still there."""
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("please confirm your account number\ni would like to make a payment today\n")
+    pcm = utterances_with_pauses(["please confirm your account number"])
+    messages = telnyx_messages(pcm, call_id="v3:ctrl-c", stream_id="s-ctrl-c", encoding="PCMU", sample_rate=8000,
+                               token=None)[:-1]
+    with running_server(tmp_path, new_session=True, SWITCHBOARD_STT_PROVIDER="pocketsphinx",
+                        SWITCHBOARD_STT_PHRASES_FILE=str(phrases),
+                        SWITCHBOARD_SHUTDOWN_GRACE_S=str(GRACE_S)) as server:
+        async with aiohttp.ClientSession() as http:
+            reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/v3:ctrl-c/events"))
+            await asyncio.sleep(0.2)
+            ws = await websockets.connect(server.ws)
+            await send_paced(ws, messages, for_s=1.8)  # inside the sentence: the utterance is open
+            os.killpg(server.proc.pid, signal.SIGINT)
+            stream = await asyncio.wait_for(reader, GRACE_S + 5)
+            await ws.close()
+        await asyncio.to_thread(server.proc.wait, GRACE_S + 10)
+    names = [e.event for e in stream.events if e.event != "transcript.partial"]
+    assert names == ["call.started", "transcript.final", "call.ended"], names
+    ended = stream.events[-1].json()
+    assert ended["reason"] == "server_shutdown" and ended["stats"]["stt_failed_utterances"] == 0
+    final = next(e.json() for e in stream.events if e.event == "transcript.final")
+    assert final["text"], final  # decoded, not an empty stand-in

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -65,6 +66,10 @@ def _w_init(model: LanguageModel, parent: int) -> None:
     # First, before the model loads (a second or so); ``parent`` from the server itself, so a server
     # that died before this line is noticed too.
     threading.Thread(target=_w_watch_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
+    # Ctrl-C in the terminal reaches the whole process group: the server then drains its calls, and
+    # their owed finals need this decoder alive.  The server ends the worker (executor shutdown, or the
+    # watchdog above when the server is gone), never the terminal's SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from pocketsphinx import Decoder
 
     if model.lm_path is None:
