@@ -10,12 +10,14 @@ everything in reverse (``Runtime.aclose``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import gc
 import logging
 import os
 import resource
+import threading
 import time
 
 from aiohttp import web
@@ -140,6 +142,10 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
         "webrtc": rt.agents.stats(),
         "http": guard.stats() if (guard := request.app.get(CONNECTION_GUARD)) is not None else None,
         "rss_bytes": _rss_bytes(),
+        # What a leak would show: these return to their baseline once calls end and retention expires.
+        "tasks": len(asyncio.all_tasks()),
+        "threads": threading.active_count(),
+        "open_fds": _open_fds(),
         "pid": os.getpid(),
         "time": time.time(),
     })
@@ -161,6 +167,13 @@ def _translation_stats(rt: Runtime) -> dict[str, object] | None:
     return {"provider": stage.translator.name, "pending": stage.pending, "submitted": st.submitted,
             "translated": st.translated, "shed": st.shed, "deadline": st.deadline, "errors": st.errors,
             "lag": stage.lag.summary()}
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
 
 
 def _rss_bytes() -> int:
