@@ -164,6 +164,8 @@ class Persistence:
             task.add_done_callback(self._tasks.discard)
 
     async def _store_recording(self, call: CallRecord) -> None:
+        """Build, upload, record; the local files go only once the row is committed.  Until then (an
+        outage, a crash) they stay in the spool, where the next start's recovery finds them."""
         assert call.recorder is not None
         async with self._uploads:
             rec = await call.recorder.finish()
@@ -172,14 +174,20 @@ class Persistence:
             key = call.recording_key
             if not await self.upload(key, rec, call.call_control_id):
                 return
-            sidecar = call.recorder.sidecar_path
-            await asyncio.to_thread(_unlink, rec.path, *([sidecar] if sidecar else []))
-            self.recordings_stored += 1
-            self.tiers.writer.submit(RecordingStored(
-                call.org_id, call.recording_id, call.call_control_id, key, rec.bytes, rec.duration_ms, rec.channels,
-                rec.sample_rate, rec.sha256))
-            self.tiers.writer.submit(AuditEntry(call.org_id, "recording.stored", "recording", key,
-                                                new_value={"bytes": rec.bytes, "duration_ms": rec.duration_ms}))
+        stored: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        accepted = self.tiers.writer.submit(
+            RecordingStored(call.org_id, call.recording_id, call.call_control_id, key, rec.bytes, rec.duration_ms,
+                            rec.channels, rec.sample_rate, rec.sha256),
+            on_done=lambda ok: stored.done() or stored.set_result(ok))
+        self.tiers.writer.submit(AuditEntry(call.org_id, "recording.stored", "recording", key,
+                                            new_value={"bytes": rec.bytes, "duration_ms": rec.duration_ms}))
+        if not accepted or not await stored:
+            log.error("recording.row_unsaved", extra={"call_id": call.call_control_id, "key": key,
+                                                      "path": str(rec.path), "action": "kept for recovery"})
+            return
+        sidecar = call.recorder.sidecar_path
+        await asyncio.to_thread(_unlink, rec.path, *([sidecar] if sidecar else []))
+        self.recordings_stored += 1
 
     async def upload(self, key: str, rec: RecordingFile, call_control_id: str) -> bool:
         """Upload with retries; False (counted in ``recordings_failed``, logged) when all failed."""

@@ -22,6 +22,10 @@ Rules:
   ``max_items / write rate`` loses no record.
 - **Close.**  ``aclose(drain_s)`` stops accepting, writes what it can within ``drain_s`` and reports
   what is left in ``unsaved`` (logged).
+- **Confirmation.**  ``submit(record, on_done=cb)`` calls ``cb(True)`` once the record is committed,
+  ``cb(False)`` when the database rejected it or the writer closed with it unsaved: for a caller that
+  must not let go of something (a recording file) before its row is stored.  ``cb`` runs on the event
+  loop and must not block.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
@@ -78,6 +83,7 @@ class PersistWriter:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._buf: deque[Record] = deque()
+        self._on_done: dict[int, Callable[[bool], None]] = {}  # id(record) -> confirmation, while buffered
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -93,14 +99,17 @@ class PersistWriter:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="persist-writer")
 
-    def submit(self, record: Record) -> bool:
-        """Queue ``record`` for writing.  Never blocks; False (counted, logged) when full or closed."""
+    def submit(self, record: Record, on_done: Callable[[bool], None] | None = None) -> bool:
+        """Queue ``record`` for writing.  Never blocks; False (counted, logged) when full or closed, and
+        then ``on_done`` is never called."""
         if self._closing or len(self._buf) >= self.max_items:
             self.stats.dropped += 1
             log.error("writer.dropped", extra={"kind": type(record).__name__, "org_id": str(record.org_id),
                                                "pending": len(self._buf), "closing": self._closing})
             return False
         self._buf.append(record)
+        if on_done is not None:
+            self._on_done[id(record)] = on_done
         self.stats.submitted += 1
         self._idle.clear()
         self._wake.set()
@@ -124,6 +133,8 @@ class PersistWriter:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         self.stats.unsaved = len(self._buf)
+        for r in self._buf:
+            self._confirm(r, False)
         if self._buf:
             kinds: dict[str, int] = {}
             for r in self._buf:
@@ -152,14 +163,23 @@ class PersistWriter:
                 self._on_transient(exc)  # and retry until it works, or aclose's drain time runs out
                 await asyncio.sleep(backoff.next())
                 continue
-            for _ in batch:
+            for r in batch:
                 self._buf.popleft()
+                self._confirm(r, True)  # a record rejected within the batch was confirmed False already
             self.stats.written += len(batch)
             backoff.reset()
             if self._outage_since is not None:
                 log.warning("writer.recovered", extra={"outage_s": round(time.monotonic() - self._outage_since, 3),
                                                        "pending": len(self._buf)})
                 self._outage_since = None
+
+    def _confirm(self, record: Record, stored: bool) -> None:
+        cb = self._on_done.pop(id(record), None)
+        if cb is not None:
+            try:
+                cb(stored)
+            except Exception:  # a caller's bug must not stop the writer
+                log.exception("writer.confirmation_failed", extra={"kind": type(record).__name__})
 
     def _on_transient(self, exc: BaseException) -> None:
         self.stats.retries += 1
@@ -193,6 +213,7 @@ class PersistWriter:
                 self.stats.rejected += 1
                 self.stats.written -= 1  # counted in `rejected`, not in `written`, when the batch completes
                 self.stats.last_error = type(exc).__name__
+                self._confirm(r, False)
                 # The error's class, SQLSTATE and constraint name only: a message may quote row values.
                 log.error("writer.rejected", extra={"kind": type(r).__name__, "org_id": str(org_id),
                                                     "error": type(exc).__name__,

@@ -102,6 +102,27 @@ async def test_a_bad_record_is_rejected_and_reported_without_losing_its_batch(
     assert "4111" not in caplog.text  # the record's content never reaches the log
 
 
+async def test_each_record_is_confirmed_once_stored_rejected_or_left_unsaved(db: Database) -> None:
+    a = await make_org(db, "alpha")
+    w = PersistWriter(db, flush_interval=0.01)
+    w.start()
+    outcome: dict[str, list[bool]] = {}
+
+    def note(name: str):  # type: ignore[no-untyped-def]
+        return lambda ok: outcome.setdefault(name, []).append(ok)
+
+    assert w.submit(started(a, "c"), on_done=note("call"))
+    assert w.submit(final(a, "c", 1), on_done=note("final"))
+    assert w.submit(final(a, "no-such-call", 1), on_done=note("orphan"))  # its call was never stored
+    assert await w.flush(10)
+    assert outcome == {"call": [True], "final": [True], "orphan": [False]}
+    await w.aclose()
+    stalled = PersistWriter(db)  # never started: what it holds at close is unsaved
+    assert stalled.submit(final(a, "c", 2), on_done=note("unsaved"))
+    await stalled.aclose(drain_s=0.1)
+    assert outcome["unsaved"] == [False] and stalled.stats.unsaved == 1
+
+
 async def test_overflow_refuses_and_counts_and_never_blocks(db: Database) -> None:
     a = await make_org(db, "alpha")
     w = PersistWriter(db, max_items=100, flush_interval=0.01)  # not started: nothing drains
