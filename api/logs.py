@@ -3,6 +3,12 @@
 Use ``log.info("stream.started", extra={"stream_id": ...})``: the message is the event name and the
 extras become fields.  Values that are ``SecretStr`` render masked by pydantic; nothing here ever
 formats a token or a payload.
+
+A client can make the server log (a refused stream, a malformed request aiohttp reports with a
+traceback), so log volume is bounded per event: ``RateLimit`` lets through ``burst`` lines of one
+(logger, event) at once and ``per_s`` a second after that; what it holds back is counted and
+reported on the event's next line that passes (``"suppressed": n``).  At most ``max_keys`` events are
+tracked (least recently seen forgotten first).
 """
 
 from __future__ import annotations
@@ -11,11 +17,42 @@ import logging
 import sys
 import time
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import orjson
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+class RateLimit(logging.Filter):
+    def __init__(self, *, per_s: float = 20.0, burst: int = 100, max_keys: int = 1000) -> None:
+        super().__init__()
+        self.per_s, self.burst, self.max_keys = per_s, float(burst), max_keys
+        self._buckets: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # key -> [tokens, at, held]
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg)[:100])
+        now = record.created
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.popitem(last=False)
+            bucket = self._buckets[key] = [self.burst, now, 0.0]
+        else:
+            self._buckets.move_to_end(key)
+            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.per_s)
+            bucket[1] = now
+        if bucket[0] < 1:
+            bucket[2] += 1
+            self.suppressed += 1
+            return False
+        bucket[0] -= 1
+        if bucket[2]:
+            record.suppressed = int(bucket[2])
+            bucket[2] = 0
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +74,7 @@ class JsonFormatter(logging.Formatter):
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
