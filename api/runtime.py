@@ -60,6 +60,8 @@ class Runtime:
 
     def __init__(self, settings: Settings, *, speech: Speech, tiers: Tiers | None = None,
                  persistence: Persistence | None = None, translation: TranslationStage | None = None) -> None:
+        # Imported here: these modules type their handlers against Runtime, so importing them at the
+        # top would be circular; this constructor is the only place that builds them.
         from api.call_session import CallRegistry
         from api.media_stream import Admission, StreamWatch
         from api.persistence import BusForwarder
