@@ -11,6 +11,12 @@ a decoder is busy exactly as long as it decodes.  Two kinds of job share the dec
   across every language model of the provider, is bounded by an ``AudioBudget``; a job that would
   pass it raises ``Overflow`` at once (unless nothing waits: one job is always admitted), and its
   session reports the utterance as failed.  A job leaves the budget when a decoder takes it.
+* **the bound is shared fairly.**  With k sessions (owners) waiting, each is entitled to 1/k of the
+  bound.  When a job does not fit, an owner within its share is served by shedding the newest
+  waiting jobs of the owners furthest over theirs, never an owner's oldest (each shed job is failed
+  to its owner, reported as any refusal is); an owner already over its share is refused.  So a few
+  calls talking without pause cannot fill the queue and starve the others: they lose their own
+  latest utterances instead.
 * **partials are best effort.**  A partial job (the open utterance so far) is taken only if a
   decoder is idle right now and no final is waiting (``try_partial``); otherwise it is not run at
   all.  Partials never wait, so they never delay a final that arrives later by more than the one
@@ -35,7 +41,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from engine.errors import Overflow
 
@@ -74,22 +80,72 @@ class Job:
 
 
 class AudioBudget:
-    """The provider-wide bound on audio of final jobs waiting for a decoder."""
+    """The provider-wide bound on audio of final jobs waiting for a decoder, shared fairly by owner."""
 
     def __init__(self, max_ms: int) -> None:
         self.max_ms = max_ms
         self.used_ms = 0
+        self.shed = 0  # jobs shed to make room for an owner within its share
+        self._owners: dict[object, list[tuple[DecodeQueue[Any], Job]]] = {}  # waiting jobs, oldest first
+        self._owner_ms: dict[object, int] = {}
 
-    def take(self, ms: int) -> None:
-        """Count ``ms`` in, or raise ``Overflow``.  An empty budget admits any one job, so an utterance
-        longer than the bound is not refused for ever."""
+    def take(self, queue: DecodeQueue[Any], job: Job) -> list[Job]:
+        """Count ``job`` in (waiting in ``queue``), or raise ``Overflow``.  Returns the jobs shed to make
+        room, already out of their queues: their owners must fail them.  An empty budget admits any one
+        job, so an utterance longer than the bound is not refused for ever."""
+        ms = job.audio_ms
+        shed: list[Job] = []
         if self.used_ms and self.used_ms + ms > self.max_ms:
-            raise Overflow(f"speech-to-text queue full: {self.used_ms / 1000:.1f} s of audio already wait for "
-                           f"a decoder (bound {self.max_ms / 1000:g} s)")
+            shed = self._make_room(job, ms)
         self.used_ms += ms
+        self._owners.setdefault(job.owner, []).append((queue, job))
+        self._owner_ms[job.owner] = self._owner_ms.get(job.owner, 0) + ms
+        return shed
 
-    def give_back(self, ms: int) -> None:
-        self.used_ms -= ms
+    def _make_room(self, job: Job, ms: int) -> list[Job]:
+        full = (f"speech-to-text queue full: {self.used_ms / 1000:.1f} s of audio already wait for a decoder "
+                f"(bound {self.max_ms / 1000:g} s)")
+        share = self.max_ms / (len(self._owners) + (job.owner not in self._owners))
+        if self._owner_ms.get(job.owner, 0) + ms > share:
+            raise Overflow(f"{full}; this call holds its share already")
+        # Plan first, shed only if the plan frees enough: newest jobs of whoever is furthest over share.
+        left = dict(self._owner_ms)
+        taken = {owner: 0 for owner in self._owners}
+        plan: list[tuple[DecodeQueue[Any], Job]] = []
+        need = self.used_ms + ms - self.max_ms
+        while need > 0:
+            # An owner's oldest waiting job is never shed: a call that speaks one utterance at a time
+            # keeps its place; only what a call piled up behind it is at stake.
+            over = [o for o in left if o is not job.owner and left[o] > share
+                    and taken[o] < len(self._owners[o]) - 1]
+            if not over:
+                raise Overflow(full)
+            hog = max(over, key=lambda o: left[o])
+            jobs = self._owners[hog]
+            taken[hog] += 1
+            queue, victim = jobs[len(jobs) - taken[hog]]
+            plan.append((queue, victim))
+            left[hog] -= victim.audio_ms
+            need -= victim.audio_ms
+        for queue, victim in plan:
+            queue.withdraw(victim)  # gives its audio back through release()
+            self.shed += 1
+        return [victim for _, victim in plan]
+
+    def release(self, job: Job) -> None:
+        """``job`` left the waiting line (a decoder took it, or it was cancelled or shed)."""
+        self.used_ms -= job.audio_ms
+        jobs = self._owners.get(job.owner)
+        if jobs is None:
+            return
+        for i, (_, j) in enumerate(jobs):
+            if j is job:
+                del jobs[i]
+                break
+        self._owner_ms[job.owner] -= job.audio_ms
+        if not jobs:
+            del self._owners[job.owner]
+            del self._owner_ms[job.owner]
 
 
 class DecodeQueue(Generic[D]):
@@ -117,11 +173,19 @@ class DecodeQueue(Generic[D]):
     def active(self) -> bool:
         return bool(self.busy or self.waiting or self.starting)
 
-    def submit(self, job: Job) -> None:
-        """Queue a final job; raises ``Overflow`` when the budget is spent (then nothing is queued)."""
-        self.budget.take(job.audio_ms)
+    def submit(self, job: Job) -> list[Job]:
+        """Queue a final job; raises ``Overflow`` when it may not wait (then nothing is queued).  Returns
+        the jobs shed for it (other owners', possibly of another queue): their owners must fail them."""
+        shed = self.budget.take(self, job)
         self.waiting.append(job)
         self.waiting_ms += job.audio_ms
+        return shed
+
+    def withdraw(self, job: Job) -> None:
+        """Take ``job`` out of the waiting line (the budget shed it)."""
+        self.waiting.remove(job)
+        self.waiting_ms -= job.audio_ms
+        self.budget.release(job)
 
     def can_take_partial(self) -> bool:
         return len(self.idle) > self.partial_reserve and not self.waiting
@@ -189,7 +253,7 @@ class DecodeQueue(Generic[D]):
     def _pop_waiting(self) -> Job:
         job = self.waiting.popleft()
         self.waiting_ms -= job.audio_ms
-        self.budget.give_back(job.audio_ms)
+        self.budget.release(job)
         return job
 
     def _take_waiting(self, which: Callable[[Job], bool]) -> list[Job]:
@@ -198,5 +262,5 @@ class DecodeQueue(Generic[D]):
             self.waiting = deque(job for job in self.waiting if not which(job))
             for job in taken:
                 self.waiting_ms -= job.audio_ms
-                self.budget.give_back(job.audio_ms)
+                self.budget.release(job)
         return taken

@@ -143,8 +143,10 @@ class DecoderPool:
         """Queue an owed final.  Raises ``Overflow`` when the provider's queue bound is spent."""
         if self.closed:
             raise ProviderUnavailable("pocketsphinx provider closed")
-        self.queue.submit(job)
+        shed = self.queue.submit(job)
         self._step()
+        for victim in shed:  # other calls' latest utterances, over their share of the queue bound
+            victim.done(victim, None, "speech-to-text queue full: shed to keep this call within its fair share")
 
     def can_take_partial(self) -> bool:
         return not self.closed and self.queue.can_take_partial()

@@ -47,19 +47,47 @@ def test_a_partial_runs_only_on_an_idle_decoder_when_no_final_waits() -> None:
     assert q.next_steps() == ([("d1", final)], 0)
 
 
-def test_the_audio_budget_is_shared_by_queues_and_a_final_past_it_is_refused_whole() -> None:
+def test_the_audio_budget_is_shared_by_queues_and_a_final_past_its_share_is_refused_whole() -> None:
     budget = AudioBudget(3000)
     q1: DecodeQueue[str] = DecodeQueue(1, budget)
     q2: DecodeQueue[str] = DecodeQueue(1, budget)
     q1.submit(job("a", 1, 2000))
     with pytest.raises(Overflow, match="queue full"):
-        q2.submit(job("b", 1, 1500))
+        q2.submit(job("b", 1, 1600))  # two owners: 1500 ms each
     assert not q2.waiting and budget.used_ms == 2000
-    q2.submit(job("b", 2, 1000))
+    assert q2.submit(job("b", 2, 1000)) == []  # fits as it is
     q1.next_steps()
     q1.started("d1")
     q1.next_steps()  # the job leaves the budget when a decoder takes it
     assert budget.used_ms == 1000
+
+
+def test_a_call_within_its_share_is_served_by_shedding_the_newest_jobs_of_the_call_furthest_over() -> None:
+    budget = AudioBudget(3000)
+    q1: DecodeQueue[str] = DecodeQueue(1, budget)
+    q2: DecodeQueue[str] = DecodeQueue(1, budget)  # another language model: the bound is the provider's
+    for seq in (1, 2, 3):
+        q1.submit(job("hog", seq, 1000))  # alone, it may fill the whole bound
+    shed = q2.submit(job("victim", 1, 1000))
+    assert [(j.owner, j.seq) for j in shed] == [("hog", 3)] and budget.shed == 1
+    assert [j.seq for j in q1.waiting] == [1, 2] and [j.owner for j in q2.waiting] == ["victim"]
+    assert budget.used_ms == 3000 and q1.waiting_ms == 2000
+    with pytest.raises(Overflow, match="share"):
+        q1.submit(job("hog", 4, 1000))  # over its share (1500 ms of two owners'): refused, nothing shed
+    assert budget.used_ms == 3000 and len(q2.waiting) == 1
+
+
+def test_an_owners_oldest_waiting_job_is_never_shed_and_a_plan_short_of_room_sheds_nothing() -> None:
+    budget = AudioBudget(3000)
+    q: DecodeQueue[str] = DecodeQueue(1, budget)
+    q.submit(job("a", 1, 1500))
+    q.submit(job("b", 1, 1000))
+    q.submit(job("b", 2, 500))
+    # c is within its share (1000 ms of three owners'); a is over but has one job only, and shedding
+    # b's newest (500 ms) alone would not make room: refused, and nothing is shed.
+    with pytest.raises(Overflow, match="queue full"):
+        q.submit(job("c", 1, 1000))
+    assert [(j.owner, j.seq) for j in q.waiting] == [("a", 1), ("b", 1), ("b", 2)] and budget.shed == 0
 
 
 def test_an_empty_budget_admits_one_job_longer_than_the_bound() -> None:

@@ -154,6 +154,28 @@ async def test_a_final_past_the_queue_bound_is_reported_failed_with_its_seq_and_
         await p.aclose()
 
 
+async def test_a_call_that_piles_up_utterances_cannot_starve_another_of_the_queue() -> None:
+    p = PocketsphinxProvider(max_decoders=1, queue_max_s=9.0)  # about three utterances
+    try:
+        await p.warm(SENTENCES)
+        hog, hog_results = await open_session(p, "hog")
+        victim, victim_results = await open_session(p, "victim")
+        for i in range(5):  # ~15 s of utterances at once: more than the whole bound
+            await speak(hog, speech(i))
+        await speak(victim, speech(1, voice="en-gb"))  # one utterance, within its share
+        got = await victim_results.wait(1)
+        assert [f.utterance for f in got] == [1] and not victim_results.failed, victim_results.failed
+        assert p.budget.shed >= 1 and hog_results.failed  # the hog lost its own latest utterances...
+        assert any("fair share" in reason for _, reason in hog_results.failed)
+        finals = await hog_results.wait(5 - len(hog_results.failed))
+        outcomes = sorted([f.utterance for f in finals] + [seq for seq, _ in hog_results.failed])
+        assert outcomes == [1, 2, 3, 4, 5]  # ...each reported, each utterance exactly one outcome
+        await hog.aclose()
+        await victim.aclose()
+    finally:
+        await p.aclose()
+
+
 async def test_aclose_waits_past_its_base_for_queued_audio_and_delivers_every_final(
     provider: PocketsphinxProvider,
 ) -> None:
