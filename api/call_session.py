@@ -117,6 +117,7 @@ class CallSession:
         self._dtmf_tokens = self._dtmf_burst
         self._dtmf_at = time.monotonic()
         self._t0: float | None = None  # frame-lag baseline: the earliest (arrival - audio time) seen
+        self._finishing = False
         self._finished = asyncio.Event()
 
     # -- starting ---------------------------------------------------------------------------------
@@ -200,9 +201,10 @@ class CallSession:
 
     async def finish(self) -> None:
         """Drain and close the call (once; later calls wait for the first).  Never raises."""
-        if self._finished.is_set() or self.machine.state in (CallState.COMPLETED, CallState.FAILED):
+        if self._finishing:
             await self._finished.wait()
             return
+        self._finishing = True
         if not self.machine.ending:
             self.end(CallEvent.HANGUP)
         rt = self.rt
