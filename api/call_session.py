@@ -29,6 +29,7 @@ from api.speech import CallEvents
 from api.telnyx_protocol import Dtmf, Media, Started
 from engine.errors import Overflow
 from engine.frames import Track
+from engine.quota import TokenBucket
 from pipelines.call import CallPipeline
 from pipelines.call_state import STATUS, CallEvent, CallMachine, CallState
 from pipelines.events import CallDtmf, CallEnded, CallStarted
@@ -109,13 +110,10 @@ class CallSession:
         self.pipeline: CallPipeline | None = None
         self.events: CallEvents | None = None
         self.dtmf_count = 0
-        self.dtmf_dropped = 0
         # DTMF events published per call: a person presses at most a few keys a second.  A flood past
         # the bucket is counted (``dtmf_dropped`` in call.ended's stats) instead of pushing the call's
         # finals out of its bounded replay history.
-        self._dtmf_rate, self._dtmf_burst = rt.settings.dtmf_per_s, float(rt.settings.dtmf_burst)
-        self._dtmf_tokens = self._dtmf_burst
-        self._dtmf_at = time.monotonic()
+        self._dtmf = TokenBucket(rt.settings.dtmf_per_s, rt.settings.dtmf_burst, time.monotonic())
         self._t0: float | None = None  # frame-lag baseline: the earliest (arrival - audio time) seen
         self._finishing = False
         self._finished = asyncio.Event()
@@ -162,15 +160,10 @@ class CallSession:
                 self.rt.stats.frame_lag.record(self._lag_ms(ev.timestamp_ms, time.monotonic()))
 
     def dtmf(self, ev: Dtmf) -> None:
-        now = time.monotonic()
-        self._dtmf_tokens = min(self._dtmf_burst, self._dtmf_tokens + (now - self._dtmf_at) * self._dtmf_rate)
-        self._dtmf_at = now
-        if self._dtmf_tokens < 1:
-            if not self.dtmf_dropped:
-                log.warning("call.dtmf_flood", extra={"call_id": self.call_id, "limit_per_s": self._dtmf_rate})
-            self.dtmf_dropped += 1
+        if not self._dtmf.take(time.monotonic()):
+            if self._dtmf.held_back == 1:
+                log.warning("call.dtmf_flood", extra={"call_id": self.call_id, "limit_per_s": self._dtmf.per_s})
             return
-        self._dtmf_tokens -= 1
         self.dtmf_count += 1
         self.rt.hub.publish(self.call_id, CallDtmf(self.call_id, ev.digit))
 
@@ -224,7 +217,7 @@ class CallSession:
         finally:
             p = self.leg.protocol.stats
             stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count,
-                         dtmf_dropped=self.dtmf_dropped)
+                         dtmf_dropped=self._dtmf.held_back)
             state = self.machine.handle(CallEvent.DRAINED)
             reason, detail = self.machine.reason, self.machine.detail
             try:

@@ -30,12 +30,13 @@ frame (the Telnyx media path) or an SSE write costs exactly what it did.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from engine.quota import PerKeyQuota
 
 
 def _raw_response(status: str, message: str, *headers: str) -> bytes:
@@ -55,10 +56,9 @@ class ConnectionGuard:
 
     def __init__(self, *, header_timeout_s: float, max_per_address: int, exempt: Iterable[str] = ()) -> None:
         self.header_timeout_s = header_timeout_s
-        self.max_per_address = max_per_address
-        self.exempt = frozenset(exempt)  # addresses without a cap of their own (a local reverse proxy)
+        # Addresses in ``exempt`` have no cap of their own (a local reverse proxy).
+        self._by_address = PerKeyQuota(max_per_address, exempt)
         self._waiting: dict[RequestHandler, tuple[str, asyncio.TimerHandle]] = {}
-        self._by_address: Counter[str] = Counter()
         self.timed_out = 0  # closed at the deadline
         self.refused = 0  # refused over the per-address cap
 
@@ -90,14 +90,13 @@ class ConnectionGuard:
     def _admit(self, loop: asyncio.AbstractEventLoop, handler: RequestHandler, transport: asyncio.Transport) -> None:
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
-        if self._by_address[address] >= self.max_per_address and address not in self.exempt:
+        if not self._by_address.take(address):
             self.refused += 1
             transport.write(TOO_MANY)
             # Not now: the handler's own connection_made goes on after this hook to start its task,
             # which must see the connection open once, or it fails an assertion when it first runs.
             loop.call_soon(handler.force_close)
             return
-        self._by_address[address] += 1
         self._waiting[handler] = (address, loop.call_later(self.header_timeout_s, self._expire, handler))
 
     def _release(self, handler: RequestHandler) -> bool:
@@ -106,9 +105,7 @@ class ConnectionGuard:
             return False
         address, timer = entry
         timer.cancel()
-        self._by_address[address] -= 1
-        if not self._by_address[address]:
-            del self._by_address[address]
+        self._by_address.give(address)
         return True
 
     def _expire(self, handler: RequestHandler) -> None:

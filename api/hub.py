@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,7 @@ import orjson
 
 from engine.errors import Overflow
 from engine.pipeline import BoundedChannel, Policy
+from engine.quota import PerKeyQuota
 from pipelines.events import Event, Untyped
 
 
@@ -139,13 +140,12 @@ class EventHub:
     ) -> None:
         self._channels: OrderedDict[str, CallChannel] = OrderedDict()
         self._waiting: dict[str, CallChannel] = {}  # call ids with subscribers and no call yet
-        self._waiting_by_owner: Counter[str] = Counter()
+        self._waiting_by_owner = PerKeyQuota(max_pending_per_owner)
         self._waiting_subs = 0
         self._history = history
         self._client_buffer = client_buffer
         self._max_calls = max_calls
         self._max_pending = max_pending
-        self._max_pending_per_owner = max_pending_per_owner
         self._retention = retention_s
         self.published = 0
         # Called with every non-droppable event after it is published (the cross-node bus); must not block.
@@ -227,16 +227,14 @@ class EventHub:
         else:
             if self._waiting_subs >= self._max_pending:
                 raise Overflow(f"{self._max_pending} subscribers already wait for calls that have not started")
-            if owner is not None and self._waiting_by_owner[owner] >= self._max_pending_per_owner:
-                raise Overflow(f"{self._max_pending_per_owner} subscriptions from this client already wait"
+            if owner is not None and not self._waiting_by_owner.take(owner):
+                raise Overflow(f"{self._waiting_by_owner.limit} subscriptions from this client already wait"
                                " for calls that have not started")
             ch = self._waiting.get(call_id)
             if ch is None:
                 ch = self._waiting[call_id] = CallChannel(call_id, self._history)
             sub = Subscriber(self._client_buffer, waiting=True, owner=owner)
             self._waiting_subs += 1
-            if owner is not None:
-                self._waiting_by_owner[owner] += 1
         ch.subscribers.add(sub)
         return ch, sub
 
@@ -258,11 +256,8 @@ class EventHub:
             return
         sub.waiting = False
         self._waiting_subs -= 1
-        owner = sub.owner
-        if owner is not None:
-            self._waiting_by_owner[owner] -= 1
-            if not self._waiting_by_owner[owner]:
-                del self._waiting_by_owner[owner]
+        if sub.owner is not None:
+            self._waiting_by_owner.give(sub.owner)
 
     def _make_room(self) -> None:
         now = time.monotonic()

@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from engine.quota import TokenBucket
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 
@@ -29,7 +31,7 @@ class RateLimit(logging.Filter):
     def __init__(self, *, per_s: float = 20.0, burst: int = 100, max_keys: int = 1000) -> None:
         super().__init__()
         self.per_s, self.burst, self.max_keys = per_s, float(burst), max_keys
-        self._buckets: OrderedDict[tuple[str, str], list[float]] = OrderedDict()  # key -> [tokens, at, held]
+        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         self.suppressed = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -39,19 +41,15 @@ class RateLimit(logging.Filter):
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
                 self._buckets.popitem(last=False)
-            bucket = self._buckets[key] = [self.burst, now, 0.0]
+            bucket = self._buckets[key] = TokenBucket(self.per_s, self.burst, now)
         else:
             self._buckets.move_to_end(key)
-            bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.per_s)
-            bucket[1] = now
-        if bucket[0] < 1:
-            bucket[2] += 1
+        if not bucket.take(now):
             self.suppressed += 1
             return False
-        bucket[0] -= 1
-        if bucket[2]:
-            record.suppressed = int(bucket[2])
-            bucket[2] = 0
+        held = bucket.release_held()
+        if held:
+            record.suppressed = held
         return True
 
 

@@ -46,6 +46,7 @@ from api.telnyx_protocol import (
     TelnyxStreamProtocol,
 )
 from engine.errors import InternalError, Overflow, PolicyViolation, ProtocolError, TryAgainLater
+from engine.quota import PerKeyQuota
 from pipelines.call_state import CallEvent
 
 if TYPE_CHECKING:
@@ -105,32 +106,25 @@ class Admission:
 
     def __init__(self, max_total: int, max_per_address: int, exempt: frozenset[str] = frozenset()) -> None:
         self.max_total = max_total
-        self.max_per_address = max_per_address
-        self.exempt = exempt  # a reverse proxy on this host speaks for all its clients: no per-address cap
+        # A reverse proxy on this host (``exempt``) speaks for all its clients: no per-address cap.
+        self.by_address = PerKeyQuota(max_per_address, exempt)
         self.total = 0
-        self.by_address: dict[str, int] = {}
         self.refused = 0
 
     def enter(self, address: str) -> str | None:
         """Count a pending connection; the refusal reason when a cap is reached."""
-        n = self.by_address.get(address, 0)
         if self.total >= self.max_total:
             self.refused += 1
             return f"too many connections awaiting start ({self.max_total})"
-        if n >= self.max_per_address and address not in self.exempt:
+        if not self.by_address.take(address):
             self.refused += 1
-            return f"too many connections awaiting start from one address ({self.max_per_address})"
+            return f"too many connections awaiting start from one address ({self.by_address.limit})"
         self.total += 1
-        self.by_address[address] = n + 1
         return None
 
     def leave(self, address: str) -> None:
         self.total -= 1
-        n = self.by_address[address] - 1
-        if n:
-            self.by_address[address] = n
-        else:
-            del self.by_address[address]
+        self.by_address.give(address)
 
 
 async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:

@@ -87,16 +87,21 @@ class _BehindProvider(SttProvider):
         return _BehindSession(after=10, refuse=30)
 
 
-async def test_a_recogniser_that_falls_behind_is_reported_once_then_recovery_with_the_count() -> None:
-    published: list[tuple[str, dict[str, Any], bool, str]] = []
-    pipe = CallPipeline(call_id="c", stream_id="s", provider=_BehindProvider(),
-                        publish=lambda ev: published.append(as_tuple(ev)))
+async def speak_and_close(pipe: CallPipeline) -> None:
+    """The TEXTS as 8 kHz speech in 40 ms chunks, letting the loop run between them, then close."""
     pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
     pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
     for i in range(0, len(pcm), 320):
         pipe.feed(Track.INBOUND, pcm[i : i + 320], 8000, i // 16)
         await asyncio.sleep(0)
     await pipe.aclose()
+
+
+async def test_a_recogniser_that_falls_behind_is_reported_once_then_recovery_with_the_count() -> None:
+    published: list[tuple[str, dict[str, Any], bool, str]] = []
+    pipe = CallPipeline(call_id="c", stream_id="s", provider=_BehindProvider(),
+                        publish=lambda ev: published.append(as_tuple(ev)))
+    await speak_and_close(pipe)
     names = [e for e, *_ in published]
     assert names.count("stt.lagging") == 1 and names.count("stt.recovered") == 1
     assert names.index("stt.lagging") < names.index("stt.recovered")
@@ -127,12 +132,7 @@ async def test_a_failed_utterance_is_published_as_stt_failed_with_its_seq_and_co
     published: list[tuple[str, dict[str, Any], bool, str]] = []
     pipe = CallPipeline(call_id="c", stream_id="s", provider=_RefusingProvider(),
                         publish=lambda ev: published.append(as_tuple(ev)))
-    pcm = utterances_with_pauses(TEXTS, pause_ms=900, rate=8000)
-    pcm = pcm[: len(pcm) // 160 * 160].astype("<i2").tobytes()
-    for i in range(0, len(pcm), 320):
-        pipe.feed(Track.INBOUND, pcm[i : i + 320], 8000, i // 16)
-        await asyncio.sleep(0)
-    await pipe.aclose()
+    await speak_and_close(pipe)
     failed = [(p, droppable) for e, p, droppable, _ in published if e == "stt.failed"]
     assert [p for p, _ in failed] == [
         {"call_id": "c", "stream_id": "s", "track": "inbound", "seq": n, "reason": "speech-to-text queue full"}
