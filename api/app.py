@@ -65,8 +65,8 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
             translation = TranslationStage(translator, concurrency=s.translation_concurrency,
                                            max_pending=s.translation_max_pending,
                                            deadline_s=s.translation_deadline_s)
-        await speech.warm(s.phrases())
         rt = Runtime(s, speech=speech, tiers=tiers, persistence=persistence, translation=translation)
+        await speech.warm(rt.phrases)  # the phrase list read once, by Runtime
         opened.pop_all()  # from here on Runtime.aclose owns them
     return rt
 
