@@ -45,18 +45,23 @@ async def served() -> AsyncIterator[tuple[int, ConnectionGuard]]:
     await runner.cleanup()
 
 
-async def closed_after(reader: asyncio.StreamReader) -> tuple[float, bytes]:
-    t0 = time.monotonic()
+async def connect(port: int, local: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float]:
+    """A raw connection and when it was made: the deadline runs from the accept, not from the read."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0) if local else None)
+    return reader, writer, time.monotonic()
+
+
+async def closed_after(reader: asyncio.StreamReader, opened: float) -> tuple[float, bytes]:
     data = await asyncio.wait_for(reader.read(), 5)
-    return time.monotonic() - t0, data
+    return time.monotonic() - opened, data
 
 
 async def test_idle_connections_are_capped_per_address_and_closed_at_the_deadline(
         served: tuple[int, ConnectionGuard]) -> None:
     port, guard = served
-    capped = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0)) for _ in range(5)]
-    exempt = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
-    results = await asyncio.gather(*(closed_after(r) for r, _ in capped + exempt))
+    capped = [await connect(port, "127.0.0.2") for _ in range(5)]
+    exempt = [await connect(port) for _ in range(5)]
+    results = await asyncio.gather(*(closed_after(r, opened) for r, _, opened in capped + exempt))
     statuses = [data[:12] for _, data in results]
     assert statuses[:5].count(b"HTTP/1.1 503") == 3 and statuses[:5].count(b"HTTP/1.1 408") == 2
     assert statuses[5:] == [b"HTTP/1.1 408"] * 5  # the exempt address has no cap, only the deadline
@@ -64,7 +69,7 @@ async def test_idle_connections_are_capped_per_address_and_closed_at_the_deadlin
     assert all(TIMEOUT - 0.02 <= elapsed < TIMEOUT + 0.5
                for (elapsed, _), s in zip(results, statuses, strict=True) if s.endswith(b"408"))
     assert guard.stats() == {"waiting": 0, "addresses": 0, "timed_out": 7, "refused": 3}
-    for _, w in capped + exempt:
+    for _, w, _ in capped + exempt:
         w.close()
 
 
