@@ -24,6 +24,7 @@ from aiohttp import web
 
 from api import blobs, console, media_stream, readiness, sse, webrtc
 from api.connections import CONNECTION_GUARD
+from api.envelope import envelope_errors
 from api.middleware import body_limit, doors
 from api.persistence import Persistence
 from api.recovery import recover_on_start
@@ -76,7 +77,7 @@ def make_app(rt: Runtime) -> web.Application:
     s = rt.settings
     # The Host, content-type and body checks (api.middleware); 1 MiB is only the backstop of the
     # per-route limits that it enforces.
-    app = web.Application(client_max_size=1 << 20, middlewares=[doors(s)])
+    app = web.Application(client_max_size=1 << 20, middlewares=[doors(s), envelope_errors])
     app.router.add_get("/api/media/telnyx", functools.partial(media_stream.telnyx_media, rt))
     app.router.add_get("/api/calls/{call_id}/events", functools.partial(sse.call_events, rt))
     app.router.add_get("/healthz", health)
@@ -101,8 +102,6 @@ def make_app(rt: Runtime) -> web.Application:
     app.on_startup.append(start)
     app.on_shutdown.append(drain)
     app.on_cleanup.append(close)
-    if s.telnyx_stream_token is None:
-        log.warning("config.no_stream_token", extra={"hint": "set SWITCHBOARD_TELNYX_STREAM_TOKEN in production"})
     return app
 
 

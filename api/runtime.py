@@ -62,6 +62,7 @@ class Runtime:
                  persistence: Persistence | None = None, translation: TranslationStage | None = None) -> None:
         # Imported here: these modules type their handlers against Runtime, so importing them at the
         # top would be circular; this constructor is the only place that builds them.
+        from api.auth import Authenticator
         from api.call_session import CallRegistry
         from api.media_stream import Admission, StreamWatch
         from api.persistence import BusForwarder
@@ -78,6 +79,7 @@ class Runtime:
         self.segmenter: SegmenterConfig = s.segmenter()
         self.phrases: tuple[str, ...] = s.phrases()
         self.stats = Stats()
+        self.auth = Authenticator(s, tiers)  # every door's identity check
         self.redactor = Redactor()
         self.hub = EventHub(history=s.sse_history, client_buffer=s.sse_client_buffer, max_calls=s.sse_max_calls,
                             retention_s=s.sse_retention_s, max_pending=s.sse_max_pending,

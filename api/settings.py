@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +28,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # Telnyx media streams
-    telnyx_stream_token: SecretStr | None = None  # the call's stream_auth_token; unset = no check
+    # The bootstrap organisation's first media token (Telnyx's stream_auth_token), for deployments
+    # configured by environment; registered at start-up when storage is on (api/auth.py).  Streams
+    # without a known token are refused: tokens are per organisation (POST /api/media-tokens).
+    telnyx_stream_token: SecretStr | None = None
+    # An admin API key of the bootstrap organisation (must start with "sbk_"), registered likewise;
+    # with storage off, the only API credential.
+    bootstrap_api_key: SecretStr | None = None
+    metrics_token: SecretStr | None = None  # Bearer for /api/stats (besides admins): a scraper's credential
     max_message_bytes: int = Field(65536, ge=1024)  # larger WebSocket messages close with 1009
     reorder_window: int = Field(4, ge=0, le=64)  # sequenced frames held to restore order
     max_streams: int = Field(2000, ge=1)  # calls streaming at once (slots taken at `start`); more: 1013
@@ -97,7 +103,6 @@ class Settings(BaseSettings):
 
     # WebRTC sessions of agent browsers (api/webrtc.py).  No ICE servers by default: nothing is asked
     # of the internet; a deployment behind NAT lists its STUN/TURN URLs here.
-    agent_token: SecretStr | None = None  # Bearer token for /api/webrtc/*; unset = no check (loopback dev)
     webrtc_ice_servers: list[str] = Field(default_factory=list)  # e.g. ["stun:stun.example.com:3478"]
     webrtc_host_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1"])  # host candidates offered
     webrtc_max_sessions: int = Field(200, ge=1)
@@ -147,9 +152,6 @@ class Settings(BaseSettings):
     # Key for the embedded store's signed download URLs; unset = random per process (URLs die with it).
     blob_signing_key: SecretStr | None = None
     public_base_url: str = ""  # prefix of signed download URLs ("" = relative to this server)
-    # The organisation Telnyx media streams belong to (one tenant per deployment for now).  Unset: a
-    # fixed default organisation, created at start-up.
-    media_org_id: uuid.UUID | None = None
     writer_max_items: int = Field(20_000, ge=100)  # records buffered while PostgreSQL is slow or down
     writer_batch: int = Field(200, ge=1)
     recording_enabled: bool = True
@@ -169,6 +171,13 @@ class Settings(BaseSettings):
     supervise_backoff_max_s: float = Field(30.0, gt=0)  # longest wait between two restart attempts
     readiness_timeout_s: float = Field(1.0, gt=0)  # per tier check of GET /readyz
     readiness_cache_s: float = Field(1.0, ge=0)  # a check's result serves every /readyz for this long
+
+    @field_validator("bootstrap_api_key")
+    @classmethod
+    def _api_key_form(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and (not v.get_secret_value().startswith("sbk_") or len(v.get_secret_value()) < 24):
+            raise ValueError("bootstrap_api_key must start with 'sbk_' and be at least 24 characters")
+        return v
 
     @field_validator("node_id")
     @classmethod

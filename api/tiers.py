@@ -15,24 +15,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from api.auth import BOOTSTRAP_ORG_ID
 from api.settings import Settings
 from api.supervisor import TierSupervisor
 from storage import embedded
+from storage.accounts import register_bootstrap_credentials
 from storage.blobs import BlobStore, LocalBlobStore, S3BlobStore
 from storage.db import APP_ROLE, Database, database_of, ensure_database, migrate, with_database, with_user
 from storage.lifeline import DataDirLock
-from storage.records import ensure_organization
 from storage.warm import EventBus, WarmStore
 from storage.writer import PersistWriter
 
 log = logging.getLogger("switchboard.tiers")
 
-# The organisation media streams belong to when none is configured: fixed, so restarts agree.
-DEFAULT_ORG_ID = uuid.uuid5(uuid.NAMESPACE_URL, "switchboard:default-organization")
+DEFAULT_ORG_ID = BOOTSTRAP_ORG_ID  # the organisation of credentials configured by environment
 
 
 @dataclass
@@ -42,7 +41,6 @@ class Tiers:
     warm: WarmStore
     bus: EventBus
     blobs: BlobStore
-    media_org_id: uuid.UUID
     local_blobs: LocalBlobStore | None = None
     _embedded: list[Any] = field(default_factory=list)
     lock: DataDirLock | None = None
@@ -60,9 +58,10 @@ class Tiers:
         self.supervisor.start()
 
     async def org_settings(self) -> dict[str, Any]:
-        """The media organisation's settings JSON (its STT chain, translation and SSE choices)."""
-        async with self.db.tenant(self.media_org_id) as conn:
-            value = await conn.fetchval("SELECT settings FROM organizations WHERE id = $1", self.media_org_id)
+        """The bootstrap organisation's settings JSON (its STT chain, translation and SSE choices), which
+        the node applies to every call (per-organisation speech policies are not built yet)."""
+        async with self.db.tenant(DEFAULT_ORG_ID) as conn:
+            value = await conn.fetchval("SELECT settings FROM organizations WHERE id = $1", DEFAULT_ORG_ID)
         return dict(value or {})
 
     async def aclose(self, drain_s: float = 10.0) -> None:
@@ -154,9 +153,12 @@ async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -
                                                                                           app_password)
     db = Database(app_url, max_size=s.db_pool_max)
     await db.open()
-    org_id = s.media_org_id or DEFAULT_ORG_ID
-    async with db.tenant(org_id) as conn:
-        await ensure_organization(conn, org_id, "Default organisation", f"default-{org_id.hex[:8]}")
+    async with db.tenant(DEFAULT_ORG_ID) as conn:
+        registered = await register_bootstrap_credentials(
+            conn, media_token=s.telnyx_stream_token.get_secret_value() if s.telnyx_stream_token else None,
+            api_key=s.bootstrap_api_key.get_secret_value() if s.bootstrap_api_key else None)
+    if registered:
+        log.info("tiers.bootstrap_credentials_registered", extra={"registered": registered})
     writer = PersistWriter(db, max_items=s.writer_max_items, batch=s.writer_batch)
     writer.start()
 
@@ -179,6 +181,6 @@ async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -
         region=s.s3_region,
     )
     await blobs.start()
-    log.info("tiers.open", extra={"embedded": [type(x).__name__ for x in started], "org_id": str(org_id),
+    log.info("tiers.open", extra={"embedded": [type(x).__name__ for x in started],
                                   "cold_tier": type(blobs).__name__})
-    return Tiers(db, writer, warm, bus, blobs, org_id, local, started)
+    return Tiers(db, writer, warm, bus, blobs, local, started)
