@@ -23,6 +23,7 @@ import time
 from aiohttp import web
 
 from api import blobs, console, media_stream, readiness, sse, webrtc
+from api.auth import require
 from api.connections import CONNECTION_GUARD
 from api.envelope import envelope_errors
 from api.middleware import body_limit, doors
@@ -80,6 +81,7 @@ def make_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=1 << 20, middlewares=[doors(s), envelope_errors])
     app.router.add_get("/api/media/telnyx", functools.partial(media_stream.telnyx_media, rt))
     app.router.add_get("/api/calls/{call_id}/events", functools.partial(sse.call_events, rt))
+    app.router.add_post("/api/calls/{call_id}/sse-token", functools.partial(sse.sse_token, rt))
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", functools.partial(readiness.readyz, rt.readiness))
     webrtc.add_routes(app, rt.agents)
@@ -114,7 +116,16 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _stats_allowed(rt: Runtime, request: web.Request, action: str) -> None:
+    """An admin (``stats.read``/``stats.reset``) or the metrics token (a scraper, which may also reset
+    the latency histograms between its runs: it changes no data, only what the next read shows);
+    else 401/403 (``api.auth.require``)."""
+    if not rt.auth.metrics_ok(request):
+        await require(rt.auth, request, action)
+
+
 async def stats(rt: Runtime, request: web.Request) -> web.Response:
+    await _stats_allowed(rt, request, "stats.read")
     gc_stats = gc.get_stats()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
@@ -152,6 +163,7 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
 
 @body_limit(1024)  # takes none, but a client that sends {} is not refused
 async def stats_reset(rt: Runtime, request: web.Request) -> web.Response:
+    await _stats_allowed(rt, request, "stats.reset")
     rt.stats.frame_lag.reset()
     rt.stats.gc_pause.reset()
     rt.stats.loop_stall.reset()

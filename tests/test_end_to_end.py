@@ -20,7 +20,6 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
-import websockets
 
 from api.simulator import telnyx_messages
 from api.tiers import DEFAULT_ORG_ID
@@ -32,6 +31,7 @@ from tests.servers import Server, running_server
 from tests.speech import utterances_with_pauses, word_error_rate
 from tests.sse_client import read_sse
 from tests.storage.conftest import APP_PASSWORD, DbUrls, migrated_database
+from tests.telnyx_client import connect as connect_media
 from tests.telnyx_client import send_paced
 
 SENTENCES = [
@@ -72,7 +72,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, db_urls: DbUrls, redis_url:
 async def stream_call(server: Server, call_id: str, pcm: np.ndarray, encoding: str = "PCMU", query: str = "") -> None:
     messages = telnyx_messages(pcm, call_id=call_id, stream_id=f"stream-{call_id}", encoding=encoding,
                                sample_rate=8000, token=None)
-    async with websockets.connect(server.ws + query) as ws:
+    async with connect_media(server.ws + query) as ws:
         await send_paced(ws, messages)
         await ws.wait_closed()
         assert ws.close_code == 1000
