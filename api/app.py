@@ -58,6 +58,8 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
             await recover_on_start(persistence, s.node_id)  # before any stream is accepted
             org_settings = await tiers.org_settings()
         # The organisation's own choices (its STT chain, translation, SSE redaction) over the node's.
+        # Node-wide: the bootstrap organisation's (tiers.org_settings), applied to every organisation's
+        # calls, although calls are otherwise kept per organisation (api.call_session.call_key).
         speech = Speech(s, Policy.resolve(s, org_settings if stt is None else None), override=stt)
         opened.push_async_callback(speech.aclose)
         translator = make_translator(s)
