@@ -23,6 +23,7 @@ import time
 from aiohttp import web
 
 from api import blobs, console, media_stream, readiness, sse, webrtc
+from api.auth import require
 from api.connections import CONNECTION_GUARD
 from api.envelope import envelope_errors
 from api.middleware import body_limit, doors
@@ -57,6 +58,8 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
             await recover_on_start(persistence, s.node_id)  # before any stream is accepted
             org_settings = await tiers.org_settings()
         # The organisation's own choices (its STT chain, translation, SSE redaction) over the node's.
+        # Node-wide: the bootstrap organisation's (tiers.org_settings), applied to every organisation's
+        # calls, although calls are otherwise kept per organisation (api.call_session.call_key).
         speech = Speech(s, Policy.resolve(s, org_settings if stt is None else None), override=stt)
         opened.push_async_callback(speech.aclose)
         translator = make_translator(s)
@@ -80,6 +83,7 @@ def make_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=1 << 20, middlewares=[doors(s), envelope_errors])
     app.router.add_get("/api/media/telnyx", functools.partial(media_stream.telnyx_media, rt))
     app.router.add_get("/api/calls/{call_id}/events", functools.partial(sse.call_events, rt))
+    app.router.add_post("/api/calls/{call_id}/sse-token", functools.partial(sse.sse_token, rt))
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", functools.partial(readiness.readyz, rt.readiness))
     webrtc.add_routes(app, rt.agents)
@@ -114,7 +118,16 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _stats_allowed(rt: Runtime, request: web.Request, action: str) -> None:
+    """An admin (``stats.read``/``stats.reset``) or the metrics token (a scraper, which may also reset
+    the latency histograms between its runs: it changes no data, only what the next read shows);
+    else 401/403 (``api.auth.require``)."""
+    if not rt.auth.metrics_ok(request):
+        await require(rt.auth, request, action)
+
+
 async def stats(rt: Runtime, request: web.Request) -> web.Response:
+    await _stats_allowed(rt, request, "stats.read")
     gc_stats = gc.get_stats()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
@@ -152,6 +165,7 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
 
 @body_limit(1024)  # takes none, but a client that sends {} is not refused
 async def stats_reset(rt: Runtime, request: web.Request) -> web.Response:
+    await _stats_allowed(rt, request, "stats.reset")
     rt.stats.frame_lag.reset()
     rt.stats.gc_pause.reset()
     rt.stats.loop_stall.reset()

@@ -8,10 +8,17 @@ of ``pipelines.call_state``: the first ending event fixes the outcome and the re
 then owes the call's last finals and translations (bounded), publishes ``call.ended`` with
 ``{reason, detail, status, stats}``, stores the end and releases the call id.
 
-Ownership of a call id is exclusive: ``CallRegistry.claim`` refuses a call id that a live session
-holds (a second socket with the same ``call_control_id`` is refused and the live call is
-untouched); a stream for the same id after the previous session finished continues the call, as a
-Telnyx reconnect does.
+A call belongs to the organisation whose media token its stream presented, and inside the node it
+is known by its **call key**, ``call_key(org_id, call_id)``: the registry, the event hub's channels,
+the Redis bus streams and the relay all use the key, so two organisations' calls never meet, even
+with the same ``call_control_id`` at once (each is its own call; neither learns of the other).  The
+external ``call_id`` in events, logs and URLs is unchanged; a door that takes a call id from a client
+(SSE, WebRTC) makes the key with the *client's* organisation.
+
+Ownership of a call is exclusive: ``CallRegistry.claim`` refuses a call key that a live session
+holds (a second socket of the same organisation with the same ``call_control_id`` is refused and the
+live call is untouched); a stream for the same call after the previous session finished continues
+the call, as a Telnyx reconnect does.
 
 The session is also the bridge's consumer sink (``rate``, ``send_media``, ``send_clear``) and what
 ``api.webrtc`` attaches agents to.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -46,13 +54,20 @@ log = logging.getLogger("switchboard.call")
 DRAIN_BASE_S = 5.0  # owed finals: the pipeline's own bound grows with the audio still queued
 
 
-def speech_leg(rt: Runtime, call_id: str, stream_id: str, language: str, target: str | None,
+def call_key(org_id: uuid.UUID, call_id: str) -> str:
+    """The node's name for ``call_id`` of organisation ``org_id`` (see the module docstring).  ``/`` is
+    not an id character (``engine.ids``), so a key never collides with another organisation's."""
+    return f"{org_id.hex}/{call_id}"
+
+
+def speech_leg(rt: Runtime, key: str, call_id: str, stream_id: str, language: str, target: str | None,
                record: CallRecord | None) -> tuple[CallEvents, CallPipeline]:
     """The publisher and pipeline of one party's audio on a call (the caller's stream, an agent's
     microphone): transcripts go through ``CallEvents`` (redaction, SSE, storage, translation)."""
     provider = rt.speech.for_language(language)
     events = CallEvents(
-        call_id=call_id, stream_id=stream_id, language=language, target=target, hub=rt.hub, redactor=rt.redactor,
+        call_id=call_id, channel=key, stream_id=stream_id, language=language, target=target, hub=rt.hub,
+        redactor=rt.redactor,
         sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name, stage=rt.translation,
         persistence=rt.persistence, record=record)
     pipeline = CallPipeline(call_id=call_id, stream_id=stream_id, provider=provider, publish=events.publish,
@@ -61,7 +76,7 @@ def speech_leg(rt: Runtime, call_id: str, stream_id: str, language: str, target:
 
 
 class CallRegistry:
-    """Live call sessions of this node by call id (bounded by ``max_calls``)."""
+    """Live call sessions of this node by call key (bounded by ``max_calls``)."""
 
     def __init__(self, max_calls: int) -> None:
         self.max_calls = max_calls
@@ -70,35 +85,38 @@ class CallRegistry:
     def __len__(self) -> int:
         return len(self._calls)
 
-    def __contains__(self, call_id: object) -> bool:
-        return call_id in self._calls
+    def __contains__(self, key: object) -> bool:
+        return key in self._calls
 
     def __iter__(self) -> Iterator[CallSession]:
         return iter(list(self._calls.values()))
 
-    def get(self, call_id: str) -> CallSession | None:
-        return self._calls.get(call_id)
+    def get(self, key: str) -> CallSession | None:
+        return self._calls.get(key)
 
     def claim(self, session: CallSession) -> str | None:
         """Register ``session`` as its call's owner; the refusal reason when it cannot be."""
-        if session.call_id in self._calls:
+        if session.key in self._calls:
             return "call already streaming"
         if len(self._calls) >= self.max_calls:
             return f"too many media streams ({self.max_calls} live)"
-        self._calls[session.call_id] = session
+        self._calls[session.key] = session
         return None
 
     def release(self, session: CallSession) -> None:
-        if self._calls.get(session.call_id) is session:
-            del self._calls[session.call_id]
+        if self._calls.get(session.key) is session:
+            del self._calls[session.key]
 
 
 class CallSession:
-    def __init__(self, rt: Runtime, leg: MediaStream, started: Started, *, language: str, target: str | None) -> None:
+    def __init__(self, rt: Runtime, leg: MediaStream, started: Started, org_id: uuid.UUID, *, language: str,
+                 target: str | None) -> None:
         self.rt = rt
         self.leg = leg
         self.started = started
+        self.org_id = org_id
         self.call_id = started.call_control_id
+        self.key = call_key(org_id, self.call_id)
         self.stream_id = started.stream_id
         self.rate = started.sample_rate
         self.language = language
@@ -126,18 +144,18 @@ class CallSession:
         Raises ``Overflow`` when the event hub has no room for the call (nothing was wired then).
         """
         rt, ev = self.rt, self.started
-        rt.hub.start(self.call_id)  # may raise Overflow: before anything else exists
+        rt.hub.start(self.key)  # may raise Overflow: before anything else exists
         rt.stats.streams_total += 1
         if rt.persistence is not None:
             self.record = rt.persistence.call_started(
-                call_control_id=ev.call_control_id, call_session_id=ev.call_session_id or None,
+                org_id=self.org_id, call_control_id=ev.call_control_id, call_session_id=ev.call_session_id or None,
                 stream_id=ev.stream_id, from_number=ev.from_ or None, to_number=ev.to or None,
                 encoding=ev.encoding, sample_rate=ev.sample_rate)
             self.recorder = self.record.recorder
-        self.events, self.pipeline = speech_leg(rt, self.call_id, ev.stream_id, self.language, self.target,
+        self.events, self.pipeline = speech_leg(rt, self.key, self.call_id, ev.stream_id, self.language, self.target,
                                                 self.record)
         provider = self.events.provider
-        rt.hub.publish(self.call_id, CallStarted(
+        rt.hub.publish(self.key, CallStarted(
             self.call_id, ev.stream_id, ev.call_session_id, ev.encoding, ev.sample_rate, ev.from_, ev.to,
             self.language, self.target, provider))
         log.info("call.started", extra={"stream_id": ev.stream_id, "call_id": self.call_id,
@@ -165,7 +183,7 @@ class CallSession:
                 log.warning("call.dtmf_flood", extra={"call_id": self.call_id, "limit_per_s": self._dtmf.per_s})
             return
         self.dtmf_count += 1
-        self.rt.hub.publish(self.call_id, CallDtmf(self.call_id, ev.digit))
+        self.rt.hub.publish(self.key, CallDtmf(self.call_id, ev.digit))
 
     def _lag_ms(self, timestamp_ms: int, now: float) -> float:
         base = now - timestamp_ms / 1000.0
@@ -221,11 +239,11 @@ class CallSession:
             state = self.machine.handle(CallEvent.DRAINED)
             reason, detail = self.machine.reason, self.machine.detail
             try:
-                rt.hub.publish(self.call_id, CallEnded(self.call_id, self.stream_id, reason, detail, STATUS[state],
+                rt.hub.publish(self.key, CallEnded(self.call_id, self.stream_id, reason, detail, STATUS[state],
                                                        stats))
             except Overflow:
                 log.error("call.ended_unpublished", extra={"call_id": self.call_id})
-            rt.hub.end(self.call_id)
+            rt.hub.end(self.key)
             if rt.persistence is not None and self.record is not None:
                 rt.persistence.call_ended(self.record, reason=reason, failed=state is CallState.FAILED,
                                           stats={**stats, "end_detail": detail} if detail else stats)

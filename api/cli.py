@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -36,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--call-id", default=None, help="call_control_id to send (default: a fresh v3: id)")
     sim.add_argument("--encoding", default="PCMU", choices=["PCMU", "PCMA", "L16"])
     sim.add_argument("--rate", type=int, default=8000, choices=[8000, 16000])
-    sim.add_argument("--token", default=None, help="stream auth token (header and connected field)")
+    sim.add_argument("--token", default=os.environ.get("SWITCHBOARD_TELNYX_STREAM_TOKEN"),
+                     help="media token: the stream auth token, sent in the header and the connected field"
+                          " (default $SWITCHBOARD_TELNYX_STREAM_TOKEN)")
+    sim.add_argument("--api-key", default=os.environ.get("SWITCHBOARD_BOOTSTRAP_API_KEY"),
+                     help="API key (or session token) that reads the call's events to print them"
+                          " (default $SWITCHBOARD_BOOTSTRAP_API_KEY)")
     sim.add_argument("--speed", type=float, default=1.0, help="pacing factor; 1.0 = real time")
     sim.add_argument("--quiet", action="store_true", help="do not print the call's transcript events")
     args = parser.parse_args(argv)
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup("WARNING")
     return uvloop.run(simulate_call(
         args.wav, url=args.url, call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
-        token=args.token, speed=args.speed, quiet=args.quiet,
+        token=args.token, api_key=args.api_key, speed=args.speed, quiet=args.quiet,
     ))
 
 

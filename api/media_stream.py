@@ -10,12 +10,20 @@ Admission, in the order a connection meets it:
    (``media_max_pending``) and per remote address (``media_max_pending_per_address``, except the
    ``per_address_exempt`` ones: a local reverse proxy); past either the upgrade is refused with 503
    + ``Retry-After``.  While draining for shutdown, every upgrade is.
-2. A pending connection must authenticate and send ``start`` within ``media_start_timeout_s``, or
+2. **The media token** names the call's organisation (``Authenticator.media_org``).  A header token
+   (``x-telnyx-streaming-auth-token``) is looked up before the upgrade: unknown, the socket is
+   upgraded and closed at once with 1008 (the ``connected`` field does not rescue it).  Without the
+   header, ``connected`` must carry the token: the protocol hands it over (``Connected.token``) and
+   holds what follows while a task looks it up (``_authenticate``), then releases it, or the socket
+   closes with 1008.  A look-up that fails (the database is down) closes with 1013.
+3. A pending connection must authenticate and send ``start`` within ``media_start_timeout_s``, or
    it is closed with 1008.
-3. At ``start`` the stream takes a **stream slot**: the call id must not be live on another socket
-   (1008 ``call already streaming``; the live call is untouched) and at most ``max_streams`` calls
-   stream at once (1013, try again later).  So idle or unauthenticated sockets never hold a slot.
-4. A started stream with no ``media`` message for ``media_idle_timeout_s`` ends with reason
+4. At ``start`` the stream takes a **stream slot**: the call (its organisation and call id,
+   ``call_key``) must not be live on another socket (1008 ``call already streaming``; the live call
+   is untouched; the same call id streamed by another organisation is another call) and at most
+   ``max_streams`` calls stream at once (1013, try again later).  So idle or unauthenticated sockets
+   never hold a slot.
+5. A started stream with no ``media`` message for ``media_idle_timeout_s`` ends with reason
    ``idle_timeout`` (Telnyx sends media continuously while a call is up); its socket closes 1008.
 
 One ``StreamWatch`` task checks both deadlines for every stream once per tick (a counter per stream
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
@@ -36,6 +45,7 @@ from api.inline_ws import InlineWebSocketResponse
 from api.settings import Settings
 from api.telnyx_protocol import (
     AUTH_FIELD,
+    Connected,
     Dtmf,
     Event,
     MarkPlayed,
@@ -70,6 +80,8 @@ class MediaStream:
         self.language = "en"  # spoken on the call (?language= on the stream URL)
         self.target: str | None = None  # translated into (?translate_to=, or the policy's default)
         self.session: CallSession | None = None
+        self.org_id: uuid.UUID | None = None  # the media token's organisation, once known
+        self.auth_task: asyncio.Task[None] | None = None  # looking up the `connected` field's token
         # Set when the stream must end: the call event and its detail, or the protocol error to close with.
         self.ending: tuple[CallEvent, str] | ProtocolError | None = None
         self.opened = time.monotonic()
@@ -138,10 +150,9 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     if refused is not None:
         log.warning("stream.refused", extra={"reason": refused, "remote": remote})
         raise web.HTTPServiceUnavailable(text=refused, headers={"Retry-After": "1"})
-    token = s.telnyx_stream_token.get_secret_value() if s.telnyx_stream_token else None
+    header_token = request.headers.get(AUTH_FIELD)
     protocol = TelnyxStreamProtocol(
-        expected_token=token,
-        header_token=request.headers.get(AUTH_FIELD),
+        authenticated=header_token is not None,  # if unknown, the socket is closed below before any message
         reorder_window=s.reorder_window,
         max_message_bytes=s.max_message_bytes,
     )
@@ -156,6 +167,11 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     stream.language, stream.target = language, target
     event, detail = CallEvent.HANGUP, ""
     try:
+        if header_token is not None:
+            stream.org_id = await _media_org(rt, header_token)
+            if stream.org_id is None:
+                await ws.prepare(request)
+                raise PolicyViolation("stream auth token unknown")
         await ws.prepare(request)
         rt.streams.add(stream)
         event, detail = await _run(rt, stream)
@@ -168,6 +184,8 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
             "close_code": exc.close_code, "reason": exc.reason[:200], "remote": remote})
         await close_ws(stream, exc.close_code, exc.reason[:120].encode())
     finally:
+        if stream.auth_task is not None:
+            stream.auth_task.cancel()
         rt.streams.discard(stream)
         stream.unpend(rt.admission)
         if stream.session is not None:
@@ -177,6 +195,33 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
             await asyncio.shield(stream.session.finish())
         stream.done.set()
     return ws
+
+
+async def _media_org(rt: Runtime, token: str) -> uuid.UUID | None:
+    """The token's organisation; ``TryAgainLater`` (1013) when it cannot be looked up now."""
+    try:
+        return await rt.auth.media_org(token)
+    except Exception as exc:  # the hot tier is down: the carrier retries the stream later
+        log.warning("stream.auth_unavailable", extra={"error": type(exc).__name__})
+        raise TryAgainLater("stream auth token cannot be checked now") from None
+
+
+async def _authenticate(rt: Runtime, stream: MediaStream, token: str) -> None:
+    """Look up the `connected` field's token, then release (or refuse) what the protocol held."""
+    try:
+        stream.org_id = await _media_org(rt, token)
+        if stream.ending is not None:
+            return
+        _dispatch(rt, stream, stream.protocol.authenticated(stream.org_id is not None))
+        if stream.ending is not None:  # a `stop` was among the held messages: wake the handler
+            rt.watch.expire(stream, stream.ending)
+    except ProtocolError as exc:
+        if stream.ending is None:
+            rt.watch.expire(stream, exc)  # closes the socket, which wakes the handler
+    except Exception as exc:  # a bug must close this stream, not vanish with the task
+        log.exception("stream.internal_error", extra={"stream_id": stream.stream_id or None})
+        if stream.ending is None:
+            rt.watch.expire(stream, InternalError(f"internal error: {type(exc).__name__}"))
 
 
 async def close_ws(stream: MediaStream, code: int, message: bytes) -> None:
@@ -261,6 +306,10 @@ def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> None:
                 session.media(ev)
         elif isinstance(ev, Started):
             session = stream.session = _start_call(rt, stream, ev)
+        elif isinstance(ev, Connected):
+            if ev.token is not None:  # held messages wait for the look-up
+                stream.auth_task = asyncio.get_running_loop().create_task(
+                    _authenticate(rt, stream, ev.token), name="stream-auth")
         elif isinstance(ev, Stopped):
             stream.ending = (CallEvent.STOP, ev.reason)
         elif isinstance(ev, Dtmf):
@@ -275,7 +324,9 @@ def _dispatch(rt: Runtime, stream: MediaStream, events: list[Event]) -> None:
 
 def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
     """Claim a stream slot and the call id, then start the call; raises when either is refused."""
-    session = CallSession(rt, stream, ev, language=stream.language, target=stream.target)
+    if stream.org_id is None:  # the protocol lets no `start` through before authentication
+        raise PolicyViolation("stream auth token missing")
+    session = CallSession(rt, stream, ev, stream.org_id, language=stream.language, target=stream.target)
     refused = rt.calls.claim(session)
     if refused == "call already streaming":
         raise PolicyViolation(refused)
@@ -346,6 +397,8 @@ class StreamWatch:
             if stream.session is None:
                 if now - stream.opened > self.start_timeout:
                     self.expired_start += 1
+                    log.warning("stream.start_timeout", extra={"remote": stream.remote,
+                                                               "timeout_s": self.start_timeout})
                     self.expire(stream, PolicyViolation(f"no start within {self.start_timeout:g} s"))
             elif stream.media_count != stream.watch_count:
                 stream.watch_count, stream.watch_since = stream.media_count, now
@@ -360,7 +413,6 @@ class StreamWatch:
         stream.ending = ending
         if isinstance(ending, ProtocolError):
             code, text = ending.close_code, ending.reason[:120].encode()
-            log.warning("stream.start_timeout", extra={"remote": stream.remote, "reason": ending.reason})
         else:
             code, text = _CLOSE.get(ending[0], (WSCloseCode.OK, b"stopped"))
         task = asyncio.get_running_loop().create_task(close_ws(stream, code, text), name="stream-expire")

@@ -112,10 +112,13 @@ class Persistence:
     def spool_dir(self) -> Path:
         return self._spool
 
-    def call_started(self, *, call_control_id: str, call_session_id: str | None, stream_id: str,
-                     from_number: str | None, to_number: str | None, encoding: str, sample_rate: int) -> CallRecord:
-        org = self.tiers.media_org_id
-        # One id per call, whatever the number of media streams (a restarted stream is the same call).
+    def call_started(self, *, org_id: uuid.UUID, call_control_id: str, call_session_id: str | None,
+                     stream_id: str, from_number: str | None, to_number: str | None, encoding: str,
+                     sample_rate: int) -> CallRecord:
+        """``org_id``: the organisation of the stream's media token; every row and key is in it."""
+        org = org_id
+        # One id per call and organisation, whatever the number of media streams (a restarted stream
+        # is the same call); the same call_control_id in two organisations is two calls.
         call_id = uuid.uuid5(org, call_control_id)
         recording_id = uuid.uuid4()  # one recording per stream
         started_at = datetime.now(UTC)

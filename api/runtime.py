@@ -84,7 +84,7 @@ class Runtime:
         self.hub = EventHub(history=s.sse_history, client_buffer=s.sse_client_buffer, max_calls=s.sse_max_calls,
                             retention_s=s.sse_retention_s, max_pending=s.sse_max_pending,
                             max_pending_per_owner=s.sse_max_pending_per_address)
-        self.calls = CallRegistry(s.max_streams)  # live calls by call id: the stream slots
+        self.calls = CallRegistry(s.max_streams)  # live calls by call key (organisation + call id): the stream slots
         self.admission = Admission(s.media_max_pending, s.media_max_pending_per_address,
                                    frozenset(s.per_address_exempt))  # media sockets awaiting `start`
         self.streams: set[MediaStream] = set()  # open media sockets, started or not

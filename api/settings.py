@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     webrtc_ice_servers: list[str] = Field(default_factory=list)  # e.g. ["stun:stun.example.com:3478"]
     webrtc_host_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1"])  # host candidates offered
     webrtc_max_sessions: int = Field(200, ge=1)
+    # Offers per principal (a token bucket each): a flood by one identity is 429, others unaffected.
+    webrtc_offers_per_s: float = Field(1.0, gt=0)
+    webrtc_offer_burst: int = Field(10, ge=1)
     # Offer answered -> ICE and DTLS connected, or the session ends (aioice alone retries ~63 s).
     webrtc_connect_timeout_s: float = Field(15.0, gt=0)
     webrtc_jitter_ms: int = Field(100, ge=20, le=1000)  # audio held per bridge direction; past it the oldest goes

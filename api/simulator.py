@@ -83,13 +83,14 @@ async def simulate_call(
     encoding: str = "PCMU",
     sample_rate: int = 8000,
     token: str | None = None,
+    api_key: str | None = None,
     speed: float = 1.0,
     quiet: bool = False,
 ) -> int:
     call_id = call_id or f"v3:{uuid.uuid4()}"
     messages = telnyx_messages(load_wav(wav, sample_rate), call_id=call_id, stream_id=str(uuid.uuid4()),
                                encoding=encoding, sample_rate=sample_rate, token=token)
-    printer = None if quiet else asyncio.create_task(_print_events(events_url(url, call_id)))
+    printer = None if quiet else asyncio.create_task(_print_events(events_url(url, call_id), api_key))
     print(f"call_id {call_id}: streaming {len(messages) - 3} frames of {encoding}/{sample_rate}", file=sys.stderr)
     headers = {"x-telnyx-streaming-auth-token": token} if token else {}
     try:
@@ -126,8 +127,13 @@ async def _stream(url: str, headers: dict[str, str], messages: list[str], speed:
     return 0
 
 
-async def _print_events(url: str) -> None:
-    async with aiohttp.ClientSession() as http, http.get(url, timeout=aiohttp.ClientTimeout(total=None)) as resp:
+async def _print_events(url: str, api_key: str | None) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers,
+                                                         timeout=aiohttp.ClientTimeout(total=None)) as resp:
+        if resp.status != 200:
+            print(f"cannot read the call's events: HTTP {resp.status} (--api-key)", file=sys.stderr)
+            return
         event = ""
         async for raw in resp.content:
             line = raw.decode().rstrip("\n")

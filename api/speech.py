@@ -137,7 +137,7 @@ class Speech:
 class CallEvents:
     """One call's publisher (see the module docstring)."""
 
-    call_id: str
+    call_id: str  # in the events
     stream_id: str
     language: str
     target: str | None
@@ -148,22 +148,24 @@ class CallEvents:
     stage: TranslationStage | None = None
     persistence: Persistence | None = None
     record: CallRecord | None = None
+    channel: str = ""  # the hub channel: the call's key (api.call_session.call_key); default the call id
     redactions: int = 0
     _pending: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
+        self.channel = self.channel or self.call_id
         self._idle.set()
 
     def publish(self, event: Event) -> None:
         if not isinstance(event, TranscriptEvent):
-            self.hub.publish(self.call_id, event)
+            self.hub.publish(self.channel, event)
             return
         redacted, found = event.redacted(self.redactor)
         if self.sse_redacted or redacted is event:
-            self.hub.publish(self.call_id, redacted)
+            self.hub.publish(self.channel, redacted)
         else:
-            self.hub.publish(self.call_id, event, tap=redacted)
+            self.hub.publish(self.channel, event, tap=redacted)
         if not event.final:
             return
         self.redactions += found
@@ -181,7 +183,7 @@ class CallEvents:
     def _translated(self, job: TranslationJob, tr: Translation) -> None:
         self._done()
         ctx = job.context
-        self.hub.publish(self.call_id, TranslationFinal(
+        self.hub.publish(self.channel, TranslationFinal(
             ctx["call_id"], ctx["stream_id"], ctx["track"], ctx["seq"], tr.original, tr.translated, tr.source_lang,
             tr.target_lang, tr.provider, round(tr.latency_ms, 1)))
         if self.persistence is not None and self.record is not None:
@@ -190,7 +192,7 @@ class CallEvents:
     def _not_translated(self, job: TranslationJob, reason: str) -> None:
         self._done()
         ctx = job.context
-        self.hub.publish(self.call_id, TranslationFailed(ctx["call_id"], ctx["stream_id"], ctx["track"], ctx["seq"],
+        self.hub.publish(self.channel, TranslationFailed(ctx["call_id"], ctx["stream_id"], ctx["track"], ctx["seq"],
                                                          job.source_lang, job.target_lang, reason))
 
     def _done(self) -> None:

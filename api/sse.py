@@ -1,4 +1,15 @@
-"""``GET /api/calls/{call_id}/events``: a call's events as Server-Sent Events.
+"""``GET /api/calls/{call_id}/events``: a call's events as Server-Sent Events; ``POST
+/api/calls/{call_id}/sse-token``: a short-lived token for an EventSource that cannot send a header.
+
+* Who may watch: a principal with ``calls.watch`` (``Authenticator.sse_principal``): the session
+  cookie ``sb_session``, ``Authorization: Bearer`` (an API key or a session token), or
+  ``?access_token=sbs_...`` minted by the ``sse-token`` route for exactly this call (at most 5
+  minutes).  None, an unknown or expired one, or a token of another call: 401 (the envelope).  The
+  call is looked up in the principal's organisation (``api.call_session.call_key``): another
+  tenant's call is, to this door, a call that has not started, and never delivers its events.  The
+  access token is never logged (nothing here logs the query string).
+* ``POST /api/calls/{call_id}/sse-token`` (``calls.watch``; body ``{}`` or ``{"ttl_s": n}``, 1 <= n
+  <= 300, default 300) answers ``{"token", "expires_in", "url"}``; the call need not have started.
 
 * ``text/event-stream``; every event has an ``id:`` (per-call, increasing); ``retry:`` is sent first.
 * ``Last-Event-ID`` (header, or ``?last_event_id=`` for clients that cannot set headers) replays the
@@ -32,8 +43,13 @@ import re
 import socket
 from typing import TYPE_CHECKING
 
+import orjson
 from aiohttp import web
 
+from api.auth import SSE_TOKEN_MAX_TTL_S, require
+from api.call_session import call_key
+from api.envelope import ApiError, ok
+from api.middleware import body_limit
 from engine.errors import Overflow
 from engine.ids import ID
 
@@ -78,20 +94,27 @@ async def call_events(rt: Runtime, request: web.Request) -> web.StreamResponse:
     call_id = request.match_info["call_id"]
     if not CALL_ID.fullmatch(call_id):
         raise web.HTTPBadRequest(text="call_id must be 1-128 characters of [A-Za-z0-9:_-.]")
+    principal = await rt.auth.sse_principal(request, call_id)
+    if principal is None:
+        raise ApiError("unauthenticated", "send Authorization: Bearer <API key or session token>, the session"
+                                          " cookie, or ?access_token= minted for this call")
+    if not principal.can("calls.watch"):
+        raise ApiError("forbidden", f"role {principal.role.value} may not calls.watch")
+    key = call_key(principal.org_id, call_id)
     last_id = _last_event_id(request)
-    existing = rt.hub.get(call_id)
+    existing = rt.hub.get(key)
     if existing is not None and existing.ended_at is not None and last_id >= existing.last_id:
         return web.Response(status=204)
-    relay = rt.relay if call_id not in rt.calls else None  # not on this node (yet): watch the bus too
+    relay = rt.relay if key not in rt.calls else None  # not on this node (yet): watch the bus too
     try:
         if relay is not None:
-            relay.watch(call_id)
+            relay.watch(key)
         remote = request.remote or ""
         owner = None if remote in rt.settings.per_address_exempt else remote
-        channel, sub = rt.hub.subscribe(call_id, owner=owner)
+        channel, sub = rt.hub.subscribe(key, owner=owner)
     except Overflow as exc:
         if relay is not None:
-            relay.unwatch(call_id)
+            relay.unwatch(key)
         raise web.HTTPServiceUnavailable(text=str(exc), headers={"Retry-After": "5"}) from None
     resp = web.StreamResponse(headers={
         "Content-Type": "text/event-stream",
@@ -156,6 +179,33 @@ async def call_events(rt: Runtime, request: web.Request) -> web.StreamResponse:
     finally:
         rt.hub.unsubscribe(channel, sub)
         if relay is not None:
-            relay.unwatch(call_id)
+            relay.unwatch(key)
         rt.stats.sse_clients -= 1
     return resp
+
+
+@body_limit(1024)
+async def sse_token(rt: Runtime, request: web.Request) -> web.Response:
+    """``POST /api/calls/{call_id}/sse-token`` (see the module docstring)."""
+    call_id = request.match_info["call_id"]
+    if not CALL_ID.fullmatch(call_id):
+        raise ApiError("bad_request", "call_id must be 1-128 characters of [A-Za-z0-9:_-.]")
+    principal = await require(rt.auth, request, "calls.watch")
+    ttl_s = SSE_TOKEN_MAX_TTL_S
+    body = await request.read()
+    if body.strip():
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise ApiError("bad_request", "the body is not valid JSON") from None
+        if not isinstance(data, dict) or set(data) - {"ttl_s"}:
+            raise ApiError("validation_failed", "the body is {} or {\"ttl_s\": n}",
+                           [{"field": "body", "message": "only ttl_s is accepted"}])
+        raw = data.get("ttl_s", SSE_TOKEN_MAX_TTL_S)
+        if type(raw) is not int or not 1 <= raw <= SSE_TOKEN_MAX_TTL_S:
+            raise ApiError("validation_failed", f"ttl_s must be an integer in 1..{SSE_TOKEN_MAX_TTL_S}",
+                           [{"field": "ttl_s", "message": f"an integer in 1..{SSE_TOKEN_MAX_TTL_S}"}])
+        ttl_s = raw
+    token = await rt.auth.mint_sse_token(principal, call_id, ttl_s)
+    return ok({"token": token, "expires_in": ttl_s,
+               "url": f"/api/calls/{call_id}/events?access_token={token}"})

@@ -7,9 +7,16 @@ and ``clear``; the transport only moves text.  Nothing here imports asyncio or a
 
 Rules (Telnyx media streaming, as its documentation describes the messages):
 
-* ``connected`` comes first; the stream auth token arrives in the ``x-telnyx-streaming-auth-token``
-  header (given to the constructor) or in the field of the same name on ``connected``.  When a token
-  is configured, a stream whose token matches neither is refused (1008) before any media.
+* ``connected`` comes first; the stream auth token (a media token: it names the call's organisation)
+  arrives in the ``x-telnyx-streaming-auth-token`` header of the upgrade or in the field of the same
+  name on ``connected``.  Looking a token up is I/O, so it is the transport's: it resolves a header
+  token before the upgrade and says so to the constructor (``authenticated=True``; a header token that
+  is unknown is refused there, and the field cannot rescue it).  Otherwise ``connected`` must carry the
+  field: the protocol returns it in ``Connected.token`` and *holds* every message that follows, at most
+  ``MAX_HELD_MESSAGES`` messages and ``MAX_HELD_BYTES`` bytes (past either: 1008), until the transport
+  calls ``authenticated(ok)`` with the look-up's answer, which returns the events of the held messages
+  (or raises 1008 when the token is unknown).  ``start`` (or anything else) before an accepted token is
+  1008, so no stream slot is ever taken by an unauthenticated socket.
 * ``start`` carries ``media_format``; audio is always decoded by *its* encoding (PCMU, PCMA, L16 at
   8 or 16 kHz).  ``media`` before ``start``, or a second ``start``, is refused (1008).
 * Frames may arrive out of order.  Sequenced events after ``start`` pass through a reorder window
@@ -28,9 +35,11 @@ Rules (Telnyx media streaming, as its documentation describes the messages):
   labels.  Anything else is 1007.  An ``error`` event's code and detail are clipped and stripped
   of unprintable characters (they are only logged).
 
-State table (``_ALLOWED`` lists which events each state accepts)::
+State table (``_ALLOWED`` lists which events each state accepts; VERIFYING accepts every message
+and holds it)::
 
     AWAITING --connected--> CONNECTED --start--> STREAMING --stop--> STOPPED
+    AWAITING --connected(token)--> VERIFYING --authenticated(True)--> CONNECTED
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hmac
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -62,6 +70,7 @@ class StreamState(enum.Enum):
     __hash__ = object.__hash__  # members are singletons; Enum's own __hash__ is Python code
 
     AWAITING = "awaiting"
+    VERIFYING = "verifying"  # the `connected` field's token is being looked up: messages are held
     CONNECTED = "connected"
     STREAMING = "streaming"
     STOPPED = "stopped"
@@ -69,6 +78,7 @@ class StreamState(enum.Enum):
 
 _ALLOWED: dict[StreamState, frozenset[str]] = {
     StreamState.AWAITING: frozenset({"connected", "start", "error"}),
+    StreamState.VERIFYING: frozenset(),  # never consulted: receive_text holds everything
     StreamState.CONNECTED: frozenset({"start", "error"}),
     StreamState.STREAMING: frozenset({"media", "dtmf", "mark", "stop", "error"}),
     StreamState.STOPPED: frozenset({"media", "dtmf", "mark", "stop", "error"}),  # stragglers, ignored
@@ -80,11 +90,20 @@ MAX_NUMBER_CHARS = 256  # from / to: E.164 numbers or SIP URIs
 MAX_CLIENT_STATE_CHARS = 4096
 MAX_CUSTOM_PARAMETERS_BYTES = 4096
 MAX_LABEL_CHARS = 128  # mark names, stop reasons
+MAX_TOKEN_CHARS = 512  # a longer token is refused without a look-up
+# Held while the `connected` field's token is looked up (a few milliseconds: Telnyx sends `start` and
+# 50 media messages a second meanwhile).
+MAX_HELD_MESSAGES = 64
+MAX_HELD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Connected:
     version: str
+    token: str | None = None  # set when the transport must look it up and call ``authenticated``
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Connected(version={self.version!r}, token={'...' if self.token else None})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +169,7 @@ class TelnyxStreamProtocol:
     def __init__(
         self,
         *,
-        expected_token: str | None = None,
-        header_token: str | None = None,
+        authenticated: bool = True,
         reorder_window: int = 4,
         max_message_bytes: int = 65536,
         max_pending_marks: int = 64,
@@ -162,9 +180,10 @@ class TelnyxStreamProtocol:
         self.stream_id = ""
         self.started: Started | None = None
         self.codec: Codec | None = None
-        self._expected_token = expected_token
-        self._authenticated = expected_token is None or _token_ok(header_token, expected_token)
-        self._header_token_given = header_token is not None
+        # True when the transport resolved the upgrade's header token (see the module docstring).
+        self._authenticated = authenticated
+        self._held_msgs: deque[str | bytes] = deque()
+        self._held_bytes = 0
         self._window = reorder_window
         self._max_bytes = max_message_bytes
         self._next_seq = 0
@@ -183,6 +202,8 @@ class TelnyxStreamProtocol:
     def receive_text(self, text: str | bytes) -> list[Event]:
         if len(text) > self._max_bytes:
             raise MessageTooBig(f"message of {len(text)} bytes exceeds {self._max_bytes}")
+        if self.state is StreamState.VERIFYING:
+            return self._hold(text)
         try:
             msg = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
@@ -232,26 +253,54 @@ class TelnyxStreamProtocol:
             return [self._decode(-1, msg)]  # an unsequenced dtmf/mark cannot be ordered: deliver now
         return self._reorder(_sequence(msg), msg)
 
+    def authenticated(self, ok: bool) -> list[Event]:
+        """The answer to the look-up of ``Connected.token``: the events of the messages held meanwhile;
+        ``PolicyViolation`` (1008) when ``ok`` is false.  Call it once, after a ``Connected`` with a token."""
+        if self.state is not StreamState.VERIFYING:
+            raise PolicyViolation("authenticated() without a token being verified")
+        held, self._held_msgs, self._held_bytes = self._held_msgs, deque(), 0
+        if not ok:
+            raise PolicyViolation("stream auth token unknown")
+        self._authenticated = True
+        self.state = StreamState.CONNECTED
+        events: list[Event] = []
+        for text in held:
+            events.extend(self.receive_text(text))
+        return events
+
+    def _hold(self, text: str | bytes) -> list[Event]:
+        if len(self._held_msgs) >= MAX_HELD_MESSAGES or self._held_bytes + len(text) > MAX_HELD_BYTES:
+            raise PolicyViolation(f"more than {MAX_HELD_MESSAGES} messages ({MAX_HELD_BYTES} bytes) "
+                                  "while the stream auth token was checked")
+        self._held_msgs.append(text)
+        self._held_bytes += len(text)
+        return []
+
     def eof(self) -> list[Event]:
         """The socket closed: deliver what the reorder window still holds."""
+        if self.state is StreamState.VERIFYING:  # nothing started: what was held is dropped
+            self._held_msgs.clear()
+            self.state = StreamState.STOPPED
+            return []
         events = self._flush()
         self.state = StreamState.STOPPED
         self._streaming = False
         return events
 
     def _on_connected(self, msg: dict[str, Any]) -> Event:
-        if not self._authenticated:
-            token = msg.get(AUTH_FIELD)
-            if not _token_ok(token, self._expected_token) or self._header_token_given:
-                # A header that was sent and did not match is not rescued by the field.
-                raise PolicyViolation("stream auth token missing or wrong")
-            self._authenticated = True
-        self.state = StreamState.CONNECTED
-        return Connected(str(msg.get("version", "")))
+        version = _clip(msg.get("version", ""), 32)
+        if self._authenticated:
+            self.state = StreamState.CONNECTED
+            return Connected(version)
+        token = msg.get(AUTH_FIELD)
+        if type(token) is not str or not 0 < len(token) <= MAX_TOKEN_CHARS:
+            raise PolicyViolation("stream auth token missing")
+        self.state = StreamState.VERIFYING
+        return Connected(version, token)
 
     def _on_start(self, msg: dict[str, Any]) -> Event:
         if not self._authenticated:
-            raise PolicyViolation("stream auth token missing or wrong")
+            raise PolicyViolation("stream auth token missing")
         start = msg.get("start")
         if not isinstance(start, dict):
             raise InvalidPayload("start needs a 'start' object")
@@ -447,10 +496,3 @@ def _clip(value: object, n: int) -> str:
     text = value if isinstance(value, str) else str(value)
     return "".join(c for c in text[: n * 2] if c.isprintable())[:n]
 
-
-def _token_ok(given: object, expected: str | None) -> bool:
-    if expected is None:
-        return True
-    if not isinstance(given, str):
-        return False
-    return hmac.compare_digest(given.encode(), expected.encode())

@@ -2,15 +2,29 @@
 
 Contract (the agent console is written against it):
 
-* ``POST /api/webrtc/offer`` with ``Authorization: Bearer <agent_token>`` (checked when
-  ``settings.agent_token`` is set) and ``{"call_id", "agent_id", "sdp", "type": "offer", "language"?}``
-  -> 200 ``{"session_id", "type": "answer", "sdp"}`` once ICE gathering is complete (no trickle).
-  Errors are ``{"error": message}``: 400 bad request or SDP (``api.webrtc_signal``, or aiortc's own
-  refusal), 401 bad token, 409 the agent already has a live session, 503 ``webrtc_max_sessions`` live;
+* ``POST /api/webrtc/offer`` by a principal with ``calls.join`` (``api.auth``: session cookie, or
+  ``Authorization: Bearer`` with a session token or API key) and ``{"call_id", "sdp", "type":
+  "offer", "language"?, "replace"?}`` -> 200 ``{"session_id", "type": "answer", "sdp"}`` once ICE
+  gathering is complete (no trickle).  The agent is the principal: its ``subject`` (a user id, or an
+  API key's id) is the ``agent_id`` of ``agent.joined``/``agent.left``; an ``agent_id`` in the body is
+  ignored (older consoles send one).  Errors are the envelope (``api.envelope``): 400 bad request or
+  SDP (``api.webrtc_signal``, or aiortc's own refusal), 401 no or bad credential, 403 a role without
+  ``calls.join``, 409 the principal already has a live session (the answer names no session), 429
+  over ``webrtc_offers_per_s`` for this principal (``Retry-After``), 503 ``webrtc_max_sessions`` live;
   and from ``api.middleware``: 413 a body over ``OFFER_MAX_BYTES``, 415 not ``application/json``.
-* ``DELETE /api/webrtc/sessions/{session_id}`` (same auth) -> 204; 404 when no such live session.
+* ``DELETE /api/webrtc/sessions/{session_id}`` (``calls.join``) -> 204; 404 when no such live session
+  *of this principal* (another principal's session answers exactly like an unknown one).
 
-A session joins its call id whether or not the call's Telnyx stream is live.  The agent's microphone
+One live session per principal on the node; ``"replace": true`` ends the principal's own live
+session first (a reloaded browser), never anyone else's.  Offers are rate-limited per principal (a
+token bucket per principal, ``MAX_OFFER_BUCKETS`` principals remembered), so one flooding identity
+cannot keep others out; one session each also means one identity cannot fill
+``webrtc_max_sessions``.
+
+The call is the principal's organisation's (``api.call_session.call_key``): another organisation's
+call with the same id is, to this door, a call that has not started, so it behaves exactly like an
+unknown call and nothing of the other call is reachable.  A session joins its call id whether or
+not the call's Telnyx stream is live (the agent may come first).  The agent's microphone
 goes to an agent ``CallPipeline`` (track ``agent``; its transcripts reach the call's SSE channel through
 a ``CallEvents`` like the stream's own, with the session id as stream id).  While the call's stream is
 live the session's ``pipelines.bridge.AgentBridge`` is attached to it (one bridge per stream: the first
@@ -32,10 +46,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import hmac
 import ipaddress
 import logging
+import math
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +61,13 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
-from api.call_session import speech_leg
+from api.auth import Principal, require
+from api.call_session import call_key, speech_leg
+from api.envelope import ApiError, not_found, ok
 from api.middleware import body_limit
 from api.webrtc_signal import MAX_SDP_BYTES, OfferRequest, SignalError, parse_offer_request
 from engine.frames import Track
+from engine.quota import TokenBucket
 from pipelines.bridge import AgentBridge, BridgeStats
 from pipelines.events import AgentJoined, AgentLeft
 
@@ -59,6 +78,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.webrtc")
 # The offer body: the SDP, its line ends escaped in JSON (2 bytes more a line: a quarter is ample), the rest.
 OFFER_MAX_BYTES = MAX_SDP_BYTES + MAX_SDP_BYTES // 4 + 4096
+MAX_OFFER_BUCKETS = 10_000  # principals whose offer rate is remembered; past it the least recent is forgotten
+
+
+def principal_key(p: Principal) -> str:
+    """One agent: a principal of one organisation (API keys and users have distinct subjects)."""
+    return f"{p.org_id.hex}/{p.kind}/{p.subject}"
 
 
 def restrict_host_candidates(addresses: Sequence[str]) -> None:
@@ -82,17 +107,19 @@ def restrict_host_candidates(addresses: Sequence[str]) -> None:
 class AgentSession:
     """One agent's WebRTC session on one call."""
 
-    def __init__(self, registry: AgentSessions, req: OfferRequest) -> None:
+    def __init__(self, registry: AgentSessions, req: OfferRequest, principal: Principal) -> None:
         rt = registry.rt
         self.registry = registry
         self.id = uuid.uuid4().hex
-        self.agent_id, self.call_id, self.language = req.agent_id, req.call_id, req.language
+        self.owner = principal_key(principal)
+        self.agent_id, self.call_id, self.language = principal.subject, req.call_id, req.language
+        self.key = call_key(principal.org_id, req.call_id)  # the call in the principal's organisation
         provider = rt.speech.for_language(req.language)
         self.rate = provider.sample_rate if provider.sample_rate in (8000, 16000) else 16000
         target = rt.speech.policy.translate_to.get(req.language)
-        stream = rt.calls.get(req.call_id)
+        stream = rt.calls.get(self.key)
         self.events, self.pipeline = speech_leg(
-            rt, req.call_id, self.id, req.language,
+            rt, self.key, req.call_id, self.id, req.language,
             target if target in rt.settings.languages and target != req.language else None,
             stream.record if stream else None)
         self.bridge = AgentBridge(stt_rate=self.rate, on_agent_audio=self._feed, jitter_ms=rt.settings.webrtc_jitter_ms,
@@ -197,9 +224,9 @@ class AgentSession:
             self.registry.fold(self.bridge.stats)
             if announce:
                 rt = self.registry.rt
-                rt.hub.publish(self.call_id, AgentLeft(self.call_id, self.agent_id, self.id, reason, stats))
-                if self.call_id not in rt.calls and not self.registry.on_call(self.call_id):
-                    rt.hub.end(self.call_id)  # an agent-only channel: evictable like an ended call's
+                rt.hub.publish(self.key, AgentLeft(self.call_id, self.agent_id, self.id, reason, stats))
+                if self.key not in rt.calls and not self.registry.on_call(self.key):
+                    rt.hub.end(self.key)  # an agent-only channel: evictable like an ended call's
             log.info("webrtc.closed", extra={"session_id": self.id, "agent_id": self.agent_id,
                                              "call_id": self.call_id, "reason": reason, **stats})
         finally:
@@ -207,12 +234,15 @@ class AgentSession:
 
 
 class AgentSessions:
-    """Live sessions by id and agent, the bridges' counters, and the tasks that end sessions."""
+    """Live sessions by id and owner (``principal_key``), the offer rate per principal, the bridges'
+    counters, and the tasks that end sessions."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.by_id: dict[str, AgentSession] = {}
-        self.by_agent: dict[str, AgentSession] = {}
+        self.by_agent: dict[str, AgentSession] = {}  # by owner
+        self._offer_buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.offers_limited = 0
         self.total = 0
         self.totals = BridgeStats()  # of ended sessions; live ones are added in stats()
         self.connect_timeout_s = rt.settings.webrtc_connect_timeout_s
@@ -223,17 +253,33 @@ class AgentSessions:
 
     def add(self, session: AgentSession) -> None:
         self.by_id[session.id] = session
-        self.by_agent[session.agent_id] = session
+        self.by_agent[session.owner] = session
         self.total += 1
 
     def forget(self, session: AgentSession) -> None:
         if self.by_id.get(session.id) is session:
             del self.by_id[session.id]
-        if self.by_agent.get(session.agent_id) is session:
-            del self.by_agent[session.agent_id]
+        if self.by_agent.get(session.owner) is session:
+            del self.by_agent[session.owner]
 
-    def on_call(self, call_id: str) -> list[AgentSession]:
-        return [s for s in self.by_id.values() if s.call_id == call_id]
+    def on_call(self, key: str) -> list[AgentSession]:
+        """The sessions on the call with this call key."""
+        return [s for s in self.by_id.values() if s.key == key]
+
+    def offer_wait(self, owner: str, now: float) -> float:
+        """0 when ``owner`` may make an offer now (counted), else the seconds until it may."""
+        s = self.rt.settings
+        buckets = self._offer_buckets
+        bucket = buckets.get(owner)
+        if bucket is None:
+            bucket = buckets[owner] = TokenBucket(s.webrtc_offers_per_s, s.webrtc_offer_burst, now)
+            if len(buckets) > MAX_OFFER_BUCKETS:
+                buckets.popitem(last=False)
+        buckets.move_to_end(owner)
+        if bucket.take(now):
+            return 0.0
+        self.offers_limited += 1
+        return (1.0 - bucket.tokens) / bucket.per_s
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro, name="webrtc-close")
@@ -245,16 +291,16 @@ class AgentSessions:
             setattr(self.totals, f.name, getattr(self.totals, f.name) + getattr(stats, f.name))
 
     def stream_started(self, stream: CallSession) -> None:
-        """A Telnyx stream for ``stream.call_id`` started: bridge the first waiting session of the call."""
+        """A Telnyx stream for ``stream.key`` started: bridge the first waiting session of the call."""
         if stream.bridge is not None:
             return
-        for session in self.on_call(stream.call_id):
+        for session in self.on_call(stream.key):
             if session.stream is None and not session.closing:
                 session.attach(stream)
                 return
 
     async def stream_ended(self, stream: CallSession) -> None:
-        for session in self.on_call(stream.call_id):
+        for session in self.on_call(stream.key):
             if session.stream is stream:
                 await session.detach()
         stream.bridge = None
@@ -269,7 +315,8 @@ class AgentSessions:
         for s in self.by_id.values():
             for f in dataclasses.fields(BridgeStats):
                 setattr(live, f.name, getattr(live, f.name) + getattr(s.bridge.stats, f.name))
-        return {"sessions_live": len(self.by_id), "sessions_total": self.total, **dataclasses.asdict(live)}
+        return {"sessions_live": len(self.by_id), "sessions_total": self.total, "offers_limited": self.offers_limited,
+                **dataclasses.asdict(live)}
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -283,70 +330,62 @@ def add_routes(app: web.Application, registry: AgentSessions) -> None:
     app.router.add_delete("/api/webrtc/sessions/{session_id}", functools.partial(end_session, registry))
 
 
-def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
-
-
-def _authorized(registry: AgentSessions, request: web.Request) -> bool:
-    token = registry.rt.settings.agent_token
-    if token is None:
-        return True
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
-                                                              token.get_secret_value().encode())
-
-
 @body_limit(OFFER_MAX_BYTES)
 async def offer(registry: AgentSessions, request: web.Request) -> web.Response:
     rt = registry.rt
-    if not _authorized(registry, request):
-        return _error(401, "missing or invalid agent token")
+    principal = await require(rt.auth, request, "calls.join")
+    owner = principal_key(principal)
+    wait_s = registry.offer_wait(owner, time.monotonic())
+    if wait_s > 0:
+        raise ApiError("rate_limited", f"too many offers: at most {rt.settings.webrtc_offers_per_s:g} a second",
+                       headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
     body = await request.read()  # outside the try: a 413 (api.middleware) must not become a 400
     try:
         req = parse_offer_request(body, rt.settings.languages)
         SessionDescription.parse(req.sdp)  # aiortc's own parser, before anything is allocated
     except SignalError as exc:
-        return _error(400, exc.message)
+        raise ApiError("bad_request", exc.message) from None
     except Exception as exc:  # aiortc's parser raises whatever the bad line provokes, often a bare assert
-        return _error(400, f"sdp could not be parsed: {str(exc) or 'a line does not follow the SDP grammar'}")
-    live = registry.by_agent.get(req.agent_id)
+        raise ApiError("bad_request", "sdp could not be parsed: "
+                       f"{str(exc) or 'a line does not follow the SDP grammar'}") from None
+    live = registry.by_agent.get(owner)  # this principal's own session: nobody else's is reachable
     if live is not None and not req.replace:
-        return _error(409, f"agent {req.agent_id!r} already has a live session {live.id} on call {live.call_id!r}"
-                           " (send \"replace\": true to take it over)")
+        raise ApiError("conflict", "you already have a live session on this node"
+                                   " (send \"replace\": true to take it over)")
     if live is not None:
         # The agent's browser crashed or reloaded: without this it would wait out ICE consent (~30 s).
         await live.close("replaced by a new session of the same agent")
     if len(registry) >= rt.settings.webrtc_max_sessions:
-        return _error(503, f"too many WebRTC sessions: {rt.settings.webrtc_max_sessions} live", **{"Retry-After": "1"})
-    session = AgentSession(registry, req)
-    registry.add(session)  # before any await: a concurrent offer of the same agent gets its 409
+        raise ApiError("unavailable", f"too many WebRTC sessions: {rt.settings.webrtc_max_sessions} live",
+                       headers={"Retry-After": "1"})
+    session = AgentSession(registry, req, principal)
+    registry.add(session)  # before any await: a concurrent offer of the same principal gets its 409
     try:
         answer = await session.negotiate(req.sdp)
     except BaseException as exc:
         await asyncio.shield(session.close("negotiation failed", announce=False))
         if isinstance(exc, Exception):
-            log.info("webrtc.offer_refused", extra={"agent_id": req.agent_id, "error": str(exc)})
-            return _error(400, f"sdp refused: {type(exc).__name__}: {exc}")
+            log.info("webrtc.offer_refused", extra={"agent_id": session.agent_id, "error": str(exc)})
+            raise ApiError("bad_request", f"sdp refused: {type(exc).__name__}: {exc}") from None
         raise
-    if req.call_id not in rt.calls:
-        rt.hub.start(req.call_id)  # the agent may come first; the channel is live from now
-    stream = rt.calls.get(req.call_id)
+    key = session.key
+    if key not in rt.calls:
+        rt.hub.start(key)  # the agent may come first; the channel is live from now
+    stream = rt.calls.get(key)
     if stream is not None and stream.bridge is None:
         session.attach(stream)
-    rt.hub.publish(req.call_id, AgentJoined(req.call_id, req.agent_id, session.id, req.language,
-                                            session.stream is not None))
-    log.info("webrtc.session", extra={"session_id": session.id, "agent_id": req.agent_id, "call_id": req.call_id,
-                                      "bridged": session.stream is not None})
-    return web.json_response({"session_id": session.id, "type": "answer", "sdp": answer})
+    rt.hub.publish(key, AgentJoined(req.call_id, session.agent_id, session.id, req.language,
+                                    session.stream is not None))
+    log.info("webrtc.session", extra={"session_id": session.id, "agent_id": session.agent_id,
+                                      "call_id": req.call_id, "bridged": session.stream is not None})
+    return ok({"session_id": session.id, "type": "answer", "sdp": answer})
 
 
 async def end_session(registry: AgentSessions, request: web.Request) -> web.Response:
-    if not _authorized(registry, request):
-        return _error(401, "missing or invalid agent token")
+    principal = await require(registry.rt.auth, request, "calls.join")
     session_id = request.match_info["session_id"]
     session = registry.by_id.get(session_id)
-    if session is None:
-        return _error(404, f"no live session {session_id[:64]!r}")
+    if session is None or session.owner != principal_key(principal):
+        raise not_found("session")
     await session.close("ended by the agent (DELETE)")
     return web.Response(status=204)

@@ -4,10 +4,11 @@
 ``message`` is what the client gets back as ``{"error": message}`` with HTTP 400.  It checks, in order:
 
 * the body is a JSON object;
-* ``call_id`` (str, 1-128 characters of ``[A-Za-z0-9:_.-]``: ``engine.ids``, the rule of every door), ``agent_id`` (str,
-  1-128 printable characters), ``sdp`` (str), ``type`` (must be ``"offer"``), ``language``
-  (optional str, one of the node's languages, default the first), ``replace`` (optional bool: take
-  over the agent's live session, e.g. after the agent's browser crashed or reloaded);
+* ``call_id`` (str, 1-128 characters of ``[A-Za-z0-9:_.-]``: ``engine.ids``, the rule of every door),
+  ``sdp`` (str), ``type`` (must be ``"offer"``), ``language`` (optional str, one of the node's
+  languages, default the first), ``replace`` (optional bool: take over the agent's live session,
+  e.g. after the agent's browser crashed or reloaded).  The agent is the authenticated principal
+  (``api.webrtc``): an ``agent_id`` field, which older consoles send, is ignored, unread;
 * the SDP (``check_sdp``): at most ``MAX_SDP_BYTES`` of UTF-8, starts with ``v=0``, has an audio
   m-line, and that audio section offers Opus at 48 kHz (``a=rtpmap:<pt> opus/48000/2``) with a
   payload type listed on the m-line.
@@ -30,7 +31,6 @@ from engine.ids import ID
 
 MAX_SDP_BYTES = 64 * 1024
 CALL_ID = ID  # the platform-wide id rule (engine.ids): 1-128 characters of [A-Za-z0-9:_.-]
-AGENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: it appears in logs and events
 _OPUS = re.compile(r"^a=rtpmap:(\d+) opus/48000(?:/2)?$", re.IGNORECASE)
 
 
@@ -45,7 +45,6 @@ class SignalError(SwitchboardError, ValueError):
 @dataclass(frozen=True, slots=True)
 class OfferRequest:
     call_id: str
-    agent_id: str
     sdp: str
     language: str
     replace: bool = False
@@ -61,10 +60,7 @@ def parse_offer_request(body: bytes, languages: Sequence[str]) -> OfferRequest:
         raise SignalError("body must be a JSON object")
     call_id = _string(data, "call_id")
     if not CALL_ID.fullmatch(call_id):
-        raise SignalError("call_id must be 1-256 characters of [A-Za-z0-9:_-.]")
-    agent_id = _string(data, "agent_id")
-    if not AGENT_ID.match(agent_id):
-        raise SignalError("agent_id must be 1-128 printable ASCII characters without spaces")
+        raise SignalError("call_id must be 1-128 characters of [A-Za-z0-9:_-.]")
     kind = _string(data, "type")
     if kind != "offer":
         raise SignalError(f"type must be 'offer', got {kind[:20]!r}")
@@ -76,7 +72,7 @@ def parse_offer_request(body: bytes, languages: Sequence[str]) -> OfferRequest:
         raise SignalError("replace must be true or false")
     sdp = _string(data, "sdp")
     check_sdp(sdp)
-    return OfferRequest(call_id=call_id, agent_id=agent_id, sdp=sdp, language=language, replace=replace)
+    return OfferRequest(call_id=call_id, sdp=sdp, language=language, replace=replace)
 
 
 def check_sdp(sdp: str) -> None:

@@ -47,6 +47,10 @@ import uvloop
 from engine.codecs import get_codec
 
 PERSIST = False  # --persist: the server runs with its storage tiers
+# The credentials the benchmark's server is started with (api.auth): streams present the media token,
+# /api/stats is read with the metrics token.
+MEDIA_TOKEN = "sbm_bench_media_token_0123456789abcdef"
+METRICS_TOKEN = "bench-metrics-token-0123456789abcdef"
 
 FRAME_S = 0.02
 GROUPS = 10  # staggered send slots within each 20 ms period
@@ -128,7 +132,8 @@ async def open_stream(port: int, index: int) -> Stream:
     key = base64.b64encode(os.urandom(16)).decode()
     proto.transport.write((  # type: ignore[union-attr]
         f"GET /api/media/telnyx HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"x-telnyx-streaming-auth-token: {MEDIA_TOKEN}\r\n\r\n").encode())
     await asyncio.wait_for(proto.upgraded, 30)
     proto.send(b'{"event":"connected","version":"1.0.0"}')
     proto.send(json.dumps({"event": "start", "sequence_number": "1", "stream_id": proto.sid.decode(), "start": {
@@ -173,7 +178,8 @@ class Load:
 
 def get_json(url: str, method: str = "GET") -> dict:  # type: ignore[type-arg]
     # The server takes POSTs only as JSON (415 otherwise: api/middleware.py).
-    req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {METRICS_TOKEN}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
@@ -250,6 +256,7 @@ def server(baseline: bool, port: int):  # type: ignore[no-untyped-def]
     env = {**os.environ, "SWITCHBOARD_STT_PROVIDER": "null", "SWITCHBOARD_MAX_STREAMS": "100000",
            "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
            "SWITCHBOARD_PERSIST": "true" if PERSIST else "false",
+           "SWITCHBOARD_TELNYX_STREAM_TOKEN": MEDIA_TOKEN, "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
            "SWITCHBOARD_DATA_DIR": tempfile.mkdtemp(prefix="switchboard-bench-")}  # fresh tiers per run
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     proc = subprocess.Popen(taskset + cmd, env=env)

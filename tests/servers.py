@@ -16,6 +16,13 @@ from typing import Any
 
 import orjson
 
+# The bootstrap organisation's credentials every test server gets (api.auth): its media token, which
+# Telnyx streams present, and its admin API key, for SSE, WebRTC and /api/stats.
+MEDIA_TOKEN = "sbm_test_media_token_0123456789abcdef"
+API_KEY = "sbk_test_api_key_0123456789abcdef"
+METRICS_TOKEN = "test-metrics-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -56,6 +63,8 @@ def running_server(tmp: Path, *, new_session: bool = False, **env: str) -> Itera
     # Storage tiers and translation are off unless a test turns them on (and points them at its servers).
     full_env = {**os.environ, "SWITCHBOARD_LOG_LEVEL": "INFO", "SWITCHBOARD_PERSIST": "false",
                 "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
+                "SWITCHBOARD_TELNYX_STREAM_TOKEN": MEDIA_TOKEN, "SWITCHBOARD_BOOTSTRAP_API_KEY": API_KEY,
+                "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
                 "SWITCHBOARD_DATA_DIR": str(tmp / "data"), **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -84,6 +93,8 @@ def running_server(tmp: Path, *, new_session: bool = False, **env: str) -> Itera
             proc.wait()
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def get_json(url: str, token: str | None = API_KEY) -> Any:
+    """GET ``url`` as the bootstrap admin (``token=None``: with no credential)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=5) as resp:
         return orjson.loads(resp.read())

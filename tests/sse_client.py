@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
+from tests.servers import API_KEY
+
 
 @dataclass
 class SseEvent:
@@ -30,10 +32,13 @@ class SseStream:
 
 async def read_sse(
     session: aiohttp.ClientSession, url: str, *, last_event_id: str | None = None, until: str = "call.ended",
-    max_events: int = 10_000, on_event: Callable[[SseEvent], None] | None = None,
+    max_events: int = 10_000, on_event: Callable[[SseEvent], None] | None = None, token: str | None = API_KEY,
 ) -> SseStream:
-    """Read ``url`` until an event named ``until`` (or the stream ends); ``on_event`` sees each as it comes."""
+    """Read ``url`` until an event named ``until`` (or the stream ends); ``on_event`` sees each as it comes.
+    ``token`` goes as ``Authorization: Bearer`` (``None``: no credential)."""
     headers = {"Accept": "text/event-stream"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     if last_event_id is not None:
         headers["Last-Event-ID"] = last_event_id
     async with session.get(url, headers=headers) as resp:

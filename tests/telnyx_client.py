@@ -4,10 +4,23 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import websockets
 
+from tests.servers import MEDIA_TOKEN
+
 FRAME_S = 0.02
+AUTH_HEADER = "x-telnyx-streaming-auth-token"
+
+
+def connect(url: str, *, token: str | None = MEDIA_TOKEN, **kwargs: Any) -> websockets.connect:
+    """``websockets.connect`` as Telnyx connects: the media token in the upgrade's header (``token=None``:
+    none; it may then go in ``connected``).  Await it, or use it as an async context manager."""
+    headers = dict(kwargs.pop("additional_headers", None) or {})
+    if token is not None:
+        headers.setdefault(AUTH_HEADER, token)
+    return websockets.connect(url, additional_headers=headers, **kwargs)
 
 
 async def send_paced(ws: websockets.ClientConnection, messages: list[str], *, for_s: float | None = None) -> int:

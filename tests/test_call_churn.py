@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import aiohttp
 import numpy as np
 import pytest
-import websockets
 
 from api.simulator import telnyx_messages
 from tests.servers import Server, get_json, running_server
 from tests.speech import utterances_with_pauses
 from tests.sse_client import read_sse
+from tests.telnyx_client import connect as connect_media
 
 CALLS = 300
 AT_ONCE = 10
@@ -32,7 +32,7 @@ async def one_call(server: Server, http: aiohttp.ClientSession, n: int, pcm: np.
     call_id = f"v3:churn-{n}"
     reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{call_id}/events"))
     await asyncio.sleep(0.05)
-    async with websockets.connect(server.ws) as ws:
+    async with connect_media(server.ws) as ws:
         for m in telnyx_messages(pcm, call_id=call_id, stream_id=f"s{n}", encoding="PCMU", sample_rate=8000,
                                  token=None):
             await ws.send(m)  # as fast as it goes: churn, not real time

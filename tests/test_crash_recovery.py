@@ -44,6 +44,7 @@ from tests import procs
 from tests.pipelines.test_spool_recovery import wav_with_header_of_a_dead_writer
 from tests.servers import Server, get_json, running_server
 from tests.speech import utterances_with_pauses
+from tests.telnyx_client import connect as connect_media
 from tests.test_end_to_end import SENTENCES
 
 STREAM_S = 3.5  # streamed before the kill: three full spool chunks (1.024 s each) per call
@@ -56,7 +57,7 @@ async def stream_until_cut(server: Server, call_id: str, seconds: float) -> int:
                                sample_rate=8000, token=None)
     sent = 0
     with contextlib.suppress(websockets.ConnectionClosed, OSError):
-        async with websockets.connect(server.ws) as ws:
+        async with connect_media(server.ws) as ws:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             for i, msg in enumerate(messages[:-1]):  # never the stop: the call is cut, not ended

@@ -20,18 +20,19 @@ import aiohttp
 import numpy as np
 import pytest
 import soundfile
-import websockets
 
+from api.call_session import call_key
 from api.simulator import telnyx_messages
 from api.tiers import DEFAULT_ORG_ID
 from storage.blobs import S3BlobStore
 from storage.db import Database
 from storage.warm import EventBus, WarmStore
 from tests.conftest import S3Endpoint
-from tests.servers import Server, running_server
+from tests.servers import API_KEY, MEDIA_TOKEN, Server, running_server
 from tests.speech import utterances_with_pauses, word_error_rate
 from tests.sse_client import read_sse
 from tests.storage.conftest import APP_PASSWORD, DbUrls, migrated_database
+from tests.telnyx_client import connect as connect_media
 from tests.telnyx_client import send_paced
 
 SENTENCES = [
@@ -72,7 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, db_urls: DbUrls, redis_url:
 async def stream_call(server: Server, call_id: str, pcm: np.ndarray, encoding: str = "PCMU", query: str = "") -> None:
     messages = telnyx_messages(pcm, call_id=call_id, stream_id=f"stream-{call_id}", encoding=encoding,
                                sample_rate=8000, token=None)
-    async with websockets.connect(server.ws + query) as ws:
+    async with connect_media(server.ws + query) as ws:
         await send_paced(ws, messages)
         await ws.wait_closed()
         assert ws.close_code == 1000
@@ -153,7 +154,7 @@ async def check_stored(server: Server, call_id: str, finals: list[dict], samples
     assert np.abs(data[:, 0]).max() > 1000  # the consumer's speech is in channel 0
     warm = WarmStore.from_url(server.extra["redis_url"])
     try:
-        events = await EventBus(warm.redis).read(call_id)
+        events = await EventBus(warm.redis).read(call_key(DEFAULT_ORG_ID, call_id))  # the bus is keyed per organisation
     finally:
         await warm.aclose()
     names = [e.event for e in events]
@@ -166,6 +167,7 @@ async def test_simulate_call_command_streams_a_wav_and_prints_the_transcript(ser
     soundfile.write(wav, utterances_with_pauses(SENTENCES[:2], pause_ms=900, rate=16000), 16000, subtype="PCM_16")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "api.cli", "simulate-call", str(wav), "--url", server.ws, "--call-id", "v3:sim",
+        "--token", MEDIA_TOKEN, "--api-key", API_KEY,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()

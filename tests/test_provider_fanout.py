@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
+from api.call_session import call_key
 from api.tiers import DEFAULT_ORG_ID
 from storage.db import Database
 from storage.warm import EventBus, WarmStore
@@ -131,7 +132,7 @@ async def test_english_call_is_transcribed_redacted_translated_and_no_canary_lea
     assert all(r["target_lang"] == "es" and r["transcription_id"] is not None for r in stored_tr)
     warm = WarmStore.from_url(redis_url)
     try:
-        bus = await EventBus(warm.redis).read(call_id)
+        bus = await EventBus(warm.redis).read(call_key(DEFAULT_ORG_ID, call_id))
     finally:
         await warm.aclose()
     stored_text = orjson.dumps([dict(r) for r in stored] + [dict(r) for r in stored_tr], default=str).decode()

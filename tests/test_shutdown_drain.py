@@ -21,6 +21,7 @@ from tests.servers import running_server
 from tests.speech import utterances_with_pauses
 from tests.sse_client import read_sse
 from tests.storage.conftest import APP_PASSWORD, migrated_database
+from tests.telnyx_client import connect as connect_media
 from tests.telnyx_client import send_paced
 
 GRACE_S = 8.0
@@ -38,7 +39,7 @@ async def test_sigterm_drains_live_calls_with_server_shutdown(tmp_path: Path, pg
         async with aiohttp.ClientSession() as http:
             reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/v3:drain/events"))
             await asyncio.sleep(0.2)
-            ws = await websockets.connect(server.ws)
+            ws = await connect_media(server.ws)
             sent = await send_paced(ws, messages, for_s=1.5)  # stops mid-way through the first sentence
             server.proc.send_signal(signal.SIGTERM)
             term_at = time.monotonic()
@@ -73,14 +74,14 @@ async def test_sigterm_drains_live_calls_with_server_shutdown(tmp_path: Path, pg
 
 async def test_a_draining_server_refuses_new_streams(tmp_path: Path) -> None:
     with running_server(tmp_path, SWITCHBOARD_STT_PROVIDER="null", SWITCHBOARD_SHUTDOWN_GRACE_S="5") as server:
-        live = await websockets.connect(server.ws)
+        live = await connect_media(server.ws)
         for m in telnyx_messages(utterances_with_pauses(["hello"])[:1600], call_id="v3:live", stream_id="s-live",
                                  encoding="PCMU", sample_rate=8000, token=None)[:-1]:
             await live.send(m)
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         with pytest.raises((OSError, websockets.InvalidStatus, websockets.InvalidHandshake)):
-            await websockets.connect(server.ws, open_timeout=2)
+            await connect_media(server.ws, open_timeout=2)
         await asyncio.to_thread(server.proc.wait, 15)
         assert server.proc.returncode == 0
 
@@ -99,7 +100,7 @@ async def test_ctrl_c_to_the_whole_process_group_still_delivers_the_owed_final(t
         async with aiohttp.ClientSession() as http:
             reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/v3:ctrl-c/events"))
             await asyncio.sleep(0.2)
-            ws = await websockets.connect(server.ws)
+            ws = await connect_media(server.ws)
             await send_paced(ws, messages, for_s=1.8)  # inside the sentence: the utterance is open
             os.killpg(server.proc.pid, signal.SIGINT)
             stream = await asyncio.wait_for(reader, GRACE_S + 5)

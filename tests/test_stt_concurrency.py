@@ -26,6 +26,7 @@ from api.simulator import telnyx_messages
 from tests.servers import Server, running_server
 from tests.speech import synthesize
 from tests.sse_client import SseEvent, read_sse
+from tests.telnyx_client import connect as connect_media
 
 SENTENCES = [
     "hello thank you for calling the billing department how can i help you today",
@@ -99,7 +100,7 @@ async def talker(server: Server, call: Call, i: int) -> list[float]:
     messages = telnyx_messages(pcm, call_id=call.call_id, stream_id=f"s-{call.call_id}", encoding="PCMU",
                                sample_rate=RATE, token=None)
     sent_at: list[float] = []
-    async with websockets.connect(server.ws) as ws:
+    async with connect_media(server.ws) as ws:
         await send_paced(ws, messages[:-1], sent_at)
         await ws.send(messages[-1])  # stop
         await ws.wait_closed()
@@ -111,7 +112,7 @@ async def staller(server: Server, call: Call, i: int, release: asyncio.Event) ->
     pcm = synthesize(SENTENCES[i], rate=RATE, voice="en-us", pad_ms=0)[: RATE * 4 // 5]
     messages = telnyx_messages(pcm, call_id=call.call_id, stream_id=f"s-{call.call_id}", encoding="PCMU",
                                sample_rate=RATE, token=None)
-    async with websockets.connect(server.ws) as ws:
+    async with connect_media(server.ws) as ws:
         await send_paced(ws, messages[:-1], [])
         await release.wait()
 

@@ -225,9 +225,16 @@
     "stream.gap": (p) => notice(`Some events were missed (ids ${p.lost_from}–${p.lost_to}).`, "stream.gap"),
   };
 
-  function openEvents(callId) {
+  // An EventSource cannot send the token as a header: the token buys a short-lived access_token for
+  // this call (POST /api/calls/{id}/sse-token), which goes in the stream's URL.
+  async function openEvents(callId, token) {
     closeEvents();
-    const source = new EventSource(`/api/calls/${encodeURIComponent(callId)}/events`);
+    const resp = await fetch(`/api/calls/${encodeURIComponent(callId)}/sse-token`, {
+      method: "POST", headers: headers(token), body: "{}",
+    });
+    if (!resp.ok) throw new Error(await serverError(resp));
+    const minted = (await resp.json()).data;
+    const source = new EventSource(minted.url);
     for (const [name, handle] of Object.entries(HANDLERS)) {
       source.addEventListener(name, (ev) => {
         let payload;
@@ -260,7 +267,8 @@
     let message = "";
     try {
       const body = await resp.json();
-      message = body && body.error ? String(body.error) : "";
+      const error = body && body.error;
+      message = error ? String(error.message || error) : ""; // the envelope, or a plain {"error": "..."}
     } catch {
       // not JSON: the status says enough
     }
@@ -324,8 +332,8 @@
     hook.iceState = "new";
     hook.peerState = "new";
     move("starting");
-    openEvents(input.callId);
     try {
+      await openEvents(input.callId, input.token);
       const mic = await navigator.mediaDevices.getUserMedia({
         audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true }, video: false,
       });
@@ -359,7 +367,7 @@
         if (resp.status === 409) takeoverButton.hidden = false; // the agent's other session is still live
         throw new Error(await serverError(resp));
       }
-      const answer = await resp.json();
+      const answer = (await resp.json()).data;
       if (!current()) {
         deleteSession(answer.session_id, input.token);
         return;

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from tests.api.test_media_stream import SILENCE, close_code_after, j, media_msg, open_stream
-from tests.servers import Server, running_server
+from tests.servers import API_KEY, AUTH, MEDIA_TOKEN, Server, running_server
 from tests.sse_client import SseEvent, read_sse
 
 ATTACKER = "127.0.0.2"
@@ -57,7 +57,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    # As the bootstrap admin: these doors are about what comes before (and beside) authentication.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=AUTH) as session:
         yield session
 
 
@@ -74,7 +75,7 @@ class Victim:
     async def __aenter__(self) -> Victim:
         url = f"{self.server.http}/api/calls/{self.call_id}/events"
         self.reader = asyncio.create_task(read_sse(self.http, url))
-        self.ws = await open_stream(self.server, self.stream_id, self.call_id)
+        self.ws = await open_stream(self.server, self.stream_id, self.call_id, token=MEDIA_TOKEN)
         self.pump = asyncio.create_task(self._pump())
         return self
 
@@ -170,7 +171,7 @@ async def test_bodies_over_the_route_limit_get_413_and_streamed_ones_stop_at_it(
         sdp = "v=0\r\n" + ("a=" + "x" * 56 + "\r\n") * 1200
         sdp70 = orjson.dumps({"call_id": "v3:x", "agent_id": "a", "type": "offer", "sdp": sdp})
         async with http.post(offer, data=sdp70, headers=json_ct) as r:
-            assert r.status == 400 and "too large" in (await r.json())["error"]
+            assert r.status == 400 and "too large" in (await r.json())["error"]["message"]
         await victim.finish()
 
 
@@ -209,7 +210,8 @@ async def test_foreign_hosts_get_421_on_every_route_and_no_cors_header_is_sent(
         _, answer = await read_to_close(reader)
         assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")
         reader, writer = await raw_connection(server, "127.0.0.1")
-        writer.write(b"GET /api/stats HTTP/1.0\r\n\r\n")  # HTTP/1.0 without Host: no browser sends it
+        # HTTP/1.0 without Host: no browser sends it
+        writer.write(b"GET /api/stats HTTP/1.0\r\nAuthorization: Bearer %s\r\n\r\n" % API_KEY.encode())
         _, answer = await read_to_close(reader)
         assert answer.startswith(b"HTTP/1.0 200 OK")
         # No CORS: a preflight is not answered with any Access-Control-* header, nor is a request.
@@ -319,7 +321,8 @@ async def test_subscriptions_to_calls_that_never_come_do_not_take_a_new_calls_ch
         return r.status
 
     assert [await subscribe(http) for _ in range(11)] == [200] * 10 + [503]
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER, 0))) as other:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, local_addr=(ATTACKER, 0)),
+                                     headers=AUTH) as other:
         assert [await subscribe(other) for _ in range(11)] == [200] * 10 + [503]
         for t in waiting:
             t.cancel()
@@ -354,8 +357,9 @@ async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_re
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.setblocking(False)
     await loop.sock_connect(stuck, ("127.0.0.1", server.port))
-    await loop.sock_sendall(stuck, f"GET /api/calls/{call_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    ws = await open_stream(server, sid, call_id)
+    await loop.sock_sendall(stuck, f"GET /api/calls/{call_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            f"Authorization: Bearer {API_KEY}\r\n\r\n".encode())
+    ws = await open_stream(server, sid, call_id, token=MEDIA_TOKEN)
     got = b""
     while b"event: call.started" not in got:
         got += await asyncio.wait_for(loop.sock_recv(stuck, 4096), 5)

@@ -14,7 +14,7 @@ import pytest
 import websockets
 
 from engine.codecs import get_codec
-from tests.servers import Server, running_server
+from tests.servers import API_KEY, MEDIA_TOKEN, Server, running_server
 from tests.sse_client import read_sse
 
 TOKEN = "stream-token-for-tests"
@@ -113,8 +113,10 @@ async def test_media_before_start_is_refused_with_1008(server: Server) -> None:
 
 
 async def test_wrong_token_is_refused_with_1008_and_the_token_is_not_logged(server: Server) -> None:
-    ws = await open_stream(server, "wrong-token", "v3:wrong-token", token="not-the-token")
-    code, reason = await close_code_after(ws)
+    ws = await websockets.connect(server.ws, additional_headers={"x-telnyx-streaming-auth-token": "not-the-token"})
+    # closed at once: the header token is looked up before the upgrade, and the field does not rescue it
+    code, reason = await close_code_after(ws, j(event="connected", version="1.0.0",
+                                                **{"x-telnyx-streaming-auth-token": TOKEN}), start_msg("w", "v3:w"))
     assert code == 1008 and "token" in reason
     await asyncio.sleep(0.1)
     text = server.log_path.read_text()
@@ -158,10 +160,11 @@ async def test_both_delivery_paths_stream_a_call_and_refuse_bad_input(aiohttp_cl
     from api.settings import Settings
 
     monkeypatch.setattr(inline_ws, "ENABLED", inline)
-    client = await aiohttp_client(await build_app(Settings(stt_provider="null", persist=False,
-                                                           translation_provider="none")))
-    ws = await client.ws_connect("/api/media/telnyx")
-    await ws.send_str(j(event="connected", version="1.0.0"))
+    client = await aiohttp_client(await build_app(Settings(  # type: ignore[call-arg]
+        stt_provider="null", persist=False, translation_provider="none", telnyx_stream_token=MEDIA_TOKEN,
+        bootstrap_api_key=API_KEY)))
+    ws = await client.ws_connect("/api/media/telnyx")  # the token in `connected`: held messages, then released
+    await ws.send_str(j(event="connected", version="1.0.0", **{"x-telnyx-streaming-auth-token": MEDIA_TOKEN}))
     await ws.send_str(start_msg("p1", "v3:path"))
     for seq in range(2, 12):
         await ws.send_str(media_msg("p1", seq, SILENCE))
@@ -170,7 +173,7 @@ async def test_both_delivery_paths_stream_a_call_and_refuse_bad_input(aiohttp_cl
     assert ws.close_code == 1000
     stream = await read_sse(client.session, str(client.make_url("/api/calls/v3:path/events")))
     assert stream.events[-1].json()["stats"]["frames"] == 10
-    bad = await client.ws_connect("/api/media/telnyx")
+    bad = await client.ws_connect("/api/media/telnyx", headers={"x-telnyx-streaming-auth-token": MEDIA_TOKEN})
     await bad.send_str(start_msg("p2", "v3:path2"))
     await bad.send_str('{"event":"media",')
     await bad.receive()

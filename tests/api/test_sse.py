@@ -14,15 +14,20 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from api.app import make_app, open_runtime
+from api.auth import BOOTSTRAP_ORG_ID
+from api.call_session import call_key
+from api.hub import CallChannel, HubEvent, Subscriber
 from api.runtime import Runtime
 from api.settings import Settings
-from pipelines.events import Untyped
+from pipelines.events import Event, Untyped
+from tests.servers import API_KEY, AUTH
 from tests.sse_client import read_sse
 
 
 @pytest.fixture
 async def client(aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
     settings = Settings(stt_provider="null", persist=False, translation_provider="none", sse_heartbeat_s=0.1,
+                        bootstrap_api_key=API_KEY,
                         sse_history=50, sse_client_buffer=16, sse_max_pending_per_address=3, per_address_exempt=[])
     return await serve(aiohttp_client, settings)
 
@@ -42,14 +47,40 @@ def runtime(client: TestClient) -> Runtime:
     return _RUNTIMES[client.app]
 
 
+class OrgHub:
+    """``rt.hub`` as the bootstrap organisation sees it: its channels are keyed by ``call_key``."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._hub = rt.hub
+
+    def start(self, call_id: str) -> CallChannel:
+        return self._hub.start(call_key(BOOTSTRAP_ORG_ID, call_id))
+
+    def publish(self, call_id: str, event: Event) -> HubEvent:
+        return self._hub.publish(call_key(BOOTSTRAP_ORG_ID, call_id), event)
+
+    def end(self, call_id: str) -> None:
+        self._hub.end(call_key(BOOTSTRAP_ORG_ID, call_id))
+
+    def subscribe(self, call_id: str) -> tuple[CallChannel, Subscriber]:
+        return self._hub.subscribe(call_key(BOOTSTRAP_ORG_ID, call_id))
+
+    def unsubscribe(self, ch: CallChannel, sub: Subscriber) -> None:
+        self._hub.unsubscribe(ch, sub)
+
+
+def org_hub(rt: Runtime) -> OrgHub:
+    return OrgHub(rt)
+
+
 def publish_call(rt: Runtime, call_id: str, finals: int) -> None:
-    rt.hub.start(call_id)
-    rt.hub.publish(call_id, Untyped("call.started", {"call_id": call_id}))
+    org_hub(rt).start(call_id)
+    org_hub(rt).publish(call_id, Untyped("call.started", {"call_id": call_id}))
     for i in range(finals):
-        rt.hub.publish(call_id, Untyped("transcript.partial", {"i": i}, coalesce="partial:inbound"))
-        rt.hub.publish(call_id, Untyped("transcript.final", {"i": i}))
-    rt.hub.publish(call_id, Untyped("call.ended", {"call_id": call_id}))
-    rt.hub.end(call_id)
+        org_hub(rt).publish(call_id, Untyped("transcript.partial", {"i": i}, coalesce="partial:inbound"))
+        org_hub(rt).publish(call_id, Untyped("transcript.final", {"i": i}))
+    org_hub(rt).publish(call_id, Untyped("call.ended", {"call_id": call_id}))
+    org_hub(rt).end(call_id)
 
 
 async def test_replay_from_last_event_id_delivers_only_later_finals(client: TestClient) -> None:
@@ -63,7 +94,7 @@ async def test_replay_from_last_event_id_delivers_only_later_finals(client: Test
 
 async def test_reconnect_to_an_ended_call_with_nothing_new_gets_204(client: TestClient) -> None:
     publish_call(runtime(client), "c2", finals=1)
-    resp = await client.get("/api/calls/c2/events", headers={"Last-Event-ID": "4"})
+    resp = await client.get("/api/calls/c2/events", headers={"Last-Event-ID": "4", **AUTH})
     assert resp.status == 204
 
 
@@ -88,14 +119,14 @@ async def test_heartbeat_comments_flow_while_the_call_is_quiet(client: TestClien
 
 async def test_live_subscriber_gets_events_in_id_order_without_duplicates(client: TestClient) -> None:
     rt = runtime(client)
-    rt.hub.start("c5")
-    rt.hub.publish("c5", Untyped("call.started", {}))
+    org_hub(rt).start("c5")
+    org_hub(rt).publish("c5", Untyped("call.started", {}))
     reader = asyncio.create_task(read_sse(client.session, str(client.make_url("/api/calls/c5/events"))))
     await asyncio.sleep(0.1)
     for i in range(10):
-        rt.hub.publish("c5", Untyped("transcript.final", {"i": i}))
+        org_hub(rt).publish("c5", Untyped("transcript.final", {"i": i}))
         await asyncio.sleep(0)
-    rt.hub.publish("c5", Untyped("call.ended", {}))
+    org_hub(rt).publish("c5", Untyped("call.ended", {}))
     stream = await asyncio.wait_for(reader, 5)
     ids = [int(e.id or 0) for e in stream.events]
     assert ids == list(range(1, 13))
@@ -103,15 +134,15 @@ async def test_live_subscriber_gets_events_in_id_order_without_duplicates(client
 
 async def test_slow_client_is_cut_and_resumes_with_last_event_id_losing_no_final(client: TestClient) -> None:
     rt = runtime(client)
-    rt.hub.start("c6")
-    channel, sub = rt.hub.subscribe("c6")  # a client that never reads
+    org_hub(rt).start("c6")
+    channel, sub = org_hub(rt).subscribe("c6")  # a client that never reads
     for i in range(40):
-        rt.hub.publish("c6", Untyped("transcript.final", {"i": i}))
+        org_hub(rt).publish("c6", Untyped("transcript.final", {"i": i}))
     assert sub.overflowed  # buffer of 16 exceeded: its handler would end the response
     first = (await sub.next_batch(0.1))[-1].id
-    rt.hub.unsubscribe(channel, sub)
-    rt.hub.publish("c6", Untyped("call.ended", {}))
-    rt.hub.end("c6")
+    org_hub(rt).unsubscribe(channel, sub)
+    org_hub(rt).publish("c6", Untyped("call.ended", {}))
+    org_hub(rt).end("c6")
     stream = await read_sse(client.session, str(client.make_url("/api/calls/c6/events")),
                             last_event_id=str(first))
     got = [e.json()["i"] for e in stream.events if e.event == "transcript.final"]
@@ -133,7 +164,7 @@ async def test_slow_client_is_cut_and_resumes_with_last_event_id_losing_no_final
     ("/api/calls/c7/events?last_event_id=7%0A", {}),
 ])
 async def test_bad_requests_get_400_with_a_reason(client: TestClient, path: str, headers: dict[str, str]) -> None:
-    resp = await client.get(path, headers=headers)
+    resp = await client.get(path, headers={**headers, **AUTH})
     assert resp.status == 400
     assert (await resp.text()).strip()
 
@@ -151,7 +182,7 @@ async def test_waiting_subscriptions_past_the_per_address_cap_get_503_and_depart
     readers = [asyncio.create_task(read_sse(client.session, str(client.make_url(f"/api/calls/w{i}/events"))))
                for i in range(3)]
     await _until(lambda: rt.hub.waiting == 3)
-    resp = await client.get("/api/calls/w4/events")
+    resp = await client.get("/api/calls/w4/events", headers=AUTH)
     assert resp.status == 503 and resp.headers["Retry-After"] and "this client" in await resp.text()
     for r in readers:
         r.cancel()
@@ -172,18 +203,20 @@ async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_re
         aiohttp_client, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, logger="switchboard.sse")
     client = await serve(aiohttp_client, Settings(
-        stt_provider="null", persist=False, translation_provider="none", sse_history=5000, sse_client_buffer=4096,
+        stt_provider="null", persist=False, translation_provider="none", bootstrap_api_key=API_KEY, sse_history=5000,
+        sse_client_buffer=4096,
         sse_write_timeout_s=0.3, sse_send_buffer_bytes=4096))
     rt = runtime(client)
-    publish = rt.hub.publish
-    rt.hub.start("c8")
+    publish = org_hub(rt).publish
+    org_hub(rt).start("c8")
     publish("c8", Untyped("call.started", {}))
     loop = asyncio.get_running_loop()
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.setblocking(False)
     await loop.sock_connect(stuck, (str(client.host), int(client.port or 0)))
-    await loop.sock_sendall(stuck, b"GET /api/calls/c8/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await loop.sock_sendall(stuck, b"GET /api/calls/c8/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                   b"Authorization: Bearer %s\r\n\r\n" % API_KEY.encode())
     got = b""
     while b"call.started" not in got:
         got += await loop.sock_recv(stuck, 4096)
@@ -195,7 +228,7 @@ async def test_a_reader_that_stops_reading_is_cut_after_the_write_timeout_and_re
     await _until(lambda: rt.stats.sse_clients == 0, within=0.3 + 1.0)
     assert loop.time() - published <= 0.3 + 1.0 and "sse.client_stuck" in caplog.messages
     publish("c8", Untyped("call.ended", {}))
-    rt.hub.end("c8")
+    org_hub(rt).end("c8")
     while chunk := await asyncio.wait_for(loop.sock_recv(stuck, 65536), 2):  # what the kernel held, then EOF
         got += chunk
     stuck.close()

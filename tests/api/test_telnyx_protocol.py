@@ -9,6 +9,9 @@ import orjson
 import pytest
 
 from api.telnyx_protocol import (
+    AUTH_FIELD,
+    MAX_HELD_MESSAGES,
+    MAX_TOKEN_CHARS,
     Connected,
     Dtmf,
     MarkPlayed,
@@ -133,25 +136,53 @@ def test_outbound_media_mark_and_clear_messages() -> None:
     assert orjson.loads(p.clear()) == {"event": "clear"}
 
 
-def test_token_in_header_or_connected_field_is_accepted() -> None:
-    by_header = TelnyxStreamProtocol(expected_token="s3cret", header_token="s3cret")
-    by_header.receive_text(start())  # header alone authenticates, even without `connected`
-    by_field = TelnyxStreamProtocol(expected_token="s3cret")
-    by_field.receive_text(msg(event="connected", version="1.0.0", **{"x-telnyx-streaming-auth-token": "s3cret"}))
-    assert by_field.receive_text(start())
+def test_header_authenticated_stream_needs_no_connected_and_no_look_up() -> None:
+    p = TelnyxStreamProtocol(authenticated=True)
+    assert p.receive_text(start())  # the transport resolved the header token: start alone is enough
 
 
-@pytest.mark.parametrize(
-    ("header", "field"), [(None, None), (None, "wrong"), ("wrong", None), ("wrong", "s3cret")]
-)
-def test_wrong_or_missing_token_is_a_policy_violation(header: str | None, field: str | None) -> None:
-    p = TelnyxStreamProtocol(expected_token="s3cret", header_token=header)
+def test_connected_field_token_is_handed_over_and_what_follows_held_until_authenticated() -> None:
+    p = TelnyxStreamProtocol(authenticated=False)
+    (ev,) = p.receive_text(msg(event="connected", version="1.0.0", **{AUTH_FIELD: "sbm_x"}))
+    assert ev == Connected("1.0.0", "sbm_x") and "sbm_x" not in repr(ev)
+    assert p.receive_text(start()) == []  # held while the transport looks the token up
+    assert p.receive_text(media(2, tone_frame())) == []
+    events = p.authenticated(True)
+    assert [type(e) for e in events] == [Started, Media] and p.state is StreamState.STREAMING
+    assert len(p.receive_text(media(3, tone_frame()))) == 1  # from now on, as usual
+
+
+def test_unknown_field_token_is_a_policy_violation_and_releases_nothing() -> None:
+    p = TelnyxStreamProtocol(authenticated=False)
+    p.receive_text(msg(event="connected", version="1.0.0", **{AUTH_FIELD: "sbm_wrong"}))
+    p.receive_text(start())
+    with pytest.raises(PolicyViolation, match="token"):
+        p.authenticated(False)
+    assert p.started is None
+
+
+@pytest.mark.parametrize("field", [None, "", 7, "x" * (MAX_TOKEN_CHARS + 1)])
+def test_missing_or_malformed_field_token_is_a_policy_violation(field: object) -> None:
+    p = TelnyxStreamProtocol(authenticated=False)
     connected: dict[str, object] = {"event": "connected", "version": "1.0.0"}
     if field is not None:
-        connected["x-telnyx-streaming-auth-token"] = field
+        connected[AUTH_FIELD] = field
     with pytest.raises(PolicyViolation, match="token"):
         p.receive_text(orjson.dumps(connected).decode())
-        p.receive_text(start())
+
+
+def test_start_before_an_accepted_token_is_a_policy_violation() -> None:
+    with pytest.raises(PolicyViolation, match="token"):
+        TelnyxStreamProtocol(authenticated=False).receive_text(start())
+
+
+def test_messages_held_while_verifying_are_bounded() -> None:
+    p = TelnyxStreamProtocol(authenticated=False)
+    p.receive_text(msg(event="connected", version="1.0.0", **{AUTH_FIELD: "sbm_x"}))
+    for _ in range(MAX_HELD_MESSAGES):
+        p.receive_text(media(1, tone_frame()))
+    with pytest.raises(PolicyViolation, match="while the stream auth token was checked"):
+        p.receive_text(media(1, tone_frame()))
 
 
 BAD_INPUT = [
