@@ -152,6 +152,7 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
         "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
         "translation": _translation_stats(rt),
         "webrtc": rt.agents.stats(),
+        "auth": {"media_token_stale_hits": rt.auth.media_stale_hits},
         "http": guard.stats() if (guard := request.app.get(CONNECTION_GUARD)) is not None else None,
         "rss_bytes": _rss_bytes(),
         # What a leak would show: these return to their baseline once calls end and retention expires.

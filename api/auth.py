@@ -72,6 +72,13 @@ SSE_TOKEN_MAX_TTL_S = 300
 MAX_PRESENTED_CHARS = 512  # a longer credential is not looked up at all
 HASH_CONCURRENCY = 2  # argon2id runs at once (64 MiB each)
 MAX_MEMORY_SSE_TOKENS = 10_000  # storage off: SSE tokens held; past it the oldest goes
+# Media tokens found in PostgreSQL are remembered per node: a new stream of a known organisation needs
+# no query for ``settings.media_token_cache_s`` (30 s: so a revocation reaches every node within that),
+# and while PostgreSQL does not answer, a token seen within MEDIA_TOKEN_STALE_S still admits its
+# calls (a database outage must not stop the phones).  Unknown tokens are never remembered; at most
+# MEDIA_TOKEN_CACHE entries, the least recently used goes first.
+MEDIA_TOKEN_STALE_S = 3600.0
+MEDIA_TOKEN_CACHE = 10_000
 
 Kind = Literal["session", "api_key", "sse_token", "metrics"]
 
@@ -183,6 +190,8 @@ class Authenticator:
         self._api_key = s.bootstrap_api_key.get_secret_value() if s.bootstrap_api_key else None
         self._metrics = s.metrics_token.get_secret_value() if s.metrics_token else None
         self._sse_tokens: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()  # storage off only
+        self._media_cache: OrderedDict[bytes, tuple[float, uuid.UUID]] = OrderedDict()  # hash -> (found at, org)
+        self.media_stale_hits = 0  # streams admitted from a remembered token while PostgreSQL failed
 
     # -- media streams ----------------------------------------------------------------------------
 
@@ -192,9 +201,27 @@ class Authenticator:
             return None
         if self.tiers is None:
             return BOOTSTRAP_ORG_ID if _matches(token, self._media_token) else None
-        async with self.tiers.db.no_tenant() as conn:
-            row = await conn.fetchrow("SELECT org_id FROM auth_media_token($1)", secret_hash(token))
-        return row["org_id"] if row else None
+        digest, now, cache = secret_hash(token), time.monotonic(), self._media_cache
+        known = cache.get(digest)
+        if known is not None and now - known[0] < self.settings.media_token_cache_s:
+            cache.move_to_end(digest)
+            return known[1]
+        try:
+            async with self.tiers.db.no_tenant() as conn:
+                row = await conn.fetchrow("SELECT org_id FROM auth_media_token($1)", digest)
+        except Exception:
+            if known is not None and now - known[0] < MEDIA_TOKEN_STALE_S:
+                self.media_stale_hits += 1
+                return known[1]
+            raise
+        if row is None:
+            cache.pop(digest, None)  # revoked, or its organisation deleted
+            return None
+        cache[digest] = (now, row["org_id"])
+        cache.move_to_end(digest)
+        while len(cache) > MEDIA_TOKEN_CACHE:
+            cache.popitem(last=False)
+        return row["org_id"]  # type: ignore[no-any-return]
 
     # -- HTTP requests ----------------------------------------------------------------------------
 
@@ -214,10 +241,9 @@ class Authenticator:
         return await self.session(token)
 
     async def api_key(self, token: str) -> Principal | None:
-        if _matches(token, self._api_key):
-            return Principal(BOOTSTRAP_ORG_ID, Role.ADMIN, "api_key", "bootstrap")
-        if self.tiers is None:
-            return None
+        if self.tiers is None:  # with storage on the bootstrap key is a row like any other: revocable
+            return Principal(BOOTSTRAP_ORG_ID, Role.ADMIN, "api_key", "bootstrap") if _matches(
+                token, self._api_key) else None
         async with self.tiers.db.no_tenant() as conn:
             row = await conn.fetchrow("SELECT key_id, org_id, role, user_id FROM auth_api_key($1)", secret_hash(token))
         if row is None:

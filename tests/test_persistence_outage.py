@@ -1,9 +1,10 @@
-"""A PostgreSQL outage in the middle of a live call loses nothing.
+"""A PostgreSQL outage in the middle of a live call loses nothing, and stops no new call.
 
 The real server runs against a PostgreSQL of the test's own (so the test may stop it).  A call of
 three spoken sentences streams in real time; the database is stopped as soon as the first final
 transcript reaches SSE and started again after the second, so that transcript and the call's end
-bookkeeping are produced while it is down.  Afterwards every final is stored, in order.
+bookkeeping are produced while it is down.  Afterwards every final is stored, in order.  A new
+call whose media token the node has seen before is admitted while the database is down.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from api.tiers import DEFAULT_ORG_ID
 from storage import embedded
 from storage.db import Database
-from tests.servers import Server, get_json, running_server
+from tests.servers import METRICS_TOKEN, Server, get_json, running_server
 from tests.speech import utterances_with_pauses
 from tests.sse_client import SseEvent, read_sse
 from tests.storage.conftest import APP_PASSWORD, DbUrls, migrated_database
@@ -41,6 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, pg: embedded.EmbeddedPostgr
     phrases.write_text("\n".join(SENTENCES) + "\n")
     with running_server(tmp, SWITCHBOARD_STT_PROVIDER="pocketsphinx", SWITCHBOARD_STT_PHRASES_FILE=str(phrases),
                         SWITCHBOARD_PERSIST="true", DATABASE_URL=urls.admin,
+                        SWITCHBOARD_MEDIA_TOKEN_CACHE_S="0.5",
                         SWITCHBOARD_DATABASE_APP_PASSWORD=APP_PASSWORD, REDIS_URL=redis_url) as srv:
         srv.extra["db_urls"] = urls
         yield srv
@@ -96,3 +98,17 @@ async def test_final_transcripts_survive_a_database_restart_mid_call(
     assert persistence["writer_retries"] > 0, persistence  # the outage was real and was ridden out
     assert persistence["writer_dropped"] == 0 and persistence["writer_rejected"] == 0
     assert persistence["writer_pending"] == 0
+
+
+async def test_a_known_media_token_admits_new_calls_while_the_database_is_down(
+        server: Server, pg: embedded.EmbeddedPostgres) -> None:
+    pcm = utterances_with_pauses(SENTENCES[:1], pause_ms=300, rate=8000)
+    await stream_call(server, "v3:before-outage", pcm)  # the node looks the token up, and remembers it
+    await asyncio.to_thread(pg.stop)
+    try:
+        await asyncio.sleep(1.0)  # past media_token_cache_s: the node asks PostgreSQL again, which is down
+        await stream_call(server, "v3:during-outage", pcm)  # closes 1000 after its stop (asserted there)
+        stats = get_json(f"{server.http}/api/stats", token=METRICS_TOKEN)  # needs no database
+    finally:
+        await asyncio.to_thread(pg.start)
+    assert stats["auth"]["media_token_stale_hits"] >= 1, stats["auth"]
