@@ -6,6 +6,7 @@ on the embedded PostgreSQL of a fresh data directory.
   SHA-256 only) with four audit entries that carry no secret, then stops the database and frees the
   directory.  An address already in use (in any case) exits 1 and leaves no row behind; a bad name
   or address exits 1 before any database is started.
+* With ``DATABASE_URL`` it writes there and leaves the data directory alone.
 * With the server running, the command writes through the server's own embedded database (found by
   its postmaster.pid) without disturbing the server.
 * ``serve --demo`` on an empty data directory creates the demo organisation, keeps its credentials in
@@ -42,9 +43,11 @@ SERVER_ENV = {"SWITCHBOARD_PERSIST": "true", "SWITCHBOARD_STT_PROVIDER": "null",
               "SWITCHBOARD_TRANSLATION_PROVIDER": "none", "SWITCHBOARD_LOG_LEVEL": "INFO"}
 
 
-def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SWITCHBOARD_DATA_DIR": str(data_dir)}
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True,
+def cli(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "SWITCHBOARD_DATA_DIR": str(data_dir), **(env or {})}
+    if env is None:
+        full_env.pop("DATABASE_URL", None)  # the embedded database of data_dir
+    return subprocess.run([sys.executable, "-m", "api.cli", *args], env=full_env, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -223,3 +226,25 @@ async def test_serve_demo_creates_the_demo_organisation_once_and_prints_how_to_s
         finally:
             await conn.close()
         assert orjson.loads((data / "demo.json").read_bytes()) == saved
+
+
+async def test_orgs_create_with_database_url_uses_that_database_and_not_the_data_directory(
+    tmp_path: Path, pg_admin_url: str,
+) -> None:
+    url = with_database(pg_admin_url, f"sb_orgs_{os.getpid()}")
+    data = tmp_path / "data"
+    env = {"DATABASE_URL": url}
+    done = await asyncio.to_thread(cli, data, "orgs", "create", "--name", "Via URL", "--owner-email",
+                                   "owner@url.example", env=env)
+    assert done.returncode == 0, done.stderr
+    out = orjson.loads(done.stdout)
+    again = await asyncio.to_thread(cli, data, "orgs", "create", "--name", "Via URL", "--owner-email",
+                                    "owner@url.example", env=env)
+    assert again.returncode == 1 and "already a user's address" in again.stderr
+    assert not (data / "postgres").exists()
+    conn = await asyncpg.connect(url)
+    try:
+        await check_created(conn, out, name="Via URL", email="owner@url.example", actor_id="cli")
+        assert await conn.fetchval("SELECT count(*) FROM organizations") == 1
+    finally:
+        await conn.close()
