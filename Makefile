@@ -29,7 +29,7 @@ sysdeps: rundeps
 	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium"; $(APT_INSTALL) chromium >/dev/null; }
 
 run: $(STAMP) rundeps
-	$(BIN)/switchboard serve --host 127.0.0.1 --port 8080
+	$(BIN)/switchboard serve --host 127.0.0.1 --port 8080 --demo
 
 test: $(STAMP) sysdeps
 	$(BIN)/ruff check engine api pipelines storage bench tests

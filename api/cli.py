@@ -1,8 +1,13 @@
 """``switchboard``: the command line.
 
-    switchboard serve [--host 127.0.0.1] [--port 8080]
+    switchboard serve [--host 127.0.0.1] [--port 8080] [--demo]
     switchboard migrate          (DATABASE_URL, or the embedded server under SWITCHBOARD_DATA_DIR)
-    switchboard simulate-call FILE.wav [--url ws://127.0.0.1:8080/api/media/telnyx] [--call-id ID]
+    switchboard orgs create --name NAME --owner-email EMAIL     (prints one JSON line; secrets shown once)
+    switchboard simulate-call [FILE.wav] [--url ws://127.0.0.1:8080/api/media/telnyx] [--call-id ID]
+
+``serve --demo`` (what ``make run`` starts) creates a demo organisation on the first start (its
+credentials are kept in ``$SWITCHBOARD_DATA_DIR/demo.json``) and prints how to sign in;
+``simulate-call`` uses that file's media token and API key unless given ``--token`` / ``--api-key``.
 """
 
 from __future__ import annotations
@@ -30,19 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the media server")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--demo", action="store_true",
+                       help="create a demo organisation on the first start and print how to sign in")
     sub.add_parser("migrate", help="create the app role and apply pending database migrations")
+    orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="orgs_command", required=True)
+    create = orgs.add_parser("create", help="create an organisation, its owner, an admin API key and a media token")
+    create.add_argument("--name", required=True, help="display name (1-200 printable characters)")
+    create.add_argument("--owner-email", required=True, help="the owner's sign-in address (unique system-wide)")
     sim = sub.add_parser("simulate-call", help="stream a WAV file to the server exactly as Telnyx does")
-    sim.add_argument("wav", help="WAV file (any rate, mono or first channel)")
+    sim.add_argument("wav", nargs="?", default=None,
+                     help="WAV file (any rate, mono or first channel); default: a short shipped speech sample")
     sim.add_argument("--url", default="ws://127.0.0.1:8080/api/media/telnyx")
     sim.add_argument("--call-id", default=None, help="call_control_id to send (default: a fresh v3: id)")
     sim.add_argument("--encoding", default="PCMU", choices=["PCMU", "PCMA", "L16"])
     sim.add_argument("--rate", type=int, default=8000, choices=[8000, 16000])
-    sim.add_argument("--token", default=os.environ.get("SWITCHBOARD_TELNYX_STREAM_TOKEN"),
-                     help="media token: the stream auth token, sent in the header and the connected field"
-                          " (default $SWITCHBOARD_TELNYX_STREAM_TOKEN)")
-    sim.add_argument("--api-key", default=os.environ.get("SWITCHBOARD_BOOTSTRAP_API_KEY"),
-                     help="API key (or session token) that reads the call's events to print them"
-                          " (default $SWITCHBOARD_BOOTSTRAP_API_KEY)")
+    sim.add_argument("--token", default=None,
+                     help="media token (header and connected field); default: $SWITCHBOARD_TELNYX_STREAM_TOKEN,"
+                          " else the demo organisation's, from the data directory")
+    sim.add_argument("--api-key", default=None,
+                     help="API key that reads the call's events to print them; default:"
+                          " $SWITCHBOARD_BOOTSTRAP_API_KEY, else the demo organisation's")
     sim.add_argument("--speed", type=float, default=1.0, help="pacing factor; 1.0 = real time")
     sim.add_argument("--quiet", action="store_true", help="do not print the call's transcript events")
     args = parser.parse_args(argv)
@@ -52,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
         logs.setup(settings.log_level)
         try:
-            uvloop.run(_serve(settings))
+            uvloop.run(_serve(settings, demo=args.demo))
         except DataDirInUse as exc:
             print(f"switchboard: {exc}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "orgs":
+        return _orgs_create(args.name, args.owner_email)
     if args.command == "migrate":
         from api.tiers import migrate_only
 
@@ -69,13 +83,38 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
         return 0
-    from api.simulator import simulate_call
+    from api.bootstrap import read_demo
+    from api.simulator import SAMPLE_WAV, simulate_call
 
     logs.setup("WARNING")
+    token = args.token or os.environ.get("SWITCHBOARD_TELNYX_STREAM_TOKEN")
+    api_key = args.api_key or os.environ.get("SWITCHBOARD_BOOTSTRAP_API_KEY")
+    if token is None or api_key is None:
+        demo = read_demo(Settings())
+        if demo is not None:
+            token = token or demo.media_token
+            api_key = api_key or demo.api_key
     return uvloop.run(simulate_call(
-        args.wav, url=args.url, call_id=args.call_id, encoding=args.encoding, sample_rate=args.rate,
-        token=args.token, api_key=args.api_key, speed=args.speed, quiet=args.quiet,
+        args.wav or str(SAMPLE_WAV), url=args.url, call_id=args.call_id, encoding=args.encoding,
+        sample_rate=args.rate, token=token, api_key=api_key, speed=args.speed, quiet=args.quiet,
     ))
+
+
+def _orgs_create(name: str, email: str) -> int:
+    """``switchboard orgs create``: one JSON line on stdout, or the reason on stderr and exit code 1."""
+    import orjson
+
+    from api.bootstrap import BootstrapError, create_organisation
+
+    settings = Settings()
+    logs.setup("WARNING")  # stdout is the JSON line alone
+    try:
+        created = uvloop.run(create_organisation(settings, name, email))
+    except BootstrapError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(created.public()).decode(), flush=True)
+    return 0
 
 
 def _raise_fd_limit() -> None:
@@ -98,14 +137,23 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def _serve(settings: Settings) -> None:
-    from api.app import build_app
+async def _serve(settings: Settings, *, demo: bool = False) -> None:
+    from api.app import make_app, open_runtime
+    from api.bootstrap import Demo, demo_banner, ensure_demo
     from api.connections import CONNECTION_GUARD, ConnectionGuard
 
     _raise_fd_limit()
     _tune_gc()
 
-    app = await build_app(settings)  # opens the tiers, recovers a crashed run's leftovers, warms decoders
+    rt = await open_runtime(settings)  # opens the tiers, recovers a crashed run's leftovers, warms decoders
+    demo_org: Demo | None = None
+    if demo and rt.tiers is not None:
+        try:
+            demo_org = await ensure_demo(settings, rt.tiers)
+        except BaseException:
+            await rt.aclose()
+            raise
+    app = make_app(rt)
     guard = app[CONNECTION_GUARD] = ConnectionGuard(header_timeout_s=settings.http_header_timeout_s,
                                                     max_per_address=settings.http_max_pending_per_address,
                                                     exempt=settings.per_address_exempt)
@@ -120,6 +168,9 @@ async def _serve(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
     logging.getLogger("switchboard").info("server.listening", extra={"host": settings.host, "port": settings.port})
+    if demo:
+        port = runner.addresses[0][1] if runner.addresses else settings.port  # the real one when --port 0
+        print(demo_banner(settings, demo_org, port=port), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # SIGHUP: the terminal of `make run` was closed.  Python's default would end the process without

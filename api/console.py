@@ -1,13 +1,18 @@
-"""The agent console: a static page (``api/static``) that starts an agent's WebRTC session and shows the
-call's live transcript from the SSE stream.
+"""The agent console: a static page (``api/static``) where an agent signs in, starts a WebRTC session and
+sees the call's live transcript from the SSE stream.
+
+* Without a session (``GET /api/auth/me`` answers 401) the page shows a sign-in form that POSTs
+  ``/api/auth/login``; the HttpOnly ``sb_session`` cookie the server sets then authenticates the page's
+  same-origin requests (event stream, offer, DELETE).  The page holds no token itself.  A 401 later
+  (an expired or revoked session) brings the form back with a message.
 
 * ``GET /console`` serves the page; ``GET /console/static/{name}`` serves its script and style sheet.
   Only the files named in ``_ASSETS`` are served, so no request can reach another path on disk.
 * Every response carries ``Cache-Control: no-cache`` (the browser revalidates, so a deploy is picked
   up at once) and a Content-Security-Policy that allows nothing but this origin: the page loads no
   inline script, nothing from a CDN, and may only talk to the server that served it.
-* The page reads ``call_id``, ``agent_id``, ``token``, ``language`` and ``autostart=1`` from its query
-  string (a supervisor's link, or a test); it removes ``token`` from the address bar once read.
+* The page reads ``call_id``, ``language`` and ``autostart=1`` (start once signed in) from its query
+  string: a supervisor's link, or a test.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ HEADERS = {
     "Cache-Control": "no-cache",
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",  # the page's URL may carry the agent's token
+    "Referrer-Policy": "no-referrer",  # the page's URL names the call
     "X-Frame-Options": "DENY",
 }
 

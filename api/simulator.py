@@ -2,7 +2,11 @@
 
 It sends ``connected`` (with the auth token field), ``start`` with the media format, one ``media``
 message per 20 ms frame paced in real time (against an absolute schedule, so it does not drift),
-and ``stop``.  Unless quiet, it follows the call's SSE stream and prints each final transcript.
+and ``stop``.  Unless quiet, it follows the call's SSE stream (with ``Authorization: Bearer
+<api_key>``) and prints each final transcript.
+
+With no WAV file it plays ``SAMPLE_WAV``, a few seconds of speech shipped with the package (8 kHz
+mono, made once with espeak-ng), so trying a call needs no speech synthesiser.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import base64
 import contextlib
 import sys
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -22,6 +27,9 @@ import websockets
 
 from engine.codecs import get_codec
 from engine.frames import FRAME_MS
+
+SAMPLE_WAV = Path(__file__).parent / "samples" / "payment.wav"
+SAMPLE_TEXT = "i can pay two hundred dollars on friday"  # what SAMPLE_WAV says
 
 
 def load_wav(path: str, rate: int) -> np.ndarray:
@@ -116,7 +124,10 @@ async def _stream(url: str, headers: dict[str, str], messages: list[str], speed:
                 delay = t0 + (i - 2) * interval - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await ws.send(msg)
+            try:
+                await ws.send(msg)
+            except websockets.ConnectionClosed:
+                break  # refused (a wrong token, say): the close code below says why
         with contextlib.suppress(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)  # the server closes after stop
         if ws.close_code not in (None, 1000):
@@ -132,7 +143,8 @@ async def _print_events(url: str, api_key: str | None) -> None:
     async with aiohttp.ClientSession() as http, http.get(url, headers=headers,
                                                          timeout=aiohttp.ClientTimeout(total=None)) as resp:
         if resp.status != 200:
-            print(f"cannot read the call's events: HTTP {resp.status} (--api-key)", file=sys.stderr)
+            print(f"cannot read the call's events ({url}): HTTP {resp.status} {await resp.text()}"
+                  + ("" if api_key else "; pass --api-key"), file=sys.stderr)
             return
         event = ""
         async for raw in resp.content:

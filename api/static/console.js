@@ -1,6 +1,13 @@
 /*
  * Switchboard agent console.
  *
+ * Sign-in: the page asks GET /api/auth/me; without a session (401) it shows the sign-in form, which
+ * POSTs /api/auth/login {email, password}. The server answers with an HttpOnly cookie (sb_session),
+ * which from then on authenticates everything this same-origin page does: the event stream, the
+ * WebRTC offer, its DELETE. The page never sees or stores a token. Sign out POSTs /api/auth/logout.
+ * A 401 from any call later (the session expired or was revoked) ends the live session and returns
+ * to the sign-in form, saying why.
+ *
  * Start: open the call's event stream first (so nothing said from then on is missed), take the
  * microphone, create the offer, wait until ICE gathering is complete (the server does not trickle
  * candidates), POST /api/webrtc/offer, apply the answer. The caller's audio comes back on the same
@@ -24,7 +31,8 @@
  * from assistive technology (they change several times a second); the final replaces the partial's
  * element with a new one, which the transcript's live region announces.
  *
- * Test hook: window.switchboard = {state, sessionId, iceState, peerState, error, transcripts, notices}.
+ * Test hook: window.switchboard = {state, sessionId, iceState, peerState, error, transcripts, notices,
+ * signedIn, user}.
  */
 "use strict";
 
@@ -46,22 +54,32 @@
 
   const $ = (id) => document.getElementById(id);
   const form = $("session-form");
-  const fields = { callId: $("call-id"), agentId: $("agent-id"), token: $("token"), language: $("language") };
+  const fields = { callId: $("call-id"), language: $("language") };
   const startButton = $("start");
   const stopButton = $("stop");
   const takeoverButton = $("takeover");
   const statusLine = $("status");
   const audio = $("caller-audio");
   const list = $("transcript");
+  const loginSection = $("login-section");
+  const loginForm = $("login-form");
+  const loginFields = { email: $("email"), password: $("password") };
+  const signInButton = $("sign-in");
+  const loginStatus = $("login-status");
+  const app = $("app");
+  const who = $("who");
+  const whoText = $("who-text");
+  const signOutButton = $("sign-out");
 
   const hook = {
     state: "idle", sessionId: null, iceState: "new", peerState: "new", error: null,
-    transcripts: [], notices: [],
+    transcripts: [], notices: [], signedIn: false, user: null,
   };
   window.switchboard = hook;
 
   // The live session: everything Stop must undo.
-  let session = null; // {attempt, pc, mic, callId, sessionId, token}
+  let session = null; // {attempt, pc, mic, callId, sessionId}
+  let me = null; // GET /api/auth/me's data: {user, org, role, kind}
   let events = null; // EventSource
   let attempts = 0;
   const lines = new Map(); // key -> {entry, li}
@@ -225,16 +243,9 @@
     "stream.gap": (p) => notice(`Some events were missed (ids ${p.lost_from}–${p.lost_to}).`, "stream.gap"),
   };
 
-  // An EventSource cannot send the token as a header: the token buys a short-lived access_token for
-  // this call (POST /api/calls/{id}/sse-token), which goes in the stream's URL.
-  async function openEvents(callId, token) {
+  function openEvents(callId) {
     closeEvents();
-    const resp = await fetch(`/api/calls/${encodeURIComponent(callId)}/sse-token`, {
-      method: "POST", headers: headers(token), body: "{}",
-    });
-    if (!resp.ok) throw new Error(await serverError(resp));
-    const minted = (await resp.json()).data;
-    const source = new EventSource(minted.url);
+    const source = new EventSource(`/api/calls/${encodeURIComponent(callId)}/events`);
     for (const [name, handle] of Object.entries(HANDLERS)) {
       source.addEventListener(name, (ev) => {
         let payload;
@@ -247,6 +258,10 @@
         handle(payload);
       });
     }
+    // A refused stream (401: the session ended) closes the EventSource for good; a dropped one retries.
+    source.addEventListener("error", () => {
+      if (source.readyState === EventSource.CLOSED && events === source) checkStillSignedIn();
+    });
     events = source;
   }
 
@@ -257,22 +272,36 @@
 
   // ---- the WebRTC session ---------------------------------------------------------------------
 
-  function headers(token) {
-    const h = { "Content-Type": "application/json" };
-    if (token) h.Authorization = `Bearer ${token}`;
-    return h;
-  }
+  const JSON_HEADERS = { "Content-Type": "application/json" };
 
-  async function serverError(resp) {
-    let message = "";
+  // The server's words for a failed request: the envelope's error.message ({success: false, error:
+  // {code, message}}), or an older plain {error: "..."}.
+  async function errorMessage(resp) {
     try {
       const body = await resp.json();
       const error = body && body.error;
-      message = error ? String(error.message || error) : ""; // the envelope, or a plain {"error": "..."}
+      if (error && typeof error === "object" && error.message) return String(error.message);
+      if (typeof error === "string") return error;
     } catch {
       // not JSON: the status says enough
     }
-    return `${message || resp.statusText || "request failed"} (HTTP ${resp.status})`;
+    return resp.statusText || "request failed";
+  }
+
+  async function serverError(resp) {
+    return `${await errorMessage(resp)} (HTTP ${resp.status})`;
+  }
+
+  // Thrown when a call answers 401: the session is over; the page returns to the sign-in form.
+  class SessionEnded extends Error {}
+
+  async function api(path, init = {}) {
+    const resp = await fetch(path, { credentials: "same-origin", ...init });
+    if (resp.status === 401) {
+      sessionExpired();
+      throw new SessionEnded("your session has expired");
+    }
+    return resp;
   }
 
   function iceGatheringComplete(pc) {
@@ -300,23 +329,17 @@
 
   function readForm() {
     const callId = fields.callId.value.trim();
-    const agentId = fields.agentId.value.trim();
     fields.callId.removeAttribute("aria-invalid");
-    fields.agentId.removeAttribute("aria-invalid");
     if (!CALL_ID.test(callId)) {
       fields.callId.setAttribute("aria-invalid", "true");
       return { problem: "Call ID must be 1–256 letters, digits or : _ - .", field: fields.callId };
     }
-    if (!agentId) {
-      fields.agentId.setAttribute("aria-invalid", "true");
-      return { problem: "Agent ID is required.", field: fields.agentId };
-    }
-    return { callId, agentId, token: fields.token.value, language: fields.language.value };
+    return { callId, language: fields.language.value };
   }
 
   // opts.replace: end this agent's other live session (a crashed or reloaded browser) and take its place.
   async function start(opts = {}) {
-    if (session) return;
+    if (session || !me) return;
     takeoverButton.hidden = true;
     const input = readForm();
     if (input.problem) {
@@ -327,13 +350,13 @@
     }
     const attempt = ++attempts;
     const current = () => session && session.attempt === attempt;
-    session = { attempt, pc: null, mic: null, callId: input.callId, sessionId: null, token: input.token };
+    session = { attempt, pc: null, mic: null, callId: input.callId, sessionId: null };
     hook.sessionId = null;
     hook.iceState = "new";
     hook.peerState = "new";
     move("starting");
+    openEvents(input.callId);
     try {
-      await openEvents(input.callId, input.token);
       const mic = await navigator.mediaDevices.getUserMedia({
         audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true }, video: false,
       });
@@ -355,11 +378,13 @@
       await iceGatheringComplete(pc);
       if (!current()) return;
       move("offering");
-      const resp = await fetch("/api/webrtc/offer", {
+      // The session cookie says who the agent is; agent_id (the signed-in address) is only a label
+      // for servers that still read it.
+      const resp = await api("/api/webrtc/offer", {
         method: "POST",
-        headers: headers(input.token),
+        headers: JSON_HEADERS,
         body: JSON.stringify({
-          call_id: input.callId, agent_id: input.agentId, sdp: pc.localDescription.sdp, type: "offer",
+          call_id: input.callId, agent_id: me.user.email, sdp: pc.localDescription.sdp, type: "offer",
           language: input.language, replace: Boolean(opts.replace),
         }),
       });
@@ -367,9 +392,9 @@
         if (resp.status === 409) takeoverButton.hidden = false; // the agent's other session is still live
         throw new Error(await serverError(resp));
       }
-      const answer = (await resp.json()).data;
+      const answer = (await resp.json()).data; // the envelope: {success, data: {session_id, type, sdp}}
       if (!current()) {
-        deleteSession(answer.session_id, input.token);
+        deleteSession(answer.session_id);
         return;
       }
       session.sessionId = answer.session_id;
@@ -377,7 +402,7 @@
       await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
       if (current() && hook.state === "offering") move(pc.connectionState === "connected" ? "connected" : "connecting");
     } catch (err) {
-      if (!current()) return;
+      if (err instanceof SessionEnded || !current()) return;
       fail(err && err.message ? err.message : String(err));
     }
   }
@@ -406,11 +431,11 @@
 
   const DELETE_WAIT_MS = 3000;
 
-  function deleteSession(sessionId, token) {
+  function deleteSession(sessionId) {
     if (!sessionId) return Promise.resolve();
     // keepalive: the request outlives the page when the agent closes the tab.
     return fetch(`/api/webrtc/sessions/${encodeURIComponent(sessionId)}`, {
-      method: "DELETE", headers: headers(token), keepalive: true,
+      method: "DELETE", credentials: "same-origin", keepalive: true,
     }).catch(() => {}); // best effort: the server also ends sessions whose peer goes away
   }
 
@@ -422,7 +447,7 @@
     session = null;
     if (!s) return;
     if (s.mic) s.mic.getTracks().forEach((t) => t.stop()); // the microphone goes quiet at once
-    const deleted = tellServer ? deleteSession(s.sessionId, s.token) : Promise.resolve();
+    const deleted = tellServer ? deleteSession(s.sessionId) : Promise.resolve();
     if (waitForDelete) {
       await Promise.race([deleted, new Promise((resolve) => setTimeout(resolve, DELETE_WAIT_MS))]);
     }
@@ -449,20 +474,128 @@
     move("stopped");
   }
 
+  // ---- signing in and out ------------------------------------------------------------------------
+
+  function say(text, kind = "info") {
+    loginStatus.textContent = text;
+    loginStatus.dataset.kind = kind;
+  }
+
+  function showLogin(message = "", kind = "info") {
+    me = null;
+    hook.signedIn = false;
+    hook.user = null;
+    app.hidden = true;
+    who.hidden = true;
+    loginSection.hidden = false;
+    signInButton.disabled = false;
+    loginFields.password.value = "";
+    say(message, kind);
+    (loginFields.email.value ? loginFields.password : loginFields.email).focus();
+  }
+
+  function showApp(data) {
+    me = data;
+    hook.signedIn = true;
+    hook.user = data.user.email;
+    const org = data.org && data.org.name ? ` · ${data.org.name}` : "";
+    whoText.textContent = `Signed in as ${data.user.email} (${data.role})${org}`;
+    say("");
+    loginSection.hidden = true;
+    who.hidden = false;
+    app.hidden = false;
+    render();
+  }
+
+  // Who is signed in: the data of GET /api/auth/me, null without a session; throws on other failures.
+  async function whoAmI() {
+    const resp = await fetch("/api/auth/me", { credentials: "same-origin" });
+    if (resp.status === 401) return null;
+    if (!resp.ok) throw new Error(await serverError(resp));
+    return (await resp.json()).data;
+  }
+
+  function endLiveSession(reason) {
+    release({ tellServer: false });
+    closeEvents();
+    hook.sessionId = null;
+    if (!["idle", "stopped", "failed"].includes(hook.state)) move("failed", reason);
+  }
+
+  function sessionExpired() {
+    if (!me) return;
+    endLiveSession("your session expired");
+    showLogin("Your session has expired. Sign in again to continue.", "error");
+  }
+
+  async function checkStillSignedIn() {
+    try {
+      if ((await whoAmI()) === null) sessionExpired();
+    } catch {
+      // the server is unreachable: the event stream's own error says enough
+    }
+  }
+
+  async function signIn() {
+    const email = loginFields.email.value.trim();
+    const password = loginFields.password.value;
+    for (const input of Object.values(loginFields)) input.removeAttribute("aria-invalid");
+    if (!email || !password) {
+      const field = email ? loginFields.password : loginFields.email;
+      field.setAttribute("aria-invalid", "true");
+      say(email ? "Enter your password." : "Enter your e-mail address.", "error");
+      field.focus();
+      return;
+    }
+    signInButton.disabled = true;
+    say("Signing in…");
+    try {
+      const resp = await fetch("/api/auth/login", {
+        method: "POST", headers: JSON_HEADERS, credentials: "same-origin", body: JSON.stringify({ email, password }),
+      });
+      if (!resp.ok) {
+        const message = await errorMessage(resp);
+        loginFields.password.setAttribute("aria-invalid", "true");
+        loginFields.password.value = "";
+        say(`Sign-in failed: ${message}`, "error");
+        loginFields.password.focus();
+        return;
+      }
+      const data = await whoAmI(); // the cookie is set: the canonical view of who this is
+      if (data === null) throw new Error("the server did not keep the session (are cookies blocked?)");
+      loginFields.password.value = "";
+      showApp(data);
+      fields.callId.focus();
+      if (autostart) {
+        autostart = false;
+        start();
+      }
+    } catch (err) {
+      say(`Sign-in failed: ${err && err.message ? err.message : String(err)}`, "error");
+    } finally {
+      signInButton.disabled = false;
+    }
+  }
+
+  async function signOut() {
+    if (session) await stop();
+    closeEvents();
+    try {
+      await fetch("/api/auth/logout", {
+        method: "POST", headers: JSON_HEADERS, credentials: "same-origin", body: "{}",
+      });
+    } catch {
+      // the cookie may outlive an unreachable server; the page forgets the session regardless
+    }
+    showLogin("Signed out.");
+  }
+
   // ---- wiring ---------------------------------------------------------------------------------
 
   function prefill() {
     const params = new URLSearchParams(window.location.search);
     if (params.has("call_id")) fields.callId.value = params.get("call_id");
-    if (params.has("agent_id")) fields.agentId.value = params.get("agent_id");
-    if (params.has("token")) fields.token.value = params.get("token");
     if (["en", "es"].includes(params.get("language"))) fields.language.value = params.get("language");
-    if (params.has("token")) {
-      // Keep the secret out of the address bar, history and bookmarks from here on.
-      params.delete("token");
-      const query = params.toString();
-      history.replaceState(null, "", `${window.location.pathname}${query ? `?${query}` : ""}`);
-    }
     return params.get("autostart") === "1";
   }
 
@@ -470,6 +603,11 @@
     ev.preventDefault();
     start();
   });
+  loginForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    signIn();
+  });
+  signOutButton.addEventListener("click", signOut);
   stopButton.addEventListener("click", stop);
   takeoverButton.addEventListener("click", () => start({ replace: true }));
   window.addEventListener("pagehide", () => {
@@ -478,5 +616,16 @@
   });
 
   render();
-  if (prefill()) start();
+  let autostart = prefill(); // once signed in
+  whoAmI().then((data) => {
+    if (data === null) {
+      showLogin();
+      return;
+    }
+    showApp(data);
+    if (autostart) {
+      autostart = false;
+      start();
+    }
+  }).catch((err) => showLogin(`Cannot reach the server: ${err && err.message ? err.message : String(err)}`, "error"));
 })();
