@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import orjson
+import redis.asyncio as redis
 from argon2 import PasswordHasher
 
 from api.auth import Role
@@ -97,7 +98,13 @@ async def build_world(pg_admin_url: str, redis_url: str, redis_number: int) -> W
         b = await _tenant(conn, "b", with_call=True)
     finally:
         await conn.close()
-    return World(urls, a, b, redis_db(redis_url, redis_number))
+    url = redis_db(redis_url, redis_number)
+    client = redis.Redis.from_url(url)
+    try:
+        await client.flushdb()  # this module's own database: counters of an earlier run are gone
+    finally:
+        await client.aclose()
+    return World(urls, a, b, url)
 
 
 @contextlib.contextmanager
