@@ -192,3 +192,19 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
                 reachable.append((method, path, status))
     assert reachable == []
     assert uuid.UUID(UNKNOWN)
+
+
+async def test_with_storage_off_the_rest_routes_answer_503_and_the_docs_still_serve(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.servers import running_server
+
+    with running_server(tmp_path_factory.mktemp("rest-off"), SWITCHBOARD_STT_PROVIDER="null") as srv:
+        async with aiohttp.ClientSession() as http:
+            status, reply = await call(http, srv, "GET", "/api/org", "sbk_whatever")
+            assert (status, reply["error"]["code"]) == (503, "unavailable")
+            status, reply = await call(http, srv, "POST", "/api/auth/login", None, {"email": "a@b", "password": "p"})
+            assert (status, reply["error"]["code"]) == (503, "unavailable")
+            assert (await call(http, srv, "GET", "/api/openapi.json"))[0] == 200
+            assert (await call(http, srv, "GET", "/api/docs"))[0] == 200
+            status, reply = await call(http, srv, "GET", "/api/no-such-route")
+            assert (status, reply["error"]["code"]) == (404, "not_found")  # aiohttp's own, as the envelope
