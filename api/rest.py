@@ -37,6 +37,13 @@ Pagination: list routes take ``limit`` (1-200, default 50) and ``cursor`` (opaqu
 last row's ``(created_at, id)``); they answer ``{"items": [...], "next_cursor": str | null}``, newest
 first, keyset-paginated so a page costs the same at any depth.
 
+No answer is cached in the warm tier.  The only read-mostly candidate, ``GET /api/org``, is one
+primary-key read (well under a millisecond), and its invalidation could not be exact: the command line
+(``switchboard orgs``) writes organisations too, and a reader that fetched the old row just before a
+``PATCH`` committed would put it back into the cache after the ``PATCH`` cleared it, serving stale
+settings for the cache's lifetime.  Read answers carry no ``Cache-Control`` of their own except
+``no-store`` on those that hold a secret or a signed URL.
+
 No I/O here except through ``rt``; the route table is data, and ``api.openapi`` renders it.
 """
 
