@@ -66,8 +66,10 @@ def world(pg_admin_url: str, redis_url: str) -> World:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[Server]:
-    with world_server(tmp_path_factory.mktemp("rest-access"), world) as srv:
+    tmp = tmp_path_factory.mktemp("rest-access")
+    with world_server(tmp, world) as srv:
         asyncio.run(sign_in_all(srv, world))
+        srv.extra["blobs"] = tmp / "data" / "blobs"  # the embedded cold tier (LocalBlobStore)
         yield srv
 
 
@@ -208,3 +210,32 @@ async def test_with_storage_off_the_rest_routes_answer_503_and_the_docs_still_se
             assert (await call(http, srv, "GET", "/api/docs"))[0] == 200
             status, reply = await call(http, srv, "GET", "/api/no-such-route")
             assert (status, reply["error"]["code"]) == (404, "not_found")  # aiohttp's own, as the envelope
+
+
+async def test_a_recording_url_is_signed_bounded_audited_and_downloads_the_file(server: Server, world: World) -> None:
+    a = world.a
+    import asyncpg
+
+    conn = await asyncpg.connect(world.db.admin)
+    try:
+        key = await conn.fetchval("SELECT storage_key FROM recordings WHERE id = $1", a.recording_id)
+    finally:
+        await conn.close()
+    path = server.extra["blobs"] / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"RIFF-not-really-a-wav")
+    base = f"/api/calls/{a.call_id}/recordings/{a.recording_id}/url"
+    async with aiohttp.ClientSession() as http:
+        status, reply = await call(http, server, "GET", base + "?expires_in=3601", a.sessions[Role.VIEWER])
+        assert (status, reply["error"]["code"]) == (400, "validation_failed")
+        assert reply["error"]["details"][0]["field"] == "expires_in"
+        status, reply = await call(http, server, "GET", base, a.sessions[Role.VIEWER])
+        assert status == 200 and reply["data"]["expires_in"] == 900
+        async with http.get(server.http + reply["data"]["url"]) as r:
+            assert r.status == 200 and await r.read() == b"RIFF-not-really-a-wav"
+        async with http.get(server.http + reply["data"]["url"].replace("sig=", "sig=0")) as r:
+            assert r.status == 403
+        status, trail = await call(http, server, "GET", f"/api/audit?action=recording.url_issued"
+                                                        f"&resource_id={a.recording_id}", a.sessions[Role.ADMIN])
+        entry = trail["data"]["items"][0]
+        assert (entry["actor_id"], entry["new_value"]) == (str(a.users[Role.VIEWER]), {"expires_in": 900})

@@ -22,6 +22,7 @@ from tests.servers import Server
 ADDRESS_LIMIT = 60  # above what the tests before the per-address one spend (about 45)
 ACCOUNT_LIMIT = 10
 LOCKOUT_FAILURES = 5
+READS_PER_MIN = 25
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[S
     with world_server(tmp_path_factory.mktemp("rest-sessions"), world, SWITCHBOARD_PER_ADDRESS_EXEMPT="[]",
                       SWITCHBOARD_LOGIN_PER_ADDRESS_PER_MIN=str(ADDRESS_LIMIT),
                       SWITCHBOARD_LOGIN_PER_ACCOUNT_PER_MIN=str(ACCOUNT_LIMIT),
-                      SWITCHBOARD_LOGIN_LOCKOUT_FAILURES=str(LOCKOUT_FAILURES)) as srv:
+                      SWITCHBOARD_LOGIN_LOCKOUT_FAILURES=str(LOCKOUT_FAILURES),
+                      SWITCHBOARD_RATE_READ_PER_MIN=str(READS_PER_MIN)) as srv:
         asyncio.run(sign_in_all(srv, world))
         yield srv
 
@@ -209,6 +211,75 @@ async def test_logins_per_account_are_limited_per_minute(server: Server, world: 
                                 {"email": email, "password": PASSWORD}))[0] for _ in range(ACCOUNT_LIMIT + 1)]
     # The module's fixture signed this account in once already, within the minute.
     assert statuses == [200] * (ACCOUNT_LIMIT - 1) + [429, 429]
+
+
+async def test_reads_are_limited_per_credential_and_route(server: Server, world: World) -> None:
+    token = world.b.sessions[Role.OWNER]
+    async with aiohttp.ClientSession() as http:
+        statuses = [(await call(http, server, "GET", "/api/org", token))[0] for _ in range(READS_PER_MIN + 1)]
+        assert statuses == [200] * READS_PER_MIN + [429]
+        async with http.get(f"{server.http}/api/org", headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 429 and 0 < int(r.headers["Retry-After"]) <= 60
+            assert (await r.json())["error"]["code"] == "rate_limited"
+        assert (await call(http, server, "GET", "/api/auth/me", token))[0] == 200  # another route
+        assert (await call(http, server, "GET", "/api/org", world.b.keys[Role.ADMIN]))[0] == 200  # another credential
+
+
+async def test_lists_page_by_opaque_cursor_and_bounded_limit(server: Server, world: World) -> None:
+    key = world.b.keys[Role.ADMIN]
+    async with aiohttp.ClientSession() as http:
+        made = []
+        for n in range(5):
+            status, reply = await call(http, server, "POST", "/api/media-tokens", key, {"name": f"page {n}"})
+            assert status == 201
+            made.append(reply["data"]["media_token"]["id"])
+        seen: list[str] = []
+        cursor = ""
+        for _ in range(10):
+            status, reply = await call(http, server, "GET", f"/api/media-tokens?limit=2{cursor}", key)
+            assert status == 200 and len(reply["data"]["items"]) <= 2
+            seen += [t["id"] for t in reply["data"]["items"]]
+            if reply["data"]["next_cursor"] is None:
+                break
+            cursor = f"&cursor={reply['data']['next_cursor']}"
+        assert seen[:5] == made[::-1] and len(seen) == len(set(seen)) == 6  # and the fixture's one, last
+        for query, field in (("limit=0", "limit"), ("limit=201", "limit"), ("cursor=bm90LWEtY3Vyc29y", "cursor"),
+                             ("limit=2&limit=3", "limit"), ("sort=name", "sort")):
+            status, reply = await call(http, server, "GET", f"/api/media-tokens?{query}", key)
+            assert (status, reply["error"]["code"]) == (400, "validation_failed"), query
+            assert reply["error"]["details"][0]["field"] == field, query
+
+
+async def test_bodies_cannot_assign_fields_they_do_not_declare(server: Server, world: World) -> None:
+    b = world.b
+    key = b.keys[Role.ADMIN]
+    target = b.users[Role.VIEWER]
+    attempts = [
+        ("POST", "/api/media-tokens", {"name": "x", "org_id": str(world.a.org_id)}, "org_id"),
+        ("POST", "/api/api-keys", {"name": "x", "role": "viewer", "id": str(uuid.uuid4())}, "id"),
+        ("PATCH", f"/api/users/{target}", {"email": "new@example.com"}, "email"),
+        ("PATCH", f"/api/users/{target}", {"role": "viewer", "org_id": str(world.a.org_id)}, "org_id"),
+        ("PATCH", "/api/org", {"slug": "mine"}, "slug"),
+        ("PATCH", "/api/org", {"settings": {"stt_provider": "deepgram"}}, "settings.stt_provider"),
+        ("POST", "/api/users", {"email": "n@example.com", "role": "viewer", "active": False}, "active"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for method, path, body, field in attempts:
+            status, reply = await call(http, server, method, path, key, body)
+            assert (status, reply["error"]["code"]) == (400, "validation_failed"), (path, body)
+            assert {"field": field, "type": "extra_forbidden"}.items() <= reply["error"]["details"][0].items()
+        status, reply = await call(http, server, "PATCH", "/api/org", key,
+                                   {"settings": {"translate_to": {"en": "english"}}})
+        assert status == 400 and reply["error"]["details"][0]["field"] == "settings.translate_to.en"
+        status, reply = await call(http, server, "PATCH", "/api/org", key,
+                                   {"settings": {"stt_chain": {"en": ["deepgram", "pocketsphinx"]},
+                                                 "sse_redacted": False}})
+        assert status == 200 and reply["data"]["settings"]["sse_redacted"] is False
+        status, reply = await call(http, server, "PATCH", "/api/org", key, {"settings": {"sse_redacted": None}})
+        assert status == 200 and "sse_redacted" not in reply["data"]["settings"]
+        assert reply["data"]["settings"]["stt_chain"] == {"en": ["deepgram", "pocketsphinx"]}
+    rows = await _fetch(world, "SELECT email FROM users WHERE id = $1", target)
+    assert rows[0]["email"] == b.emails[Role.VIEWER]
 
 
 async def test_login_sets_a_strict_http_only_cookie_that_authenticates(server: Server, world: World) -> None:
