@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from api.auth import Principal, Role
 from api.envelope import ApiError, not_found
-from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
+from api.rest import PageQuery, ParamKind, Reply, Req, Route, Strict, decode_cursor, page
 from api.settings import ProviderName
 from storage.accounts import create_user
 
@@ -264,7 +264,7 @@ async def delete_user(req: Req) -> Reply:
     return Reply(await change_user(req, req.params["user_id"], UserPatch(active=False), "user.deactivated"))
 
 
-_U = (("user_id", "uuid"),)
+_U: tuple[tuple[str, ParamKind], ...] = (("user_id", "uuid"),)
 ROUTES = [
     Route("GET", "/api/org", "get_org", "Your organisation", "org", "action", "org.read", get_org,
           response=OrgOut),

@@ -29,7 +29,7 @@ from api.envelope import CODES
 from api.rest import Route
 
 REF = "#/components/schemas/{model}"
-_AUTHED = [{"bearerAuth": []}, {"cookieAuth": []}]
+_AUTHED: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"cookieAuth": []}]
 
 
 def _doc(method: str, path: str, name: str, summary: str, tag: str, auth: str, action: str | None,
@@ -82,14 +82,14 @@ DOC_ROUTES = [
 ROUTES: list[Route] = [*REST_ROUTES, *EXTERNAL, *DOC_ROUTES]
 
 
-def _schemas() -> tuple[dict[tuple[type[BaseModel], str], dict[str, Any]], dict[str, Any]]:
+def _schemas() -> tuple[dict[Any, dict[str, Any]], dict[str, Any]]:
     wanted: list[tuple[type[BaseModel], Any]] = []
     for r in REST_ROUTES:
         for model, mode in ((r.body, "validation"), (r.query, "validation"), (r.response, "serialization")):
             if model is not None and (model, mode) not in wanted:
                 wanted.append((model, mode))
     refs, defs = models_json_schema(wanted, ref_template=REF)
-    return refs, defs.get("$defs", {})
+    return dict(refs), dict(defs.get("$defs", {}))
 
 
 def _error_schema(codes: list[str]) -> dict[str, Any]:
