@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -79,3 +80,32 @@ def test_the_document_lists_every_route_with_its_permission_and_the_docs_page_is
     assert "script-src 'self'" in csp and "<script>" not in page and "http" not in page.replace("http-equiv", "")
     with urllib.request.urlopen(f"{server.http}/api/docs/static/docs.js") as r:
         assert b"/api/openapi.json" in r.read()
+
+
+async def test_the_docs_page_renders_every_operation_in_a_browser_offline(server: Server, tmp_path: Path) -> None:
+    """Headless Chromium, no network but this server: the page renders under its CSP with no error."""
+    from playwright.async_api import async_playwright
+
+    from tests.test_browser_console import CHROMIUM, CHROMIUM_ARGS
+
+    async with async_playwright() as pw:
+        ctx = await pw.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                          headless=True, args=list(CHROMIUM_ARGS))
+        try:
+            page = ctx.pages[0] if ctx.pages else await ctx.new_page()
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            outside: list[str] = []
+            page.on("request", lambda r: None if r.url.startswith(server.http) else outside.append(r.url))
+            await page.goto(f"{server.http}/api/docs")
+            await page.wait_for_selector('body[data-state="rendered"]', timeout=15_000)
+            sections = await page.locator("section.op").count()
+            audit = await page.inner_text("#list_audit")
+        finally:
+            await ctx.close()
+    url = f"{server.http}/api/openapi.json"
+    doc = await asyncio.to_thread(lambda: orjson.loads(urllib.request.urlopen(url).read()))
+    assert sections == sum(len(methods) for methods in doc["paths"].values())
+    assert "roles: admin, owner (audit.read)" in audit and "/api/audit" in audit
+    assert problems == [] and outside == []
