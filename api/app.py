@@ -22,7 +22,7 @@ import time
 
 from aiohttp import web
 
-from api import blobs, console, media_stream, readiness, sse, webrtc
+from api import blobs, console, media_stream, openapi, readiness, rest, sse, webrtc
 from api.auth import require
 from api.connections import CONNECTION_GUARD
 from api.envelope import envelope_errors
@@ -88,6 +88,9 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/readyz", functools.partial(readiness.readyz, rt.readiness))
     webrtc.add_routes(app, rt.agents)
     console.add_routes(app)
+    # The REST API (api.rest; with storage off its routes answer 503) and its document.
+    rest.add_routes(app, rt, openapi.REST_ROUTES)
+    openapi.add_routes(app)
     if rt.tiers is not None and rt.tiers.local_blobs is not None:
         blobs.add_routes(app, rt.tiers.local_blobs)
     if s.stats_enabled:

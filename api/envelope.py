@@ -88,8 +88,15 @@ def not_found(what: str = "resource") -> ApiError:
 
 @web.middleware
 async def envelope_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Render an ``ApiError`` raised by any handler as the envelope."""
+    """Render an ``ApiError`` raised by any handler as the envelope, and aiohttp's own HTTP errors (no
+    such route, wrong method, an ``HTTPException`` raised by a handler) with the code of their status."""
     try:
         return await handler(request)  # type: ignore[no-any-return]
     except ApiError as exc:
         return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.status not in STATUS_CODES:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return web.Response(body=error_body(STATUS_CODES[exc.status], exc.text or exc.reason), status=exc.status,
+                            content_type="application/json", headers=headers)

@@ -26,7 +26,8 @@ In order, for every route, the WebSocket upgrade at ``/api/media/telnyx`` includ
 
 Time before the request's headers are complete is bounded by ``api.connections``, not here.  No
 CORS headers are added by this or any other module (tests/api/test_http_doors.py checks).  Every
-refusal is JSON ``{"error": "..."}`` like the rest of the API.
+refusal is the API's envelope (``api.envelope``): ``{"success": false, "error": {"code", "message"}}``
+with the code of its status (``STATUS_CODES``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
+from api.envelope import STATUS_CODES, error_body
 from api.settings import Settings
 
 log = logging.getLogger("switchboard.http")
@@ -142,7 +144,8 @@ class HostPolicy:
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
+    return web.Response(body=error_body(STATUS_CODES[status], message), status=status,
+                        content_type="application/json", headers=headers or None)
 
 
 def _local_port(request: web.Request) -> int | None:

@@ -131,6 +131,15 @@ class Settings(BaseSettings):
     sse_write_timeout_s: float = Field(30.0, gt=0)  # an SSE write not draining this long cuts the client
     sse_send_buffer_bytes: int = Field(65536, ge=0)  # SO_SNDBUF of SSE sockets (0: the OS's own)
 
+    # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
+    rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route
+    rate_write_per_min: int = Field(120, ge=1)  # POST/PATCH/DELETE per credential and route
+    login_per_address_per_min: int = Field(10, ge=1)  # login attempts per client address (not per_address_exempt)
+    login_per_account_per_min: int = Field(10, ge=1)  # login attempts per e-mail address
+    login_lockout_failures: int = Field(5, ge=1)  # wrong passwords for one address within login_lockout_s ...
+    login_lockout_s: int = Field(900, ge=1)  # ... lock it (even the right password) for this long
+    recording_url_max_s: int = Field(3600, ge=1, le=3600)  # longest life of a recording download URL
+
     # Storage tiers.  Unset URLs start the embedded default (see storage/embedded.py) under data_dir.
     persist: bool = True  # False: the real-time path only, nothing stored (benchmarks, some tests)
     data_dir: Path = Path(".switchboard")

@@ -7,6 +7,7 @@ Keys (``p`` is the prefix, default ``"sb:"``), each with its TTL and its bound:
 - ``p usess:<user_id>``: sorted set of the user's session hashes -> expiry; ``session_ttl_s``, refreshed
   on every write; <= ``max_user_sessions`` (100) members, one more revokes the oldest.
 - ``p rl:<window_s>:<key>``: one counter; ``window_s`` from the window's first hit.
+- ``p lock:<key>``: a lock-out (e.g. an account after too many failed logins); its own TTL.
 - ``p idem:<org_id>:<key>``: idempotency record; ``lock_ttl_s`` (60 s) while running, then
   ``idempotency_ttl_s`` (24 h) with the response; key <= 255 chars, body <= 1 MiB.
 - ``p cache:<key>``: cached bytes; ``cache_ttl_s`` (30 s) or per call; <= 1 MiB.
@@ -263,6 +264,19 @@ class WarmStore:
         count = int(count)
         return RateDecision(allowed=count <= limit, limit=limit, remaining=max(0, limit - count),
                             reset_s=max(1, math.ceil(int(ttl_ms) / 1000)))
+
+    async def reset_rate_limit(self, key: str, window_s: int = 60) -> None:
+        """Forget the window's count for ``key`` (e.g. an account's failed logins after a success)."""
+        await self._r.delete(f"{self._p}rl:{_positive('window_s', window_s)}:{_text('key', key)}")
+
+    async def lock(self, key: str, ttl_s: int) -> None:
+        """Hold a lock-out named ``key`` for ``ttl_s`` seconds (``p lock:<key>``; a new one restarts it)."""
+        await self._r.set(f"{self._p}lock:{_text('key', key)}", b"1", ex=_positive("ttl_s", ttl_s))
+
+    async def locked_for(self, key: str) -> int:
+        """Whole seconds (ceil) the lock-out ``key`` still holds; 0 when there is none."""
+        ttl_ms = int(await self._r.pttl(f"{self._p}lock:{_text('key', key)}"))
+        return math.ceil(ttl_ms / 1000) if ttl_ms > 0 else 0
 
     # -- idempotency -------------------------------------------------------------------------------
 

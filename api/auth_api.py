@@ -1,0 +1,202 @@
+"""``/api/auth``: sign in, sign out, who am I, change my password.
+
+Login limits, all in the warm tier (settings in brackets; README states the defaults):
+
+==========================  =========================================================================
+limit                       rule
+==========================  =========================================================================
+per client address          ``login_per_address_per_min`` (10) attempts a minute; addresses in
+                            ``per_address_exempt`` (a local reverse proxy) are not counted here
+per account (e-mail)        ``login_per_account_per_min`` (10) attempts a minute
+lock-out                    ``login_lockout_failures`` (5) wrong passwords for one e-mail address
+                            within ``login_lockout_s`` (900 s) lock that address for
+                            ``login_lockout_s``: even the right password gets 429 until it ends
+==========================  =========================================================================
+
+Every refusal is 429 ``rate_limited`` with ``Retry-After``.  The account limits are keyed by a hash of
+the e-mail address whether or not a user has it, and an unknown address is verified against a dummy
+hash, so neither the answer nor its timing tells whether an address exists.  A success clears the
+address's failure count.  The lock-out lets anyone who knows an address keep that user out for 15
+minutes at a time: accepted, since the alternative (no lock-out) lets them guess its password.
+
+Audit: ``auth.login`` on success; ``auth.login_failed`` when the address belongs to a user (the
+entry needs a tenant, which an unknown address does not have: those are logged, with a running
+count, as ``auth.login_unknown``).  ``auth.logout`` and ``auth.password_changed`` likewise.
+
+The session is a warm-tier session (``WarmStore.create_session``, 7 days, slid on use), handed back
+as ``token`` and as the cookie ``sb_session`` (HttpOnly, SameSite=Strict, Path=/, Max-Age 7 days,
+and Secure unless the server is bound to a loopback address: a plain-HTTP local set-up must work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from api.accounts import MAX_PASSWORD, ORG_COLUMNS, USER_COLUMNS, OrgOut, Password, UserOut, org_out, user_out
+from api.auth import SESSION_COOKIE, Role, bearer
+from api.envelope import ApiError
+from api.middleware import is_loopback
+from api.rest import Reply, Req, Route, Strict
+
+log = logging.getLogger("switchboard.auth")
+
+SESSION_MAX_AGE_S = 7 * 86400
+_unknown_logins = itertools.count(1)
+
+
+class LoginIn(Strict):
+    email: Annotated[str, StringConstraints(min_length=1, max_length=320)]
+    password: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSWORD)]
+
+
+class SessionOut(BaseModel):
+    token: str
+    user: UserOut
+    org: OrgOut
+    expires_in: int = Field(description="seconds; the session slides on use")
+
+
+class MeOut(BaseModel):
+    kind: str = Field(description="session or api_key")
+    role: Role
+    user: UserOut | None
+    org: OrgOut
+    api_key_id: str | None = None
+
+
+class PasswordIn(Strict):
+    current_password: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PASSWORD)]
+    new_password: Password
+
+
+class LoggedOut(BaseModel):
+    revoked: bool
+
+
+def _cookie(req: Req, token: str) -> tuple[str, str, dict[str, Any]]:
+    attrs: dict[str, Any] = {"httponly": True, "samesite": "Strict", "path": "/", "max_age": SESSION_MAX_AGE_S}
+    if not is_loopback(req.rt.settings.host):
+        attrs["secure"] = True
+    return (SESSION_COOKIE, token, attrs)
+
+
+async def _limit(req: Req, key: str, limit: int) -> None:
+    assert req.rt.tiers is not None
+    d = await req.rt.tiers.warm.hit_rate_limit(key, limit, 60)
+    if not d.allowed:
+        raise ApiError("rate_limited", "too many sign-in attempts; wait and retry",
+                       headers={"Retry-After": str(d.reset_s)})
+
+
+async def _session_reply(req: Req, user_id: Any, org_id: Any, role: str, status: int = 200) -> Reply:
+    tiers = req.rt.tiers
+    assert tiers is not None
+    token = await tiers.warm.create_session(user_id=str(user_id), org_id=str(org_id), role=role)
+    async with tiers.db.tenant(org_id) as conn:
+        user = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        org = await conn.fetchrow(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1", org_id)
+    return Reply({"token": token, "user": user_out(user), "org": org_out(org), "expires_in": SESSION_MAX_AGE_S},
+                 status=status, cookies=(_cookie(req, token),), headers={"Cache-Control": "no-store"})
+
+
+async def login(req: Req) -> Reply:
+    body: LoginIn = req.body
+    s = req.rt.settings
+    tiers = req.rt.tiers
+    assert tiers is not None
+    warm = tiers.warm
+    if req.ip and req.ip not in s.per_address_exempt:
+        await _limit(req, f"login:ip:{req.ip}", s.login_per_address_per_min)
+    email = body.email.strip().lower()
+    account = hashlib.sha256(email.encode()).hexdigest()[:32]
+    await _limit(req, f"login:acct:{account}", s.login_per_account_per_min)
+    locked = await warm.locked_for(f"login:{account}")
+    if locked:
+        raise ApiError("rate_limited", "too many wrong passwords for this address; wait and retry",
+                       headers={"Retry-After": str(locked)})
+    async with tiers.db.no_tenant() as conn:
+        row = await conn.fetchrow("SELECT user_id, org_id, password_hash, role FROM auth_login_lookup($1)", email)
+    if not await req.rt.auth.passwords.verify(row["password_hash"] if row else None, body.password):
+        failures = await warm.hit_rate_limit(f"loginfail:{account}", s.login_lockout_failures, s.login_lockout_s)
+        now_locked = failures.remaining == 0
+        if now_locked:
+            await warm.lock(f"login:{account}", s.login_lockout_s)
+        if row is None:
+            log.info("auth.login_unknown", extra={"count": next(_unknown_logins)})
+        else:
+            async with tiers.db.tenant(row["org_id"]) as conn:
+                entry = req.audit("auth.login_failed", "user", row["user_id"], None,
+                                  {"locked": now_locked}, org_id=row["org_id"], actor_id=row["user_id"])
+                await entry.apply(conn)
+        raise ApiError("unauthenticated", "wrong e-mail address or password")
+    await warm.reset_rate_limit(f"loginfail:{account}", s.login_lockout_s)
+    async with tiers.db.tenant(row["org_id"]) as conn:
+        await conn.execute("UPDATE users SET last_login_at = now() WHERE id = $1", row["user_id"])
+        entry = req.audit("auth.login", "user", row["user_id"], org_id=row["org_id"], actor_id=row["user_id"])
+        await entry.apply(conn)
+    return await _session_reply(req, row["user_id"], row["org_id"], row["role"])
+
+
+async def logout(req: Req) -> Reply:
+    tiers = req.rt.tiers
+    assert tiers is not None
+    token = _presented_session(req)
+    revoked = bool(token) and await tiers.warm.revoke_session(token)
+    async with tiers.db.tenant(req.p.org_id) as conn:
+        await req.audit("auth.logout", "user", req.p.user_id).apply(conn)
+    return Reply({"revoked": revoked}, cookies=((SESSION_COOKIE, "", {"path": "/"}),))
+
+
+def _presented_session(req: Req) -> str:
+    token = bearer(req.request)
+    return token if token is not None else req.request.cookies.get(SESSION_COOKIE, "")
+
+
+async def me(req: Req) -> Reply:
+    p = req.p
+    assert req.rt.tiers is not None
+    async with req.rt.tiers.db.tenant(p.org_id) as conn:
+        org = await conn.fetchrow(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1", p.org_id)
+        user = (await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", p.user_id)
+                if p.user_id is not None else None)
+    if org is None:
+        raise ApiError("unauthenticated", "this credential's organisation is gone")
+    return Reply({"kind": p.kind, "role": p.role.value, "user": user_out(user) if user else None,
+                  "org": org_out(org), "api_key_id": p.subject if p.kind == "api_key" else None})
+
+
+async def change_password(req: Req) -> Reply:
+    body: PasswordIn = req.body
+    p = req.p
+    tiers = req.rt.tiers
+    assert tiers is not None
+    async with tiers.db.tenant(p.org_id) as conn:
+        stored = await conn.fetchval("SELECT password_hash FROM users WHERE id = $1 AND active", p.user_id)
+    if not await req.rt.auth.passwords.verify(stored, body.current_password):
+        raise ApiError("forbidden", "the current password is wrong")
+    new_hash = await req.rt.auth.passwords.hash(body.new_password)
+    async with tiers.db.tenant(p.org_id) as conn:
+        await conn.execute("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1", p.user_id,
+                           new_hash)
+        await req.audit("auth.password_changed", "user", p.user_id, None, {"password_changed": True}).apply(conn)
+        await tiers.warm.revoke_user_sessions(str(p.user_id))  # every session, this one too ...
+    return await _session_reply(req, p.user_id, p.org_id, p.role.value)  # ... which gets a new one
+
+
+ROUTES = [
+    Route("POST", "/api/auth/login", "login", "Sign in with e-mail and password", "auth", "public", None, login,
+          body=LoginIn, response=SessionOut, errors=("unauthenticated", "rate_limited"), max_body=4096,
+          description="Sets the sb_session cookie and returns the same token for Authorization: Bearer. "
+                      "Idempotency-Key is ignored here."),
+    Route("POST", "/api/auth/logout", "logout", "Sign out: revoke the presented session", "auth", "session", None,
+          logout, response=LoggedOut),
+    Route("GET", "/api/auth/me", "me", "The caller: user, organisation, role, credential kind", "auth",
+          "credential", None, me, response=MeOut),
+    Route("POST", "/api/auth/password", "change_password", "Change your own password (signs out everywhere else)",
+          "auth", "session", None, change_password, body=PasswordIn, response=SessionOut, max_body=4096),
+]
