@@ -202,9 +202,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 class SseRecorder:
     """The test's own reader of a call's SSE stream, running beside the browser's EventSource."""
 
-    def __init__(self, http: aiohttp.ClientSession, url: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, url: str, token: str) -> None:
         self.events: list[SseEvent] = []
-        self._task = asyncio.create_task(read_sse(http, url, on_event=self.events.append))
+        self._task = asyncio.create_task(read_sse(http, url, token=token, on_event=self.events.append))
 
     def named(self, name: str, **match: object) -> list[dict[str, object]]:
         out = [e.json() for e in self.events if e.event == name]
@@ -512,8 +512,8 @@ async def test_agent_signs_in_and_the_microphone_is_transcribed_by_the_server_an
     org = server.extra["org"]
     call_id = "v3:console-e2e"
     page, problems = await new_page(browser)
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {org['api_key']}"}) as http:
-        sse = SseRecorder(http, f"{server.http}/api/calls/{call_id}/events")
+    async with aiohttp.ClientSession() as http:
+        sse = SseRecorder(http, f"{server.http}/api/calls/{call_id}/events", org["api_key"])
         try:
             await page.goto(f"{server.http}/console?call_id={call_id}&autostart=1")
             await sign_in(page, org["email"], org["password"])
@@ -555,9 +555,13 @@ async def test_agent_signs_in_and_the_microphone_is_transcribed_by_the_server_an
             left = await sse.wait_for("agent.left", 10)
             assert left["session_id"] == joined["session_id"]
 
+            session = next(c["value"] for c in await browser.cookies() if c["name"] == "sb_session")
+            async with http.get(f"{server.http}/api/auth/me", headers={"Cookie": f"sb_session={session}"}) as resp:
+                assert resp.status == 200
             await page.click("#sign-out")
             await page.wait_for_selector("#login-section:not([hidden])")
-            async with http.get(f"{server.http}/api/auth/me", headers={"Authorization": ""}) as resp:
+            # Signing out revoked the session on the server, not only in the page.
+            async with http.get(f"{server.http}/api/auth/me", headers={"Cookie": f"sb_session={session}"}) as resp:
                 assert resp.status == 401
         finally:
             await sse.aclose()
