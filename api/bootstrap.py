@@ -144,7 +144,8 @@ async def create_org_with_owner(conn: asyncpg.Connection, name: str, email: str,
             slug = await conn.fetchval("SELECT slug FROM organizations WHERE id = $1", org_id)
             for action, kind, rid, value in (
                 ("org.created", "organization", org_id, {"name": name, "slug": slug}),
-                ("user.created", "user", user_id, {"email": email, "role": Role.OWNER.value}),
+                # No address: the audit trail is append-only and outlives the user (api/accounts.py).
+                ("user.created", "user", user_id, {"role": Role.OWNER.value}),
                 ("api_key.created", "api_key", key.id, {"name": "owner's admin key", "prefix": key.prefix,
                                                         "role": Role.ADMIN.value}),
                 ("media_token.created", "media_token", token.id, {"name": "default", "prefix": token.prefix}),

@@ -45,9 +45,11 @@ EXTERNAL = [
     _doc("GET", "/readyz", "readyz", "Readiness: each storage tier answers", "probes", "public", None,
          {200: "ready", 503: "a tier is down"}),
     _doc("GET", "/api/media/telnyx", "telnyx_media", "Telnyx media stream (WebSocket upgrade)", "media", "media",
-         None, {101: "switching protocols", 400: "not a WebSocket upgrade", 401: "no or unknown media token"},
+         None, {101: "switching protocols (a missing or unknown media token is then closed with 1008)",
+                400: "not a WebSocket upgrade"},
          description="Credential: the organisation's media token, sent by Telnyx as stream_auth_token "
-                     "(header x-telnyx-streaming-auth-token).  See PROTOCOLS.md for the messages."),
+                     "(header x-telnyx-streaming-auth-token, or the connected message's field of that name).  The "
+                     "messages are Telnyx's media streaming protocol (README, Interfaces)."),
     _doc("GET", "/api/calls/{call_id}/events", "call_events", "A call's live events (Server-Sent Events)", "calls",
          "action", "calls.watch", {200: "text/event-stream", 204: "the call ended, nothing to replay",
                                    400: "bad call id or Last-Event-ID", 401: "no credential", 404: "unknown call",

@@ -21,7 +21,7 @@ step  what                   refusal
 8     the handler            its own ``ApiError``; storage failures: 503; anything else: 500
 ====  =====================  ========================================================================
 
-Idempotency (PROTOCOLS.md, "Idempotency-Key"): the key is optional on every mutation and honoured
+Idempotency (the IETF Idempotency-Key draft, as Stripe does it): the key is optional on every mutation and honoured
 when given (1-255 printable ASCII characters).  It is scoped per organisation and per credential: the
 warm-tier key is ``sha256(credential subject, key)`` under the organisation, so two API keys of one
 organisation can use the same key without meeting.  The fingerprint is ``sha256(method, path, body)``.

@@ -83,6 +83,7 @@ async def check_created(conn: asyncpg.Connection, out: dict[str, str], *, name: 
     assert [a["action"] for a in audit] == ["org.created", "user.created", "api_key.created", "media_token.created"]
     assert {(a["actor_type"], a["actor_id"]) for a in audit} == {("system", actor_id)}
     for row in audit:
+        assert email not in row["v"], "the append-only audit trail keeps no e-mail address"
         for secret in (out["password"], out["api_key"], out["media_token"]):
             assert secret not in row["v"] and secret[12:] not in row["v"]
 

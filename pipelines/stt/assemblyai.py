@@ -1,4 +1,4 @@
-"""AssemblyAI Universal-Streaming v3 (``wss://streaming.assemblyai.com/v3/ws``), see PROTOCOLS.md.
+"""AssemblyAI Universal-Streaming v3 (``wss://streaming.assemblyai.com/v3/ws``), as AssemblyAI documents it.
 
 One WebSocket per session, authenticated with ``Authorization: <key>``; query ``sample_rate``,
 ``encoding`` (``pcm_mulaw``: our PCM frames are encoded back to mu-law, bit-exact for audio that came

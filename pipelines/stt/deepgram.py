@@ -1,4 +1,4 @@
-"""Deepgram live streaming (``wss://api.deepgram.com/v1/listen``), see PROTOCOLS.md.
+"""Deepgram live streaming (``wss://api.deepgram.com/v1/listen``), as Deepgram documents it.
 
 One WebSocket per session, authenticated with ``Authorization: Token <key>``; query ``encoding``
 (``mulaw``: our PCM frames encoded back to mu-law, bit-exact for G.711 mu-law calls; or ``linear16``),

@@ -1,6 +1,6 @@
 """A fake AssemblyAI Universal-Streaming v3 server on 127.0.0.1, for tests of ``pipelines/stt/assemblyai.py``.
 
-What it emulates (PROTOCOLS.md): the handshake checks ``Authorization: <key>`` (a wrong key is accepted
+Emulated (AssemblyAI's docs): the handshake checks ``Authorization: <key>`` (a wrong key is accepted
 and closed with 4001, as AssemblyAI's legacy code says) and the query (``sample_rate``, ``encoding``
 ``pcm_s16le``/``pcm_mulaw``, ``format_turns``; anything else invalid gets ``Error`` 3006 and close 3006);
 then ``Begin``; binary audio; ``KeepAlive``, ``ForceEndpoint``, ``Terminate`` (answered by ``Termination``

@@ -1,6 +1,6 @@
 """A fake Deepgram live server (``/v1/listen``) on 127.0.0.1, for tests of ``pipelines/stt/deepgram.py``.
 
-What it emulates (PROTOCOLS.md): the handshake checks ``Authorization: Token <key>`` (HTTP 401 if wrong)
+Emulated (Deepgram's docs): the handshake checks ``Authorization: Token <key>`` (HTTP 401 if wrong)
 and the query (``encoding`` mulaw/linear16, ``sample_rate``, ``interim_results=true``; HTTP 400 otherwise);
 binary audio; ``KeepAlive``; ``Finalize``; ``CloseStream`` (the last results, ``Metadata``, close 1000);
 and the idle close: nothing received for ``idle_timeout`` (Deepgram: 10 s) closes with 1011 "NET-0001".
