@@ -156,6 +156,7 @@ async def patch_org(req: Req) -> Reply:
         await req.audit("org.updated", "organization", req.p.org_id,
                         {"name": old["name"], "settings": old["settings"]},
                         {"name": name, "settings": settings}).apply(conn)
+    req.rt.policies.forget(req.p.org_id)  # this node's next call reads the new settings; others within 30 s
     return Reply(org_out(row))
 
 

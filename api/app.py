@@ -2,7 +2,7 @@
 
 ``open_runtime`` is the one place the node's services are built: it opens the storage tiers (or
 their embedded defaults), recovers what a crashed run left, starts the translator, resolves the
-organisation's speech policy and warms the recognisers, then hands everything to ``Runtime``.
+node's speech policy and warms its recognisers, then hands everything to ``Runtime``.
 ``make_app`` binds each route's handler to the services it needs (no handler looks anything up on
 the app).  ``build_app`` is both.  Shutdown drains live calls (``Runtime.drain``), cleanup closes
 everything in reverse (``Runtime.aclose``).
@@ -47,7 +47,6 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
     s = settings or Settings()
     async with contextlib.AsyncExitStack() as opened:
         tiers = persistence = translation = None
-        org_settings: dict[str, object] = {}
         if s.persist:
             tiers = await open_tiers(s, local_blob_store(s))
             opened.push_async_callback(tiers.aclose)
@@ -56,11 +55,9 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
                                       uploads=s.recording_uploads, node_id=s.node_id)
             opened.push_async_callback(persistence.drain, 30.0)
             await recover_on_start(persistence, s.node_id)  # before any stream is accepted
-            org_settings = await tiers.org_settings()
-        # The organisation's own choices (its STT chain, translation, SSE redaction) over the node's.
-        # Node-wide: the bootstrap organisation's (tiers.org_settings), applied to every organisation's
-        # calls, although calls are otherwise kept per organisation (api.call_session.call_key).
-        speech = Speech(s, Policy.resolve(s, org_settings if stt is None else None), override=stt)
+        # The node's own policy, from the settings; each call runs under its organisation's
+        # (api.speech.OrgPolicies: its STT chain, translation target and SSE redaction over these).
+        speech = Speech(s, Policy.resolve(s), override=stt)
         opened.push_async_callback(speech.aclose)
         translator = make_translator(s)
         if translator is not None:

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from api.speech import CallEvents
+from api.speech import CallEvents, Policy
 from api.telnyx_protocol import Dtmf, Media, Started
 from engine.errors import Overflow
 from engine.frames import Track
@@ -61,14 +61,15 @@ def call_key(org_id: uuid.UUID, call_id: str) -> str:
 
 
 def speech_leg(rt: Runtime, key: str, call_id: str, stream_id: str, language: str, target: str | None,
-               record: CallRecord | None) -> tuple[CallEvents, CallPipeline]:
+               record: CallRecord | None, policy: Policy) -> tuple[CallEvents, CallPipeline]:
     """The publisher and pipeline of one party's audio on a call (the caller's stream, an agent's
-    microphone): transcripts go through ``CallEvents`` (redaction, SSE, storage, translation)."""
-    provider = rt.speech.for_language(language)
+    microphone), under its organisation's ``policy``: transcripts go through ``CallEvents``
+    (redaction, SSE, storage, translation)."""
+    provider = rt.speech.for_language(language, policy)
     events = CallEvents(
         call_id=call_id, channel=key, stream_id=stream_id, language=language, target=target, hub=rt.hub,
         redactor=rt.redactor,
-        sse_redacted=rt.speech.policy.sse_redacted, provider=provider.name, stage=rt.translation,
+        sse_redacted=policy.sse_redacted, provider=provider.name, stage=rt.translation,
         persistence=rt.persistence, record=record)
     pipeline = CallPipeline(call_id=call_id, stream_id=stream_id, provider=provider, publish=events.publish,
                             segmenter=rt.segmenter, phrases=rt.phrases, language=language)
@@ -110,7 +111,7 @@ class CallRegistry:
 
 class CallSession:
     def __init__(self, rt: Runtime, leg: MediaStream, started: Started, org_id: uuid.UUID, *, language: str,
-                 target: str | None) -> None:
+                 target: str | None, policy: Policy) -> None:
         self.rt = rt
         self.leg = leg
         self.started = started
@@ -121,6 +122,7 @@ class CallSession:
         self.rate = started.sample_rate
         self.language = language
         self.target = target
+        self.policy = policy  # the organisation's speech policy (api.speech.OrgPolicies)
         self.machine = CallMachine(CallState.STREAMING)
         self.record: CallRecord | None = None  # the stored call, when persistence is on
         self.recorder: CallRecorder | None = None
@@ -153,7 +155,7 @@ class CallSession:
                 encoding=ev.encoding, sample_rate=ev.sample_rate)
             self.recorder = self.record.recorder
         self.events, self.pipeline = speech_leg(rt, self.key, self.call_id, ev.stream_id, self.language, self.target,
-                                                self.record)
+                                                self.record, self.policy)
         provider = self.events.provider
         rt.hub.publish(self.key, CallStarted(
             self.call_id, ev.stream_id, ev.call_session_id, ev.encoding, ev.sample_rate, ev.from_, ev.to,

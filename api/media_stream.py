@@ -43,6 +43,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 from api.call_session import CallSession
 from api.inline_ws import InlineWebSocketResponse
 from api.settings import Settings
+from api.speech import Policy
 from api.telnyx_protocol import (
     AUTH_FIELD,
     Connected,
@@ -78,7 +79,8 @@ class MediaStream:
         self.transport = transport
         self.pending = True  # counted in Admission until it starts or closes
         self.language = "en"  # spoken on the call (?language= on the stream URL)
-        self.target: str | None = None  # translated into (?translate_to=, or the policy's default)
+        self.target: str | None = None  # ?translate_to= as asked ("none" included); None: the policy's default
+        self.policy: Policy | None = None  # the organisation's speech policy, read with its media token
         self.session: CallSession | None = None
         self.org_id: uuid.UUID | None = None  # the media token's organisation, once known
         self.auth_task: asyncio.Task[None] | None = None  # looking up the `connected` field's token
@@ -168,7 +170,7 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     event, detail = CallEvent.HANGUP, ""
     try:
         if header_token is not None:
-            stream.org_id = await _media_org(rt, header_token)
+            stream.org_id, stream.policy = await _media_org(rt, header_token)
             if stream.org_id is None:
                 await ws.prepare(request)
                 raise PolicyViolation("stream auth token unknown")
@@ -197,19 +199,21 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _media_org(rt: Runtime, token: str) -> uuid.UUID | None:
-    """The token's organisation; ``TryAgainLater`` (1013) when it cannot be looked up now."""
+async def _media_org(rt: Runtime, token: str) -> tuple[uuid.UUID | None, Policy | None]:
+    """The token's organisation and its speech policy; ``TryAgainLater`` (1013) when the token cannot
+    be looked up now."""
     try:
-        return await rt.auth.media_org(token)
+        org = await rt.auth.media_org(token)
     except Exception as exc:  # the hot tier is down: the carrier retries the stream later
         log.warning("stream.auth_unavailable", extra={"error": type(exc).__name__})
         raise TryAgainLater("stream auth token cannot be checked now") from None
+    return org, (await rt.policies.get(org) if org is not None else None)
 
 
 async def _authenticate(rt: Runtime, stream: MediaStream, token: str) -> None:
     """Look up the `connected` field's token, then release (or refuse) what the protocol held."""
     try:
-        stream.org_id = await _media_org(rt, token)
+        stream.org_id, stream.policy = await _media_org(rt, token)
         if stream.ending is not None:
             return
         _dispatch(rt, stream, stream.protocol.authenticated(stream.org_id is not None))
@@ -326,7 +330,9 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
     """Claim a stream slot and the call id, then start the call; raises when either is refused."""
     if stream.org_id is None:  # the protocol lets no `start` through before authentication
         raise PolicyViolation("stream auth token missing")
-    session = CallSession(rt, stream, ev, stream.org_id, language=stream.language, target=stream.target)
+    policy = stream.policy or rt.policies.node
+    session = CallSession(rt, stream, ev, stream.org_id, language=stream.language,
+                          target=call_target(rt, stream.language, stream.target, policy), policy=policy)
     refused = rt.calls.claim(session)
     if refused == "call already streaming":
         raise PolicyViolation(refused)
@@ -347,19 +353,26 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
 
 
 def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
-    """The call's language and translation target from the stream URL, checked before the upgrade."""
+    """The call's language and the translation target the stream URL asks for (``None``: the
+    organisation's default, known only once its media token is), checked before the upgrade."""
     s = rt.settings
     language = request.query.get("language", s.languages[0])
     if language not in s.languages:
         raise web.HTTPBadRequest(text=f"language must be one of {s.languages}")
-    target = request.query.get("translate_to") or rt.speech.policy.translate_to.get(language)
-    if target == "none":
-        target = None
-    if target is not None and (target not in s.languages or target == language):
+    asked = request.query.get("translate_to") or None
+    if asked is not None and asked != "none" and (asked not in s.languages or asked == language):
         raise web.HTTPBadRequest(text=f"translate_to must be 'none' or another of {s.languages}")
-    if rt.translation is None:  # no translator configured: nothing will be translated
-        target = None
-    return language, target
+    return language, asked
+
+
+def call_target(rt: Runtime, language: str, asked: str | None, policy: Policy) -> str | None:
+    """What a call's finals are translated into: what was asked, else the organisation's choice for
+    the language; none when that is "none", not a served language, the call's own, or when no
+    translator is configured."""
+    target = asked or policy.translate_to.get(language)
+    if target is None or target == "none" or target == language or target not in rt.settings.languages:
+        return None
+    return target if rt.translation is not None else None
 
 
 class StreamWatch:

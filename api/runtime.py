@@ -53,7 +53,7 @@ class Runtime:
     """Every service of one node, built once (``api.app.open_runtime``) and handed to each door.
 
     Nothing is attached later: what needs the async start-up (the storage tiers, the translator,
-    the organisation's speech policy) is opened before this object exists and given to it here;
+    the node's speech recognisers) is opened before this object exists and given to it here;
     what only needs the settings is built here.  ``start`` starts the background tasks, ``drain``
     ends live calls at shutdown, ``aclose`` releases everything in reverse order.
     """
@@ -68,6 +68,7 @@ class Runtime:
         from api.persistence import BusForwarder
         from api.readiness import Readiness
         from api.relay import BusRelay
+        from api.speech import OrgPolicies
         from api.webrtc import AgentSessions
 
         s = settings
@@ -80,6 +81,7 @@ class Runtime:
         self.phrases: tuple[str, ...] = s.phrases()
         self.stats = Stats()
         self.auth = Authenticator(s, tiers)  # every door's identity check
+        self.policies = OrgPolicies(s, speech.policy, tiers, fresh_s=s.org_settings_cache_s)  # per organisation
         self.redactor = Redactor()
         self.hub = EventHub(history=s.sse_history, client_buffer=s.sse_client_buffer, max_calls=s.sse_max_calls,
                             retention_s=s.sse_retention_s, max_pending=s.sse_max_pending,

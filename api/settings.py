@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     # An admin API key of the bootstrap organisation (must start with "sbk_"), registered likewise;
     # with storage off, the only API credential.
     bootstrap_api_key: SecretStr | None = None
+    org_settings_cache_s: float = Field(30.0, ge=0)  # an organisation's speech policy is re-read this often
     media_token_cache_s: float = Field(30.0, ge=0)  # a known media token is re-checked this often (api/auth.py)
     metrics_token: SecretStr | None = None  # Bearer for /api/stats (besides admins): a scraper's credential
     max_message_bytes: int = Field(65536, ge=1024)  # larger WebSocket messages close with 1009

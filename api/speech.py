@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,13 +36,15 @@ from pipelines.translation import TranslationJob, TranslationStage
 
 if TYPE_CHECKING:
     from api.persistence import CallRecord, Persistence
+    from api.tiers import Tiers
 
 log = logging.getLogger("switchboard.speech")
 
 
 @dataclass(frozen=True)
 class Policy:
-    """What an organisation chose; the node's settings fill in the rest."""
+    """What an organisation chose (its ``settings`` JSON, written by ``PATCH /api/org``); the node's
+    settings fill in the rest.  Each call runs under its organisation's policy (``OrgPolicies``)."""
 
     stt_chain: dict[str, list[str]]
     translate_to: dict[str, str]
@@ -98,31 +103,53 @@ def make_translator(s: Settings) -> Translator | None:
 
 
 class Speech:
-    """STT providers (one instance per name, shared by the chains that use it) and chains per language."""
+    """STT providers (one instance per name, shared by every chain that uses it) and chains (one per
+    list of names, shared by the organisations that chose it: a chain's circuit breakers are about
+    its providers, not about who calls).  The node's own policy (``policy``, from the settings alone)
+    is built at start-up and warmed; a chain an organisation chose is built at its first call.  A
+    provider that cannot be built here (no API key for it on this node) makes that organisation's
+    calls fall back to the node's chain for the language, logged once."""
 
     def __init__(self, s: Settings, policy: Policy, *, override: SttProvider | None = None) -> None:
         self.policy = policy
+        self._settings = s
         self._override = override
         self._providers: dict[str, SttProvider] = {}
-        self._chains: dict[str, SttProvider] = {}
+        self._chains: dict[tuple[str, ...], SttProvider] = {}
+        self._unbuildable: set[tuple[str, ...]] = set()
         if override is None:
-            for lang, names in policy.stt_chain.items():
-                members = [self._provider(n, s) for n in names]
-                self._chains[lang] = members[0] if len(members) == 1 else FailoverProvider(
-                    members, threshold=s.stt_breaker_failures, cooldown_s=s.stt_breaker_cooldown_s)
+            for names in policy.stt_chain.values():
+                self._chain(tuple(names))
 
-    def _provider(self, name: str, s: Settings) -> SttProvider:
+    def _chain(self, names: tuple[str, ...]) -> SttProvider:
+        chain = self._chains.get(names)
+        if chain is None:
+            s = self._settings
+            members = [self._provider(n) for n in names]
+            chain = members[0] if len(members) == 1 else FailoverProvider(
+                members, threshold=s.stt_breaker_failures, cooldown_s=s.stt_breaker_cooldown_s)
+            self._chains[names] = chain
+        return chain
+
+    def _provider(self, name: str) -> SttProvider:
         if name not in self._providers:
-            self._providers[name] = make_provider(name, s)
+            self._providers[name] = make_provider(name, self._settings)
         return self._providers[name]
 
-    def for_language(self, language: str) -> SttProvider:
+    def for_language(self, language: str, policy: Policy | None = None) -> SttProvider:
+        """The chain ``policy`` (default: the node's) names for ``language`` (or for ``"*"``)."""
         if self._override is not None:
             return self._override
-        chain = self._chains.get(language) or self._chains.get("*")
-        if chain is None:
-            raise LookupError(f"no speech-to-text provider for language {language!r}")
-        return chain
+        for chosen in (policy or self.policy, self.policy):
+            names = chosen.stt_chain.get(language) or chosen.stt_chain.get("*")
+            if names is None or tuple(names) in self._unbuildable:
+                continue
+            try:
+                return self._chain(tuple(names))
+            except ValueError as exc:  # e.g. a cloud provider without its API key on this node
+                self._unbuildable.add(tuple(names))
+                log.warning("speech.chain_unavailable", extra={"chain": list(names), "error": str(exc)[:200]})
+        raise LookupError(f"no speech-to-text provider for language {language!r}")
 
     async def warm(self, phrases: tuple[str, ...]) -> None:
         for p in ([self._override] if self._override else self._providers.values()):
@@ -131,6 +158,52 @@ class Speech:
     async def aclose(self) -> None:
         for p in ([self._override] if self._override else self._providers.values()):
             await p.aclose()
+
+
+class OrgPolicies:
+    """Each organisation's ``Policy``, read from PostgreSQL and remembered for ``fresh_s`` (a change by
+    ``PATCH /api/org`` reaches this node at once, other nodes within that); while PostgreSQL does not
+    answer, a remembered one serves up to ``STALE_S``, and an organisation never seen gets the node's
+    (logged): a database outage changes no call's recogniser.  At most ``MAX_ORGS`` remembered, the
+    least recently used goes first.  With storage off every call has the node's policy."""
+
+    STALE_S = 3600.0
+    MAX_ORGS = 10_000
+
+    def __init__(self, s: Settings, node: Policy, tiers: Tiers | None, fresh_s: float = 30.0) -> None:
+        self._settings = s
+        self.node = node
+        self._tiers = tiers
+        self._fresh_s = fresh_s
+        self._known: OrderedDict[uuid.UUID, tuple[float, Policy]] = OrderedDict()
+        self.fallbacks = 0  # calls that got the node's policy because their organisation's could not be read
+
+    async def get(self, org_id: uuid.UUID) -> Policy:
+        if self._tiers is None:
+            return self.node
+        now, known = time.monotonic(), self._known.get(org_id)
+        if known is not None and now - known[0] < self._fresh_s:
+            self._known.move_to_end(org_id)
+            return known[1]
+        try:
+            async with self._tiers.db.tenant(org_id) as conn:
+                raw = await conn.fetchval("SELECT settings FROM organizations WHERE id = $1", org_id)
+        except Exception as exc:
+            if known is not None and now - known[0] < self.STALE_S:
+                return known[1]
+            self.fallbacks += 1
+            log.warning("speech.policy_unavailable", extra={"org_id": str(org_id), "error": type(exc).__name__})
+            return self.node
+        policy = Policy.resolve(self._settings, dict(raw or {}))
+        self._known[org_id] = (now, policy)
+        self._known.move_to_end(org_id)
+        while len(self._known) > self.MAX_ORGS:
+            self._known.popitem(last=False)
+        return policy
+
+    def forget(self, org_id: uuid.UUID) -> None:
+        """The organisation's settings changed (on this node): read them again at its next call."""
+        self._known.pop(org_id, None)
 
 
 @dataclass

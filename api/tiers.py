@@ -57,13 +57,6 @@ class Tiers:
         self.supervisor = TierSupervisor(self.embedded, interval_s=interval_s, backoff_max_s=backoff_max_s)
         self.supervisor.start()
 
-    async def org_settings(self) -> dict[str, Any]:
-        """The bootstrap organisation's settings JSON (its STT chain, translation and SSE choices), which
-        the node applies to every call (per-organisation speech policies are not built yet)."""
-        async with self.db.tenant(DEFAULT_ORG_ID) as conn:
-            value = await conn.fetchval("SELECT settings FROM organizations WHERE id = $1", DEFAULT_ORG_ID)
-        return dict(value or {})
-
     async def aclose(self, drain_s: float = 10.0) -> None:
         if self.supervisor is not None:
             await self.supervisor.aclose()  # first: a server stopped below must stay stopped

@@ -65,6 +65,7 @@ from api.auth import Principal, require
 from api.call_session import call_key, speech_leg
 from api.envelope import ApiError, not_found, ok
 from api.middleware import body_limit
+from api.speech import Policy
 from api.webrtc_signal import MAX_SDP_BYTES, OfferRequest, SignalError, parse_offer_request
 from engine.frames import Track
 from engine.quota import TokenBucket
@@ -107,21 +108,21 @@ def restrict_host_candidates(addresses: Sequence[str]) -> None:
 class AgentSession:
     """One agent's WebRTC session on one call."""
 
-    def __init__(self, registry: AgentSessions, req: OfferRequest, principal: Principal) -> None:
+    def __init__(self, registry: AgentSessions, req: OfferRequest, principal: Principal, policy: Policy) -> None:
         rt = registry.rt
         self.registry = registry
         self.id = uuid.uuid4().hex
         self.owner = principal_key(principal)
         self.agent_id, self.call_id, self.language = principal.subject, req.call_id, req.language
         self.key = call_key(principal.org_id, req.call_id)  # the call in the principal's organisation
-        provider = rt.speech.for_language(req.language)
+        provider = rt.speech.for_language(req.language, policy)
         self.rate = provider.sample_rate if provider.sample_rate in (8000, 16000) else 16000
-        target = rt.speech.policy.translate_to.get(req.language)
+        target = policy.translate_to.get(req.language)
         stream = rt.calls.get(self.key)
         self.events, self.pipeline = speech_leg(
             rt, self.key, req.call_id, self.id, req.language,
             target if target in rt.settings.languages and target != req.language else None,
-            stream.record if stream else None)
+            stream.record if stream else None, policy)
         self.bridge = AgentBridge(stt_rate=self.rate, on_agent_audio=self._feed, jitter_ms=rt.settings.webrtc_jitter_ms,
                                   vad_aggressiveness=rt.settings.vad_aggressiveness,
                                   hangover_ms=rt.settings.vad_hangover_ms)
@@ -348,6 +349,7 @@ async def offer(registry: AgentSessions, request: web.Request) -> web.Response:
     except Exception as exc:  # aiortc's parser raises whatever the bad line provokes, often a bare assert
         raise ApiError("bad_request", "sdp could not be parsed: "
                        f"{str(exc) or 'a line does not follow the SDP grammar'}") from None
+    policy = await rt.policies.get(principal.org_id)  # before the checks below: none of them awaits
     live = registry.by_agent.get(owner)  # this principal's own session: nobody else's is reachable
     if live is not None and not req.replace:
         raise ApiError("conflict", "you already have a live session on this node"
@@ -358,7 +360,7 @@ async def offer(registry: AgentSessions, request: web.Request) -> web.Response:
     if len(registry) >= rt.settings.webrtc_max_sessions:
         raise ApiError("unavailable", f"too many WebRTC sessions: {rt.settings.webrtc_max_sessions} live",
                        headers={"Retry-After": "1"})
-    session = AgentSession(registry, req, principal)
+    session = AgentSession(registry, req, principal, policy)
     registry.add(session)  # before any await: a concurrent offer of the same principal gets its 409
     try:
         answer = await session.negotiate(req.sdp)

@@ -295,3 +295,44 @@ async def test_webrtc_flood_replace_and_delete_by_other_principals_leave_the_vic
     finally:
         await victim.close()
         await intruder.close()
+
+
+async def _started_under(server: Server, http: aiohttp.ClientSession, media_token: str, api_key: str) -> dict[str, Any]:
+    """Stream a short call with ``media_token`` and return its ``call.started`` as ``api_key`` reads it."""
+    call_id = f"v3:policy-{uuid.uuid4().hex[:8]}"
+    reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{call_id}/events", token=api_key))
+    await asyncio.sleep(0.2)
+    ws = await websockets.connect(server.ws, additional_headers={FIELD: media_token})
+    await ws.send(j(event="connected", version="1.0.0"))
+    await ws.send(start_msg("s-policy", call_id))
+    for seq in range(2, 7):
+        await ws.send(media_msg("s-policy", seq, SILENCE))
+    code, _ = await close_code_after(ws, j(event="stop", sequence_number="7", stream_id="s-policy"))
+    assert code == 1000
+    stream = await asyncio.wait_for(reader, 10)
+    assert stream.events and stream.events[0].event == "call.started", stream.events
+    return stream.events[0].json()
+
+
+async def test_each_call_runs_under_its_own_organisations_speech_policy(
+        server: Server, http: aiohttp.ClientSession, tenants: Tenants) -> None:
+    """PATCH /api/org settings apply to that organisation's next call on this node, to no other's; a
+    chain this node cannot build (a cloud provider without its key) falls back to the node's, logged."""
+    org_url, neighbour = f"{server.http}/api/org", bearer(tenants.other_api_key)
+    try:
+        chain = {"settings": {"stt_chain": {"*": ["null", "null"]}}}
+        status, _ = await answer(http, "PATCH", org_url, neighbour, json=chain)
+        assert status == 200
+        theirs = await _started_under(server, http, tenants.other_media_token, tenants.other_api_key)
+        ours = await _started_under(server, http, MEDIA_TOKEN, API_KEY)
+        assert (theirs["stt_provider"], ours["stt_provider"]) == ("null+null", "null")
+        keyless = {"settings": {"stt_chain": {"*": ["deepgram"]}}}  # no DEEPGRAM_API_KEY on this node
+        status, _ = await answer(http, "PATCH", org_url, neighbour, json=keyless)
+        assert status == 200
+        fallback = await _started_under(server, http, tenants.other_media_token, tenants.other_api_key)
+        assert fallback["stt_provider"] == "null"
+        assert any(line.get("event") == "speech.chain_unavailable" and line.get("chain") == ["deepgram"]
+                   for line in server.logs())
+    finally:
+        status, _ = await answer(http, "PATCH", org_url, neighbour, json={"settings": {"stt_chain": None}})
+        assert status == 200
