@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from api.hub import EventHub
 from api.settings import Settings
 from engine.metrics import LagHistogram
+from engine.quota import PerKeyQuota
 from engine.segmenter import SegmenterConfig
 from pipelines.redaction import Redactor
 from pipelines.translation import TranslationStage
@@ -81,6 +82,7 @@ class Runtime:
         self.phrases: tuple[str, ...] = s.phrases()
         self.stats = Stats()
         self.auth = Authenticator(s, tiers)  # every door's identity check
+        self.sse_held = PerKeyQuota(s.sse_max_per_principal)  # open event streams per user or API key
         self.policies = OrgPolicies(s, speech.policy, tiers, fresh_s=s.org_settings_cache_s)  # per organisation
         self.redactor = Redactor()
         self.hub = EventHub(history=s.sse_history, client_buffer=s.sse_client_buffer, max_calls=s.sse_max_calls,

@@ -126,6 +126,7 @@ class Settings(BaseSettings):
     http_body_timeout_s: float = Field(15.0, gt=0)  # headers complete -> whole body read, else 408 and close
     sse_max_pending: int = Field(1000, ge=1)  # SSE subscribers waiting for calls that have not started
     sse_max_pending_per_address: int = Field(100, ge=1)  # ... of them from one client address
+    sse_max_per_principal: int = Field(50, ge=1)  # event streams one user or API key holds open at once; more: 429
     # Peers the per-address caps do not apply to: a reverse proxy on this host speaks for all its clients
     # (deploy/nginx.conf); limit per client there.  The total caps still apply.
     per_address_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])

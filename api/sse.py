@@ -30,6 +30,9 @@
   Waiting subscriptions never take a slot a new call needs (``api.hub``).
 * 400 for a call id that is not 1-128 characters of ``[A-Za-z0-9:_-.]`` and for a ``Last-Event-ID``
   (or ``last_event_id``) that is not 1-18 ASCII digits; an empty one counts as absent.
+* One user or API key holds at most ``sse_max_per_principal`` event streams open at once on a node
+  (however it presents itself: cookie, Bearer or SSE tokens it minted); past it 429 with
+  ``Retry-After``, so an authenticated client cannot take every socket and buffer of the node.
 * A call whose media stream is on another node is served from the Redis event bus (``api.relay``)
   under the owning node's ids, so a client may reconnect to any node; remote viewers get final and
   lifecycle events, not partials.
@@ -105,6 +108,18 @@ async def call_events(rt: Runtime, request: web.Request) -> web.StreamResponse:
     existing = rt.hub.get(key)
     if existing is not None and existing.ended_at is not None and last_id >= existing.last_id:
         return web.Response(status=204)
+    holder = f"{principal.org_id.hex}/{principal.subject}"  # one user or API key, however it signed in
+    if not rt.sse_held.take(holder):
+        raise ApiError("rate_limited", f"at most {rt.sse_held.limit} event streams open at once per user or key",
+                       headers={"Retry-After": "5"})
+    try:
+        return await _serve(rt, request, call_id, key, last_id)
+    finally:
+        rt.sse_held.give(holder)
+
+
+async def _serve(rt: Runtime, request: web.Request, call_id: str, key: str, last_id: int) -> web.StreamResponse:
+    """Subscribe to the call's channel (``key``: the call in the caller's organisation) and stream it."""
     relay = rt.relay if key not in rt.calls else None  # not on this node (yet): watch the bus too
     try:
         if relay is not None:

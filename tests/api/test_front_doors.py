@@ -32,6 +32,7 @@ from tests.storage.conftest import APP_PASSWORD, DbUrls, migrated_database
 
 FIELD = "x-telnyx-streaming-auth-token"
 OFFER_BURST = 3
+SSE_PER_PRINCIPAL = 4
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, db_urls: DbUrls, redis_url:
                         SWITCHBOARD_RECORDING_ENABLED="false",
                         DATABASE_URL=db_urls.admin, SWITCHBOARD_DATABASE_APP_PASSWORD=APP_PASSWORD,
                         REDIS_URL=redis_url, SWITCHBOARD_WEBRTC_OFFERS_PER_S="0.1",
-                        SWITCHBOARD_WEBRTC_OFFER_BURST=str(OFFER_BURST)) as srv:
+                        SWITCHBOARD_WEBRTC_OFFER_BURST=str(OFFER_BURST),
+                        SWITCHBOARD_SSE_MAX_PER_PRINCIPAL=str(SSE_PER_PRINCIPAL)) as srv:
         srv.extra["tenants"] = asyncio.run(_make_tenants(db_urls.admin))
         srv.extra["admin_url"] = db_urls.admin
         yield srv
@@ -336,3 +338,34 @@ async def test_each_call_runs_under_its_own_organisations_speech_policy(
     finally:
         status, _ = await answer(http, "PATCH", org_url, neighbour, json={"settings": {"stt_chain": None}})
         assert status == 200
+
+
+async def test_one_key_holds_a_bounded_number_of_event_streams_and_others_still_get_theirs(
+        server: Server, tenants: Tenants) -> None:
+    url = f"{server.http}/api/calls/v3:held-{uuid.uuid4().hex[:8]}/events"  # a call that has not started: they wait
+    async with aiohttp.ClientSession() as http:
+        held = [await http.get(url, headers={"Authorization": bearer(tenants.agent_key)})
+                for _ in range(SSE_PER_PRINCIPAL)]
+        try:
+            assert [r.status for r in held] == [200] * SSE_PER_PRINCIPAL
+            # The same key once more, also through an SSE token it minted: refused.
+            status, reply = await answer(http, "GET", url, bearer(tenants.agent_key))
+            assert (status, reply["error"]["code"]) == (429, "rate_limited")
+            status, minted = await answer(http, "POST", url.replace("/events", "/sse-token"),
+                                          bearer(tenants.agent_key), json={})
+            assert status == 200
+            status, _ = await answer(http, "GET", f"{url}?access_token={minted['data']['token']}")
+            assert status == 429
+            # Another principal of the same organisation is not affected.
+            async with http.get(url, headers={"Authorization": bearer(API_KEY)}) as other:
+                assert other.status == 200
+        finally:
+            for r in held[1:]:
+                r.close()
+        for _ in range(50):  # the server notices the departures at its next write (at most a second)
+            async with http.get(url, headers={"Authorization": bearer(tenants.agent_key)}) as again:
+                if again.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert again.status == 200
+        held[0].close()
