@@ -193,13 +193,19 @@ class Passwords:
             self._logins_waiting -= 1
 
 
+def presented(value: str) -> str | None:
+    """``value`` if it could be a credential: 1-``MAX_PRESENTED_CHARS`` printable ASCII, as every secret
+    here is.  Anything else is none, never looked up: a header's non-UTF-8 bytes arrive as surrogates,
+    which neither hashing nor PostgreSQL can encode."""
+    return value if 0 < len(value) <= MAX_PRESENTED_CHARS and value.isascii() and value.isprintable() else None
+
+
 def bearer(request: web.Request) -> str | None:
     raw = request.headers.get("Authorization", "")
     scheme, _, value = raw.partition(" ")
     if scheme.lower() != "bearer":
         return None
-    value = value.strip()
-    return value if 0 < len(value) <= MAX_PRESENTED_CHARS else None
+    return presented(value.strip())
 
 
 class Authenticator:
@@ -221,7 +227,7 @@ class Authenticator:
 
     async def media_org(self, token: str | None) -> uuid.UUID | None:
         """The organisation whose media token this is; ``None`` for a missing or unknown one."""
-        if not token or len(token) > MAX_PRESENTED_CHARS:
+        if not token or presented(token) is None:
             return None
         if self.tiers is None:
             return BOOTSTRAP_ORG_ID if _matches(token, self._media_token) else None
@@ -254,8 +260,7 @@ class Authenticator:
         session cookie; ``None`` when there is none or it is unknown, expired or revoked."""
         token = bearer(request)
         if token is None:
-            cookie = request.cookies.get(SESSION_COOKIE, "")
-            token = cookie if 0 < len(cookie) <= MAX_PRESENTED_CHARS else None
+            token = presented(request.cookies.get(SESSION_COOKIE, ""))
             if token is None:
                 return None
         if token.startswith(API_KEY_PREFIX):
@@ -290,7 +295,7 @@ class Authenticator:
         token = request.query.get("access_token")
         if token is None:
             return await self.principal(request)
-        if not token.startswith(SSE_TOKEN_PREFIX) or len(token) > MAX_PRESENTED_CHARS:
+        if not token.startswith(SSE_TOKEN_PREFIX) or presented(token) is None:
             return None
         found = await self._sse_token(token)
         if found is None or found.call_id != call_id:

@@ -338,6 +338,13 @@ def _stored_error(exc: ApiError) -> StoredResponse:
     return StoredResponse(exc.status, dict(exc.headers), error_response(exc).body)  # type: ignore[arg-type]
 
 
+def _request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` (its first 64 characters) for the audit trail if they are printable ASCII (a
+    header's non-UTF-8 bytes could not be stored), else a new one."""
+    given = request.headers.get("X-Request-Id", "")[:64]
+    return given if 0 < len(given) <= 64 and given.isascii() and given.isprintable() else uuid.uuid4().hex
+
+
 def _idempotency_key(request: web.Request) -> str | None:
     for header in IDEMPOTENCY_HEADERS:
         value = request.headers.get(header)
@@ -381,8 +388,7 @@ async def _serve(rt: Runtime, route: Route, request: web.Request) -> web.StreamR
     params = _path_params(route, request)
     query = _query(route, request)
     body, raw = await _body(route, request)
-    req = Req(rt, request, principal, params, query, body, request.remote,
-              request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex)
+    req = Req(rt, request, principal, params, query, body, request.remote, _request_id(request))
     key = _idempotency_key(request) if route.writes and principal is not None else None
     if key is None:
         return _render(await route.handler(req))

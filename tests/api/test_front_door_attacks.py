@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -130,3 +131,39 @@ async def test_a_flood_of_sign_ins_bounds_the_wait_of_every_other(server: Server
         assert statuses.count(503) >= flood_size - 2 * MAX_LOGINS_WAITING, statuses
         assert set(statuses) <= {401, 503}
         assert await login(http, server, world.a.emails[Role.VIEWER])
+
+
+def _raw(server: Server, head: bytes, body: bytes = b"") -> int:
+    """Send one request exactly as given (bytes no client library would send); its status."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head + b"Host: 127.0.0.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+async def test_credentials_and_request_ids_that_are_not_utf8_are_refused_never_a_500(server: Server,
+                                                                                     world: World) -> None:
+    admin = world.a.sessions[Role.ADMIN].encode()
+    json_type = b"Content-Type: application/json\r\n"
+    key_body = b'{"name":"odd request id","role":"viewer"}'
+    login_body = b'{"email":"' + world.a.emails[Role.AGENT].encode() + b'","password":"not the password at all"}'
+    cases = [  # (request head, body, status)
+        (b"GET /api/auth/me HTTP/1.1\r\nCookie: sb_session=\xff\xfe\r\n", b"", 401),
+        (b"GET /api/auth/me HTTP/1.1\r\nAuthorization: Bearer \xff\xfe\r\n", b"", 401),
+        (b"GET /api/auth/me HTTP/1.1\r\nAuthorization: Bearer sbk_\xff\xfe\r\n", b"", 401),
+        (b"GET /api/stats HTTP/1.1\r\nAuthorization: Bearer \xff\r\n", b"", 401),
+        (b"GET /api/calls/" + world.a.call_id.encode() + b"/events HTTP/1.1\r\nAuthorization: Bearer \xff\r\n", b"",
+         401),
+        (b"POST /api/webrtc/offer HTTP/1.1\r\n" + json_type + b"Authorization: Bearer sbk_\xff\r\n", b"{}", 401),
+        (b"POST /api/api-keys HTTP/1.1\r\n" + json_type + b"Authorization: Bearer " + admin
+         + b"\r\nX-Request-Id: \xff\xfe\r\n", key_body, 201),
+        (b"POST /api/auth/login HTTP/1.1\r\n" + json_type + b"X-Request-Id: \xff\r\n", login_body, 401),
+    ]
+    for head, body, status in cases:
+        assert await asyncio.to_thread(_raw, server, head, body) == status, head
+    assert not [line for line in server.logs() if line.get("level") == "error"]
