@@ -167,3 +167,15 @@ async def test_credentials_and_request_ids_that_are_not_utf8_are_refused_never_a
     for head, body, status in cases:
         assert await asyncio.to_thread(_raw, server, head, body) == status, head
     assert not [line for line in server.logs() if line.get("level") == "error"]
+
+
+async def test_sse_tokens_minted_per_credential_are_rate_limited(server: Server, world: World) -> None:
+    # Each token is a warm-tier key for five minutes: unlimited minting would fill Valkey.
+    viewer, other = world.b.keys[Role.VIEWER], world.b.keys[Role.ADMIN]
+    url = f"/api/calls/{world.b.call_id}/sse-token"
+    async with aiohttp.ClientSession() as http:
+        statuses = [(await call(http, server, "POST", url, viewer, {"ttl_s": 1}))[0] for _ in range(121)]
+        assert statuses.count(200) == 120 and statuses[-1] == 429  # rate_write_per_min, the default
+        status, reply = await call(http, server, "POST", url, viewer, {})
+        assert (status, reply["error"]["code"]) == (429, "rate_limited")
+        assert (await call(http, server, "POST", url, other, {}))[0] == 200  # another credential's own budget
