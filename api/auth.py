@@ -32,7 +32,10 @@ Comparisons of presented secrets against configured ones use ``hmac.compare_dige
 are found by their hash, which reveals nothing about the secret.  Passwords are argon2id
 (``argon2-cffi``, its default parameters: 64 MiB, 3 passes), hashed and verified in threads, at most
 ``HASH_CONCURRENCY`` at a time, so logins cannot starve the event loop or the memory; an unknown
-address is verified against a dummy hash, so the answer takes as long as for a known one.
+address is verified against a dummy hash, so the answer takes as long as for a known one.  At most
+``MAX_LOGINS_WAITING`` sign-ins wait for (or hold) a slot; another is refused at once with 503, so a
+flood of logins from many addresses (or through a reverse proxy, which ``per_address_exempt`` does
+not count) bounds how long any login waits instead of queueing every later one behind it.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ PREFIX_CHARS = 12  # shown to tell keys apart: "sbk_" and 8 random characters
 SSE_TOKEN_MAX_TTL_S = 300
 MAX_PRESENTED_CHARS = 512  # a longer credential is not looked up at all
 HASH_CONCURRENCY = 2  # argon2id runs at once (64 MiB each)
+# Sign-in verifications waiting for or holding a slot (about two seconds of work); past it a login is refused at
+# once (503), so that a flood of logins from many addresses cannot make every login wait without end.
+MAX_LOGINS_WAITING = 32
 MAX_MEMORY_SSE_TOKENS = 10_000  # storage off: SSE tokens held; past it the oldest goes
 # Media tokens found in PostgreSQL are remembered per node: a new stream of a known organisation needs
 # no query for ``settings.media_token_cache_s`` (30 s: so a revocation reaches every node within that),
@@ -146,6 +152,10 @@ def _matches(presented: str, configured: str | None) -> bool:
     return configured is not None and hmac.compare_digest(presented.encode(), configured.encode())
 
 
+class HashersBusy(Exception):
+    """``MAX_LOGINS_WAITING`` sign-ins already wait for a hashing slot (``Passwords.verify(login=True)``)."""
+
+
 class Passwords:
     """argon2id hashing off the event loop, ``HASH_CONCURRENCY`` at a time."""
 
@@ -153,20 +163,41 @@ class Passwords:
         self._hasher = PasswordHasher()
         self._slots = asyncio.Semaphore(HASH_CONCURRENCY)
         self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
+        self._logins_waiting = 0
 
     async def hash(self, password: str) -> str:
         async with self._slots:
             return await asyncio.to_thread(self._hasher.hash, password)
 
-    async def verify(self, stored: str | None, password: str) -> bool:
-        """Constant work whether or not ``stored`` exists (``None``: verify against a dummy, fail)."""
+    async def verify(self, stored: str | None, password: str, *, login: bool = False) -> bool:
+        """Constant work whether or not ``stored`` exists (``None``: verify against a dummy, fail).
+
+        ``login``: an unauthenticated sign-in, which waits for a slot only while fewer than
+        ``MAX_LOGINS_WAITING`` others do, else raises ``HashersBusy`` at once (the same for every address).
+        """
         def check() -> bool:
             try:
                 return self._hasher.verify(stored or self._dummy, password) and stored is not None
             except (VerificationError, InvalidHashError):
                 return False
-        async with self._slots:
-            return await asyncio.to_thread(check)
+        if not login:
+            async with self._slots:
+                return await asyncio.to_thread(check)
+        if self._logins_waiting >= MAX_LOGINS_WAITING:
+            raise HashersBusy
+        self._logins_waiting += 1
+        try:
+            async with self._slots:
+                return await asyncio.to_thread(check)
+        finally:
+            self._logins_waiting -= 1
+
+
+def presented(value: str) -> str | None:
+    """``value`` if it could be a credential: 1-``MAX_PRESENTED_CHARS`` printable ASCII, as every secret
+    here is.  Anything else is none, never looked up: a header's non-UTF-8 bytes arrive as surrogates,
+    which neither hashing nor PostgreSQL can encode."""
+    return value if 0 < len(value) <= MAX_PRESENTED_CHARS and value.isascii() and value.isprintable() else None
 
 
 def bearer(request: web.Request) -> str | None:
@@ -174,8 +205,7 @@ def bearer(request: web.Request) -> str | None:
     scheme, _, value = raw.partition(" ")
     if scheme.lower() != "bearer":
         return None
-    value = value.strip()
-    return value if 0 < len(value) <= MAX_PRESENTED_CHARS else None
+    return presented(value.strip())
 
 
 class Authenticator:
@@ -197,7 +227,7 @@ class Authenticator:
 
     async def media_org(self, token: str | None) -> uuid.UUID | None:
         """The organisation whose media token this is; ``None`` for a missing or unknown one."""
-        if not token or len(token) > MAX_PRESENTED_CHARS:
+        if not token or presented(token) is None:
             return None
         if self.tiers is None:
             return BOOTSTRAP_ORG_ID if _matches(token, self._media_token) else None
@@ -230,8 +260,7 @@ class Authenticator:
         session cookie; ``None`` when there is none or it is unknown, expired or revoked."""
         token = bearer(request)
         if token is None:
-            cookie = request.cookies.get(SESSION_COOKIE, "")
-            token = cookie if 0 < len(cookie) <= MAX_PRESENTED_CHARS else None
+            token = presented(request.cookies.get(SESSION_COOKIE, ""))
             if token is None:
                 return None
         if token.startswith(API_KEY_PREFIX):
@@ -266,7 +295,7 @@ class Authenticator:
         token = request.query.get("access_token")
         if token is None:
             return await self.principal(request)
-        if not token.startswith(SSE_TOKEN_PREFIX) or len(token) > MAX_PRESENTED_CHARS:
+        if not token.startswith(SSE_TOKEN_PREFIX) or presented(token) is None:
             return None
         found = await self._sse_token(token)
         if found is None or found.call_id != call_id:

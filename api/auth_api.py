@@ -13,7 +13,9 @@ lock-out                    ``login_lockout_failures`` (5) wrong passwords for o
                             ``login_lockout_s``: even the right password gets 429 until it ends
 ==========================  =========================================================================
 
-Every refusal is 429 ``rate_limited`` with ``Retry-After``.  The account limits are keyed by a hash of
+Every refusal is 429 ``rate_limited`` with ``Retry-After``; while ``api.auth.MAX_LOGINS_WAITING``
+sign-ins already wait for a password-hashing slot, a login is 503 ``unavailable`` with ``Retry-After``
+(nothing counted against the address).  The account limits are keyed by a hash of
 the e-mail address whether or not a user has it, and an unknown address is verified against a dummy
 hash, so neither the answer nor its timing tells whether an address exists.  A success clears the
 address's failure count.  The lock-out lets anyone who knows an address keep that user out for 15
@@ -38,7 +40,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, StringConstraints
 
 from api.accounts import MAX_PASSWORD, ORG_COLUMNS, USER_COLUMNS, OrgOut, Password, UserOut, org_out, user_out
-from api.auth import SESSION_COOKIE, Role, bearer
+from api.auth import SESSION_COOKIE, HashersBusy, Role, bearer
 from api.envelope import ApiError
 from api.middleware import is_loopback
 from api.rest import Reply, Req, Route, Strict
@@ -55,10 +57,11 @@ class LoginIn(Strict):
 
 
 class SessionOut(BaseModel):
-    token: str
+    token: str | None = Field(description="the session token (null in an idempotent replay of a password change)")
     user: UserOut
     org: OrgOut
     expires_in: int = Field(description="seconds; the session slides on use")
+    secret_withheld: bool | None = None
 
 
 class MeOut(BaseModel):
@@ -93,15 +96,27 @@ async def _limit(req: Req, key: str, limit: int) -> None:
                        headers={"Retry-After": str(d.reset_s)})
 
 
-async def _session_reply(req: Req, user_id: Any, org_id: Any, role: str, status: int = 200) -> Reply:
+async def _session_reply(req: Req, user_id: Any, org_id: Any, role: str, password_hash: str,
+                         status: int = 200) -> Reply:
+    """A new session for the user as ``role``, who proved ``password_hash``'s password.
+
+    The user is read again *after* the session exists: a role change, a deactivation or a new password
+    that committed while the password was verified (seconds, when sign-ins queue for a hashing slot)
+    revoked the user's sessions before this one existed, so it is revoked here; one that commits after
+    this read revokes it itself (``api.accounts.change_user``)."""
     tiers = req.rt.tiers
     assert tiers is not None
     token = await tiers.warm.create_session(user_id=str(user_id), org_id=str(org_id), role=role)
     async with tiers.db.tenant(org_id) as conn:
-        user = await conn.fetchrow(f"SELECT {USER_COLUMNS} FROM users WHERE id = $1", user_id)
+        user = await conn.fetchrow(f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE id = $1 "
+                                   "AND deleted_at IS NULL", user_id)
         org = await conn.fetchrow(f"SELECT {ORG_COLUMNS} FROM organizations WHERE id = $1", org_id)
+    if user is None or not user["active"] or user["role"] != role or user["password_hash"] != password_hash:
+        await tiers.warm.revoke_session(token)
+        raise ApiError("unauthenticated", "the account changed while signing in; sign in again")
     return Reply({"token": token, "user": user_out(user), "org": org_out(org), "expires_in": SESSION_MAX_AGE_S},
-                 status=status, cookies=(_cookie(req, token),), headers={"Cache-Control": "no-store"})
+                 status=status, cookies=(_cookie(req, token),), headers={"Cache-Control": "no-store"},
+                 secrets=("token",))  # an Idempotency-Key on POST /api/auth/password must not keep it
 
 
 async def login(req: Req) -> Reply:
@@ -121,7 +136,13 @@ async def login(req: Req) -> Reply:
                        headers={"Retry-After": str(locked)})
     async with tiers.db.no_tenant() as conn:
         row = await conn.fetchrow("SELECT user_id, org_id, password_hash, role FROM auth_login_lookup($1)", email)
-    if not await req.rt.auth.passwords.verify(row["password_hash"] if row else None, body.password):
+    try:
+        verified = await req.rt.auth.passwords.verify(row["password_hash"] if row else None, body.password,
+                                                      login=True)
+    except HashersBusy:
+        raise ApiError("unavailable", "too many sign-ins at once; retry shortly",
+                       headers={"Retry-After": "1"}) from None
+    if not verified:
         failures = await warm.hit_rate_limit(f"loginfail:{account}", s.login_lockout_failures, s.login_lockout_s)
         now_locked = failures.remaining == 0
         if now_locked:
@@ -139,7 +160,7 @@ async def login(req: Req) -> Reply:
         await conn.execute("UPDATE users SET last_login_at = now() WHERE id = $1", row["user_id"])
         entry = req.audit("auth.login", "user", row["user_id"], org_id=row["org_id"], actor_id=row["user_id"])
         await entry.apply(conn)
-    return await _session_reply(req, row["user_id"], row["org_id"], row["role"])
+    return await _session_reply(req, row["user_id"], row["org_id"], row["role"], row["password_hash"])
 
 
 async def logout(req: Req) -> Reply:
@@ -185,7 +206,7 @@ async def change_password(req: Req) -> Reply:
                            new_hash)
         await req.audit("auth.password_changed", "user", p.user_id, None, {"password_changed": True}).apply(conn)
         await tiers.warm.revoke_user_sessions(str(p.user_id))  # every session, this one too ...
-    return await _session_reply(req, p.user_id, p.org_id, p.role.value)  # ... which gets a new one
+    return await _session_reply(req, p.user_id, p.org_id, p.role.value, new_hash)  # ... which gets a new one
 
 
 ROUTES = [

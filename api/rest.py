@@ -24,10 +24,13 @@ step  what                   refusal
 Idempotency (the IETF Idempotency-Key draft, as Stripe does it): the key is optional on every mutation and honoured
 when given (1-255 printable ASCII characters).  It is scoped per organisation and per credential: the
 warm-tier key is ``sha256(credential subject, key)`` under the organisation, so two API keys of one
-organisation can use the same key without meeting.  The fingerprint is ``sha256(method, path, body)``.
+organisation can use the same key without meeting.  The fingerprint is ``HMAC-SHA256(key; method, path,
+body)``: keyed by the client's key (which the warm tier does not hold), so a body's password cannot be
+guessed from a dump.
 The first response (any status) is kept 24 h and replayed with ``Idempotent-Replayed: true``; the same
 key with another fingerprint is 422 ``idempotency_key_reused``; while the first still runs, 409
-``idempotency_in_progress``.  A once-shown secret (an API key, a media token, a generated password)
+``idempotency_in_progress``.  A once-shown secret (an API key, a media token, a generated password,
+the session token of ``POST /api/auth/password``)
 is NOT kept: the stored copy has it replaced by ``null`` and ``"secret_withheld": true``, because the
 warm tier must never hold a usable credential (storage/warm.py: a dump holds no token).  A client
 that lost the first answer revokes what it created and makes another.  ``POST /api/auth/login``
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -334,6 +338,13 @@ def _stored_error(exc: ApiError) -> StoredResponse:
     return StoredResponse(exc.status, dict(exc.headers), error_response(exc).body)  # type: ignore[arg-type]
 
 
+def _request_id(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` (its first 64 characters) for the audit trail if they are printable ASCII (a
+    header's non-UTF-8 bytes could not be stored), else a new one."""
+    given = request.headers.get("X-Request-Id", "")[:64]
+    return given if 0 < len(given) <= 64 and given.isascii() and given.isprintable() else uuid.uuid4().hex
+
+
 def _idempotency_key(request: web.Request) -> str | None:
     for header in IDEMPOTENCY_HEADERS:
         value = request.headers.get(header)
@@ -377,15 +388,17 @@ async def _serve(rt: Runtime, route: Route, request: web.Request) -> web.StreamR
     params = _path_params(route, request)
     query = _query(route, request)
     body, raw = await _body(route, request)
-    req = Req(rt, request, principal, params, query, body, request.remote,
-              request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex)
+    req = Req(rt, request, principal, params, query, body, request.remote, _request_id(request))
     key = _idempotency_key(request) if route.writes and principal is not None else None
     if key is None:
         return _render(await route.handler(req))
     warm = rt.tiers.warm
     org = str(principal.org_id)  # type: ignore[union-attr]
     scoped = hashlib.sha256(f"{principal.kind}\n{principal.subject}\n{key}".encode()).hexdigest()  # type: ignore[union-attr]
-    fp = hashlib.sha256(request.method.encode() + b"\n" + request.path.encode() + b"\n" + raw).hexdigest()
+    # Keyed by the client's key, which the warm tier never holds: a plain hash of a body with a password
+    # in it (PATCH /api/users, POST /api/auth/password) would let a dump guess that password offline.
+    fp = hmac.new(key.encode(), request.method.encode() + b"\n" + request.path.encode() + b"\n" + raw,
+                  hashlib.sha256).hexdigest()
     begun = await warm.idem_begin(org, scoped, fp, IDEMPOTENCY_RUNNING_S)
     if begun.kind == "in_progress":
         raise ApiError("idempotency_in_progress", "a request with this Idempotency-Key is still running",

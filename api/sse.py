@@ -10,6 +10,8 @@
   access token is never logged (nothing here logs the query string).
 * ``POST /api/calls/{call_id}/sse-token`` (``calls.watch``; body ``{}`` or ``{"ttl_s": n}``, 1 <= n
   <= 300, default 300) answers ``{"token", "expires_in", "url"}``; the call need not have started.
+  Each token is a warm-tier key while it lives, so minting is limited per credential like a REST
+  write (``rate_write_per_min``; 429 with ``Retry-After``).
 
 * ``text/event-stream``; every event has an ``id:`` (per-call, increasing); ``retry:`` is sent first.
 * ``Last-Event-ID`` (header, or ``?last_event_id=`` for clients that cannot set headers) replays the
@@ -206,6 +208,13 @@ async def sse_token(rt: Runtime, request: web.Request) -> web.Response:
     if not CALL_ID.fullmatch(call_id):
         raise ApiError("bad_request", "call_id must be 1-128 characters of [A-Za-z0-9:_-.]")
     principal = await require(rt.auth, request, "calls.watch")
+    if rt.tiers is not None:  # each token is a warm-tier key for 5 minutes: bounded per credential
+        limit = rt.settings.rate_write_per_min
+        d = await rt.tiers.warm.hit_rate_limit(
+            f"api:{principal.org_id}:{principal.kind}:{principal.subject}:sse_token", limit, 60)
+        if not d.allowed:
+            raise ApiError("rate_limited", f"at most {limit} requests a minute to sse_token",
+                           headers={"Retry-After": str(d.reset_s)})
     ttl_s = SSE_TOKEN_MAX_TTL_S
     body = await request.read()
     if body.strip():
