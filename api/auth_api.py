@@ -27,7 +27,10 @@ count, as ``auth.login_unknown``).  ``auth.logout`` and ``auth.password_changed`
 
 The session is a warm-tier session (``WarmStore.create_session``, 7 days, slid on use), handed back
 as ``token`` and as the cookie ``sb_session`` (HttpOnly, SameSite=Strict, Path=/, Max-Age 7 days,
-and Secure unless the server is bound to a loopback address: a plain-HTTP local set-up must work).
+and Secure unless the server is bound to a loopback address and addressed by a loopback name: a
+plain-HTTP local set-up must work, and behind a TLS proxy on this host the browser names the public
+host).  ``POST /api/auth/password`` has the login's lock-out per user: a stolen session cannot guess
+the current password at the write rate.
 """
 
 from __future__ import annotations
@@ -83,9 +86,19 @@ class LoggedOut(BaseModel):
 
 def _cookie(req: Req, token: str) -> tuple[str, str, dict[str, Any]]:
     attrs: dict[str, Any] = {"httponly": True, "samesite": "Strict", "path": "/", "max_age": SESSION_MAX_AGE_S}
-    if not is_loopback(req.rt.settings.host):
+    if not _plain_local(req):
         attrs["secure"] = True
     return (SESSION_COOKIE, token, attrs)
+
+
+def _plain_local(req: Req) -> bool:
+    """Bound to loopback and addressed by a loopback name: ``make run`` on plain HTTP.  Behind a TLS
+    proxy the node is bound to loopback too, but the browser addressed the public name."""
+    if not is_loopback(req.rt.settings.host):
+        return False
+    name = req.request.host.rsplit(":", 1)[0] if not req.request.host.startswith("[") else \
+        req.request.host.split("]", 1)[0] + "]"
+    return name.lower() in ("localhost", "[::1]") or (not name.startswith("[") and is_loopback(name))
 
 
 async def _limit(req: Req, key: str, limit: int) -> None:
@@ -198,7 +211,17 @@ async def change_password(req: Req) -> Reply:
     assert tiers is not None
     async with tiers.db.tenant(p.org_id) as conn:
         stored = await conn.fetchval("SELECT password_hash FROM users WHERE id = $1 AND active", p.user_id)
+    # A stolen session must not guess the password at the write rate: the login's lock-out, per user.
+    s, lock = req.rt.settings, f"password:{p.user_id}"
+    locked = await tiers.warm.locked_for(lock)
+    if locked:
+        raise ApiError("rate_limited", "too many wrong current passwords; wait and retry",
+                       headers={"Retry-After": str(locked)})
     if not await req.rt.auth.passwords.verify(stored, body.current_password):
+        failures = await tiers.warm.hit_rate_limit(f"passwordfail:{p.user_id}", s.login_lockout_failures,
+                                                   s.login_lockout_s)
+        if failures.remaining == 0:
+            await tiers.warm.lock(lock, s.login_lockout_s)
         raise ApiError("forbidden", "the current password is wrong")
     new_hash = await req.rt.auth.passwords.hash(body.new_password)
     async with tiers.db.tenant(p.org_id) as conn:

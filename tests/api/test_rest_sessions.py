@@ -36,7 +36,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[S
                       SWITCHBOARD_LOGIN_PER_ADDRESS_PER_MIN=str(ADDRESS_LIMIT),
                       SWITCHBOARD_LOGIN_PER_ACCOUNT_PER_MIN=str(ACCOUNT_LIMIT),
                       SWITCHBOARD_LOGIN_LOCKOUT_FAILURES=str(LOCKOUT_FAILURES),
-                      SWITCHBOARD_RATE_READ_PER_MIN=str(READS_PER_MIN)) as srv:
+                      SWITCHBOARD_RATE_READ_PER_MIN=str(READS_PER_MIN),
+                      SWITCHBOARD_ALLOWED_HOSTS='["127.0.0.1", "switchboard.example.com"]') as srv:
         asyncio.run(sign_in_all(srv, world))
         yield srv
 
@@ -181,6 +182,20 @@ async def test_changing_ones_own_password_signs_out_everywhere_else(server: Serv
         await login(http, server, email, "another long password")
 
 
+async def test_a_stolen_session_cannot_guess_the_current_password_at_the_write_rate(server: Server,
+                                                                                    world: World) -> None:
+    async with aiohttp.ClientSession() as http:
+        stolen = await login(http, server, world.b.emails[Role.AGENT])
+        for _ in range(LOCKOUT_FAILURES):
+            status, _ = await call(http, server, "POST", "/api/auth/password", stolen,
+                                   {"current_password": "a guess", "new_password": "y" * 12})
+            assert status == 403
+        status, reply = await call(http, server, "POST", "/api/auth/password", stolen,
+                                   {"current_password": PASSWORD, "new_password": "y" * 12})
+        assert (status, reply["error"]["code"]) == (429, "rate_limited")  # even the right one, while locked
+        assert (await call(http, server, "GET", "/api/auth/me", stolen))[0] == 200  # nothing changed
+
+
 async def test_five_wrong_passwords_lock_the_account_even_against_the_right_one(server: Server,
                                                                               world: World) -> None:
     email = world.b.emails[Role.AGENT]
@@ -293,7 +308,13 @@ async def test_login_sets_a_strict_http_only_cookie_that_authenticates(server: S
         assert attrs["sb_session"] == f"sb_session={token}"
         assert attrs["max-age"] == "Max-Age=604800" and attrs["path"] == "Path=/"
         assert attrs["samesite"] == "SameSite=Strict" and "httponly" in attrs
-        assert "secure" not in attrs  # bound to loopback: plain HTTP must work
+        assert "secure" not in attrs  # bound to loopback and addressed so: plain HTTP must work
+        # Bound to loopback behind a TLS proxy, which passes the public name on: Secure.
+        async with http.post(f"{server.http}/api/auth/login", headers={"Host": "switchboard.example.com"},
+                             json={"email": world.b.emails[Role.ADMIN], "password": PASSWORD}) as r:
+            assert r.status == 200
+            proxied = {a.strip().split("=")[0].lower() for a in r.headers["Set-Cookie"].split(";")}
+        assert "secure" in proxied
         status, me = await call(http, server, "GET", "/api/auth/me", None, headers={"Cookie": f"sb_session={token}"})
         assert status == 200 and me["data"]["kind"] == "session" and me["data"]["role"] == "admin"
         async with http.post(f"{server.http}/api/auth/logout", headers={"Cookie": f"sb_session={token}",
