@@ -43,6 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         SWITCHBOARD_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT),
         SWITCHBOARD_HTTP_MAX_PENDING_PER_ADDRESS=str(PENDING_CONNECTIONS),
         SWITCHBOARD_SSE_MAX_CALLS=str(SSE_MAX_CALLS),
+        SWITCHBOARD_SSE_MAX_PER_PRINCIPAL="1000",  # one key plays every client here: the per-address caps are tested
         SWITCHBOARD_SSE_MAX_PENDING=str(SSE_PENDING),
         SWITCHBOARD_SSE_MAX_PENDING_PER_ADDRESS=str(SSE_PENDING_PER_ADDRESS),
         SWITCHBOARD_SSE_WRITE_TIMEOUT_S=str(WRITE_TIMEOUT),
