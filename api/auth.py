@@ -283,10 +283,9 @@ class Authenticator:
         if self.tiers is None:
             return None
         warm = self.tiers.warm
-        sess = await warm.get_session(token)
+        sess = await warm.use_session(token)  # read and slid (sliding expiry) in one step
         if sess is None:
             return None
-        await warm.touch_session(token)  # sliding expiry
         return Principal(uuid.UUID(sess.org_id), Role(sess.role), "session", sess.user_id,
                          user_id=uuid.UUID(sess.user_id), session_hash=hashlib.sha256(token.encode()).hexdigest())
 

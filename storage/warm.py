@@ -3,7 +3,7 @@ and per-call event streams. Everything here may be lost; PostgreSQL is the syste
 
 Keys (``p`` is the prefix, default ``"sb:"``), each with its TTL and its bound:
 
-- ``p sess:<sha256(token)>``: session record; ``session_ttl_s`` (7 d), slid by ``touch_session``; <= 4 KiB.
+- ``p sess:<sha256(token)>``: session record; ``session_ttl_s`` (7 d), slid by ``use_session``; <= 4 KiB.
 - ``p usess:<user_id>``: sorted set of the user's session hashes -> expiry; ``session_ttl_s``, refreshed
   on every write; <= ``max_user_sessions`` (100) members, one more revokes the oldest.
 - ``p rl:<window_s>:<key>``: one counter; ``window_s`` from the window's first hit.
@@ -221,16 +221,21 @@ class WarmStore:
 
     async def touch_session(self, token: str) -> bool:
         """Restart the session's TTL (sliding expiry). False if it does not exist (expired or revoked)."""
+        return await self.use_session(token) is not None
+
+    async def use_session(self, token: str) -> Session | None:
+        """The session, its TTL restarted (sliding expiry), in two round trips: what a request needs."""
         token_hash = _hash_token(token)
         raw = await self._r.getex(self._sess_key(token_hash), ex=self._session_ttl)
         if raw is None:
-            return False
-        user_key = self._user_key(orjson.loads(raw)["user_id"])
+            return None
+        rec = orjson.loads(raw)
+        user_key = self._user_key(rec["user_id"])
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.zadd(user_key, {token_hash: time.time() + self._session_ttl}, xx=True)
             pipe.expire(user_key, self._session_ttl)
             await pipe.execute()
-        return True
+        return Session(rec["user_id"], rec["org_id"], rec["role"], rec["data"], rec["created_at"])
 
     async def revoke_session(self, token: str) -> bool:
         token_hash = _hash_token(token)

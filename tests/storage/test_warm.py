@@ -70,7 +70,10 @@ async def test_session_create_get_touch_revoke_round_trip(store: WarmStore) -> N
     assert (session.user_id, session.org_id, session.role, session.data) == ("u1", "o1", "agent", {"lang": "en"})
     assert abs(session.created_at - time.time()) < 5
     assert await store.touch_session(token) is True
+    used = await store.use_session(token)  # what a request does: read and slide in one step
+    assert used is not None and (used.user_id, used.role) == ("u1", "agent")
     assert await store.revoke_session(token) is True
+    assert await store.use_session(token) is None
     assert await store.get_session(token) is None
     assert await store.touch_session(token) is False
     assert await store.revoke_session(token) is False
