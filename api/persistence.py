@@ -32,7 +32,15 @@ from engine.pipeline import BoundedChannel, Policy
 from pipelines.events import TranscriptEvent
 from pipelines.recording import CallRecorder, RecordingFile, Spooler
 from pipelines.translate.base import Translation
-from storage.records import AuditEntry, CallEnded, CallStarted, RecordingStored, TranscriptFinal, TranslationStored
+from storage.records import (
+    AuditEntry,
+    CallAgent,
+    CallEnded,
+    CallStarted,
+    RecordingStored,
+    TranscriptFinal,
+    TranslationStored,
+)
 from storage.warm import EventBus
 
 log = logging.getLogger("switchboard.persist")
@@ -151,6 +159,13 @@ class Persistence:
         self.tiers.writer.submit(TranslationStored(
             call.org_id, call.call_control_id, stream_id, track, seq, tr.source_lang, tr.target_lang, tr.original,
             tr.translated, tr.provider))
+
+    def agent_joined(self, call: CallRecord, user_id: uuid.UUID, session_id: str) -> None:
+        """A signed-in agent's session was bridged to the call: the call's agent (the first one), audited."""
+        w = self.tiers.writer
+        w.submit(CallAgent(call.org_id, call.call_control_id, user_id))
+        w.submit(AuditEntry(call.org_id, "call.agent_joined", "call", str(call.call_id), actor_type="user",
+                            actor_id=str(user_id), new_value={"session_id": session_id}))
 
     def call_ended(self, call: CallRecord, *, reason: str, failed: bool, stats: dict[str, Any]) -> None:
         w = self.tiers.writer

@@ -114,6 +114,7 @@ class AgentSession:
         self.id = uuid.uuid4().hex
         self.owner = principal_key(principal)
         self.agent_id, self.call_id, self.language = principal.subject, req.call_id, req.language
+        self.user_id = principal.user_id  # a signed-in user (None for an API key): the call's agent when bridged
         self.key = call_key(principal.org_id, req.call_id)  # the call in the principal's organisation
         provider = rt.speech.for_language(req.language, policy)
         self.rate = provider.sample_rate if provider.sample_rate in (8000, 16000) else 16000
@@ -172,6 +173,9 @@ class AgentSession:
             self.events.record = stream.record
         stream.bridge = self.bridge
         self.bridge.attach(stream)
+        persistence = self.registry.rt.persistence
+        if persistence is not None and stream.record is not None and self.user_id is not None:
+            persistence.agent_joined(stream.record, self.user_id, self.id)
         log.info("webrtc.bridged", extra={"session_id": self.id, "call_id": self.call_id, "rate": stream.rate})
 
     async def detach(self) -> None:

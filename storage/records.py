@@ -194,7 +194,24 @@ class TranslationStored:
             await _require_call(conn, self.org_id, self.call_control_id)
 
 
-Record = CallStarted | CallEnded | TranscriptFinal | RecordingStored | AuditEntry | TranslationStored
+@dataclass(frozen=True, slots=True)
+class CallAgent:
+    """The call's agent (``calls.agent_id``): the first signed-in user whose WebRTC session was bridged to
+    it.  Later ones change nothing; a call that is not stored (its ``CallStarted`` was rejected) neither."""
+
+    org_id: uuid.UUID
+    call_control_id: str
+    user_id: uuid.UUID
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            "UPDATE calls SET agent_id = $3, updated_at = now() "
+            "WHERE org_id = $1 AND call_control_id = $2 AND agent_id IS NULL",
+            self.org_id, self.call_control_id, self.user_id,
+        )
+
+
+Record = CallStarted | CallEnded | TranscriptFinal | RecordingStored | AuditEntry | TranslationStored | CallAgent
 
 
 async def ensure_organization(conn: asyncpg.Connection, org_id: uuid.UUID, name: str, slug: str) -> None:

@@ -20,12 +20,13 @@ import orjson
 import pytest
 import websockets
 from aiortc import RTCSessionDescription
+from argon2 import PasswordHasher
 
 from api.auth import BOOTSTRAP_ORG_ID, Role
-from storage.accounts import create_api_key, create_media_token, create_organization, set_tenant
+from storage.accounts import create_api_key, create_media_token, create_organization, create_user, set_tenant
 from tests.api.test_http_doors import Victim
 from tests.api.test_media_stream import SILENCE, close_code_after, j, media_msg, start_msg
-from tests.api.test_webrtc import Agent, unwrap
+from tests.api.test_webrtc import Agent, post_offer, unwrap
 from tests.servers import API_KEY, MEDIA_TOKEN, METRICS_TOKEN, Server, get_json, running_server
 from tests.sse_client import read_sse
 from tests.storage.conftest import APP_PASSWORD, DbUrls, migrated_database
@@ -369,3 +370,44 @@ async def test_one_key_holds_a_bounded_number_of_event_streams_and_others_still_
             await asyncio.sleep(0.1)
         assert again.status == 200
         held[0].close()
+
+
+async def test_a_signed_in_agent_bridged_to_a_live_call_becomes_its_agent(
+        server: Server, http: aiohttp.ClientSession) -> None:
+    """calls.agent_id (the filter GET /api/calls?agent_id= and the call's detail) and an audit entry."""
+    email, password = f"agent-{uuid.uuid4().hex[:8]}@example.test", "correct horse battery staple"
+    conn = await asyncpg.connect(server.extra["admin_url"])
+    try:
+        async with conn.transaction():
+            await set_tenant(conn, BOOTSTRAP_ORG_ID)
+            user_id = await create_user(conn, BOOTSTRAP_ORG_ID, email=email, role=Role.AGENT,
+                                        password_hash=PasswordHasher().hash(password))
+    finally:
+        await conn.close()
+    status, signed_in = await answer(http, "POST", f"{server.http}/api/auth/login",
+                                     json={"email": email, "password": password})
+    assert status == 200
+    session = signed_in["data"]["token"]
+    agent = Agent()
+    try:
+        async with Victim(server, http, "agented") as victim:
+            status, joined = await post_offer(http, server, {"call_id": victim.call_id, "type": "offer",
+                                                             "sdp": await agent.offer()}, token=session)
+            assert status == 200, joined
+            await agent.pc.setRemoteDescription(RTCSessionDescription(joined["sdp"], "answer"))
+            await victim.finish()
+    finally:
+        await agent.pc.close()
+    listed: list[dict[str, Any]] = []
+    for _ in range(50):  # the writer batches
+        status, page = await answer(http, "GET", f"{server.http}/api/calls?agent_id={user_id}", bearer(API_KEY))
+        listed = page["data"]["items"]
+        if listed:
+            break
+        await asyncio.sleep(0.1)
+    assert [c["call_id"] for c in listed] == [victim.call_id]
+    status, detail = await answer(http, "GET", f"{server.http}/api/calls/{victim.call_id}", bearer(API_KEY))
+    assert status == 200 and detail["data"]["agent_id"] == str(user_id)
+    status, trail = await answer(http, "GET", f"{server.http}/api/audit?action=call.agent_joined&actor_id={user_id}",
+                                 bearer(API_KEY))
+    assert [e["new_value"] for e in trail["data"]["items"]] == [{"session_id": joined["session_id"]}]
