@@ -147,6 +147,8 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     if rt.draining:
         raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "1"})
     language, target = _languages(rt, request)
+    # The peer, not whom a proxy names (api.middleware.ClientAddress): a carrier opens many streams from
+    # few addresses, so behind a proxy its sockets share the proxy's exempt address as before.
     remote = request.remote or "?"
     refused = rt.admission.enter(remote)
     if refused is not None:

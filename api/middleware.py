@@ -143,6 +143,53 @@ class HostPolicy:
         return any(name == s or name.endswith("." + s) for s in self.suffixes)
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAddress:
+    """Whose request this is: the peer's address, or, when the peer is a trusted proxy
+    (``settings.trusted_proxies``, addresses or networks), the address that proxy reports.
+
+    ``X-Forwarded-For`` is read from the right: each proxy appends the address it received the
+    request from, so the rightmost entry that is not itself a trusted proxy is the client (entries
+    further left were written by the client and prove nothing).  A malformed entry there, or none,
+    leaves the peer's address.  No trusted proxy (the default): the header is ignored, since any
+    client could write it.  Used by the per-address limits that run after the headers (login,
+    waiting SSE readers) and by the audit trail; the connection caps before the headers
+    (``api.connections``) and the media sockets awaiting ``start`` (a carrier opens many from few
+    addresses) see the peer only.
+    """
+
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def build(cls, trusted: Sequence[str]) -> ClientAddress:
+        """Raises ``ValueError`` on an entry that is not an address or a network."""
+        return cls(tuple(ipaddress.ip_network(t.strip(), strict=False) for t in trusted))
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def of(self, request: web.Request) -> str:
+        peer = request.remote or ""
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")][-MAX_HOPS:]
+        for hop in reversed(hops):
+            try:
+                ip = ipaddress.ip_address(hop)
+            except ValueError:
+                return peer  # a proxy we trust wrote garbage: do not guess past it
+            if not any(ip in net for net in self.trusted):
+                return str(ip)
+        return peer
+
+
+MAX_HOPS = 16  # X-Forwarded-For entries looked at, from the right
+
+
 def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.Response(body=error_body(STATUS_CODES[status], message), status=status,
                         content_type="application/json", headers=headers or None)

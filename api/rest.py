@@ -388,7 +388,7 @@ async def _serve(rt: Runtime, route: Route, request: web.Request) -> web.StreamR
     params = _path_params(route, request)
     query = _query(route, request)
     body, raw = await _body(route, request)
-    req = Req(rt, request, principal, params, query, body, request.remote, _request_id(request))
+    req = Req(rt, request, principal, params, query, body, rt.client_address(request) or None, _request_id(request))
     key = _idempotency_key(request) if route.writes and principal is not None else None
     if key is None:
         return _render(await route.handler(req))

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from api.hub import EventHub
+from api.middleware import ClientAddress
 from api.settings import Settings
 from engine.metrics import LagHistogram
 from engine.quota import PerKeyQuota
@@ -83,6 +84,7 @@ class Runtime:
         self.stats = Stats()
         self.auth = Authenticator(s, tiers)  # every door's identity check
         self.sse_held = PerKeyQuota(s.sse_max_per_principal)  # open event streams per user or API key
+        self.client_address = ClientAddress.build(s.trusted_proxies).of  # the peer, or whom a trusted proxy names
         self.policies = OrgPolicies(s, speech.policy, tiers, fresh_s=s.org_settings_cache_s)  # per organisation
         self.redactor = Redactor()
         self.hub = EventHub(history=s.sse_history, client_buffer=s.sse_client_buffer, max_calls=s.sse_max_calls,

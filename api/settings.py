@@ -130,6 +130,10 @@ class Settings(BaseSettings):
     # Peers the per-address caps do not apply to: a reverse proxy on this host speaks for all its clients
     # (deploy/nginx.conf); limit per client there.  The total caps still apply.
     per_address_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    # Reverse proxies whose X-Forwarded-For is believed (addresses or networks, e.g. ["127.0.0.1"] behind
+    # deploy/nginx.conf): the client's address then comes from it (api/middleware.py ClientAddress).
+    # Empty: the header is ignored.
+    trusted_proxies: list[str] = Field(default_factory=list)
     sse_write_timeout_s: float = Field(30.0, gt=0)  # an SSE write not draining this long cuts the client
     sse_send_buffer_bytes: int = Field(65536, ge=0)  # SO_SNDBUF of SSE sockets (0: the OS's own)
 

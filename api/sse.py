@@ -126,7 +126,7 @@ async def _serve(rt: Runtime, request: web.Request, call_id: str, key: str, last
     try:
         if relay is not None:
             relay.watch(key)
-        remote = request.remote or ""
+        remote = rt.client_address(request)
         owner = None if remote in rt.settings.per_address_exempt else remote
         channel, sub = rt.hub.subscribe(key, owner=owner)
     except Overflow as exc:

@@ -39,3 +39,27 @@ def test_a_listed_name_a_name_with_port_a_domain_and_a_star() -> None:
 def test_an_entry_that_is_not_a_host_fails_at_start_up(entry: str) -> None:
     with pytest.raises(ValueError, match="allowed_hosts"):
         HostPolicy.build([entry], "127.0.0.1")
+
+
+def test_the_client_address_is_believed_only_from_a_trusted_proxy_and_read_from_the_right() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from api.middleware import ClientAddress
+
+    def seen(policy: ClientAddress, peer: str, *forwarded: str) -> str:
+        headers = [("X-Forwarded-For", f) for f in forwarded]
+        transport = type("T", (), {"get_extra_info": lambda self, name, default=None:
+                                   (peer, 1234) if name == "peername" else default})()
+        return policy.of(make_mocked_request("GET", "/", headers=headers, transport=transport))
+
+    none, proxy = ClientAddress.build([]), ClientAddress.build(["127.0.0.1", "10.0.0.0/8"])
+    assert seen(none, "127.0.0.1", "203.0.113.5") == "127.0.0.1"  # nobody trusted: the header is ignored
+    assert seen(proxy, "198.51.100.1", "203.0.113.5") == "198.51.100.1"  # an untrusted peer's header is ignored
+    assert seen(proxy, "127.0.0.1", "203.0.113.5") == "203.0.113.5"
+    # The client wrote the left part; our proxies appended the rest: the rightmost untrusted entry counts.
+    assert seen(proxy, "127.0.0.1", "1.2.3.4, 203.0.113.5, 10.1.2.3") == "203.0.113.5"
+    assert seen(proxy, "127.0.0.1", "1.2.3.4", "203.0.113.5") == "203.0.113.5"  # repeated headers join
+    assert seen(proxy, "127.0.0.1", "203.0.113.5, not-an-address") == "127.0.0.1"  # garbage: no guessing
+    assert seen(proxy, "127.0.0.1") == "127.0.0.1"  # no header: the proxy itself
+    assert seen(proxy, "127.0.0.1", "10.0.0.1, 127.0.0.1") == "127.0.0.1"  # only proxies: the peer
+    assert seen(proxy, "127.0.0.1", "2001:db8::7") == "2001:db8::7"

@@ -37,7 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[S
                       SWITCHBOARD_LOGIN_PER_ACCOUNT_PER_MIN=str(ACCOUNT_LIMIT),
                       SWITCHBOARD_LOGIN_LOCKOUT_FAILURES=str(LOCKOUT_FAILURES),
                       SWITCHBOARD_RATE_READ_PER_MIN=str(READS_PER_MIN),
-                      SWITCHBOARD_ALLOWED_HOSTS='["127.0.0.1", "switchboard.example.com"]') as srv:
+                      SWITCHBOARD_ALLOWED_HOSTS='["127.0.0.1", "switchboard.example.com"]',
+                      SWITCHBOARD_TRUSTED_PROXIES='["127.0.0.1"]') as srv:
         asyncio.run(sign_in_all(srv, world))
         yield srv
 
@@ -339,4 +340,14 @@ async def test_logins_per_address_are_limited_per_minute(server: Server, world: 
         assert status == 429
         # Requests with a credential are not login attempts: they still pass.
         assert (await call(http, server, "GET", "/api/org", world.b.keys[Role.ADMIN]))[0] == 200
+        # Behind a trusted proxy (this server trusts 127.0.0.1) each client has its own budget, and the
+        # audit trail names the client, not the proxy.
+        client = "203.0.113.8"
+        status, reply = await call(http, server, "POST", "/api/auth/login", None,
+                                   {"email": world.b.emails[Role.OWNER], "password": PASSWORD},
+                                   headers={"X-Forwarded-For": f"10.9.9.9, {client}"})
+        assert status == 200, reply
+        status, trail = await call(http, server, "GET", "/api/audit?action=auth.login&limit=1",
+                                   world.b.keys[Role.ADMIN])
+        assert trail["data"]["items"][0]["ip"] == client
 
