@@ -26,7 +26,7 @@ With storage off (``SWITCHBOARD_PERSIST=false``: the real-time path alone, for b
 users: the only credentials are the bootstrap organisation's media token and admin API key from the
 settings (``telnyx_stream_token``, ``bootstrap_api_key``), the metrics token, and SSE tokens kept in
 memory.  With storage on, those two settings are registered in the bootstrap organisation at start-up
-(``api.accounts.register_bootstrap_credentials``) and then behave like any other token or key.
+(``storage.accounts.register_bootstrap_credentials``) and then behave like any other token or key.
 
 Comparisons of presented secrets against configured ones use ``hmac.compare_digest``; stored ones
 are found by their hash, which reveals nothing about the secret.  Passwords are argon2id
