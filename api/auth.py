@@ -117,6 +117,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "audit.read": _ADMINS,
     "stats.read": _ADMINS,
     "stats.reset": _ADMINS,
+    "billing.read": _ADMINS,  # plan, subscription status, usage
+    "billing.write": _ADMINS,  # subscribe to a plan
 }
 
 

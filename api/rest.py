@@ -181,6 +181,7 @@ class Route:
     max_body: int = DEFAULT_BODY
     description: str = ""
     responses: dict[int, str] | None = None  # documented-only routes: their own statuses
+    raw_body: bool = False  # the handler reads the raw body itself (up to max_body), e.g. to check a signature
 
     def __post_init__(self) -> None:
         if self.auth == "action" and self.action not in PERMISSIONS:
@@ -447,7 +448,8 @@ def add_routes(app: web.Application, rt: Runtime, routes: list[Route]) -> None:
 def _bound(rt: Runtime, route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     # A function of its own per route, so ``body_limit`` marks this route only (api.middleware).
     # A POST without a body model still takes a small one ({}), as clients often send it; it is ignored.
-    @body_limit(route.max_body if route.body is not None else (NO_BODY_POST if route.method == "POST" else 0))
+    @body_limit(route.max_body if route.body is not None or route.raw_body
+                else (NO_BODY_POST if route.method == "POST" else 0))
     async def handler(request: web.Request) -> web.StreamResponse:
         return await serve(rt, route, request)
     return handler

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from api.billing import Billing
 from api.hub import EventHub
 from api.middleware import ClientAddress
 from api.settings import Settings
@@ -103,6 +104,7 @@ class Runtime:
             self.hub.taps.append(self.bus.tap)
             self.relay = BusRelay(tiers.bus, self.hub, self.calls.__contains__, max_calls=s.relay_max_calls)
         self.agents = AgentSessions(self)  # WebRTC sessions of agent browsers
+        self.billing: Billing | None = Billing(s, tiers.db) if tiers is not None else None
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
 
@@ -120,6 +122,8 @@ class Runtime:
             self.relay.start()
         if self.translation is not None:
             self.translation.start()
+        if self.billing is not None:
+            self.billing.start()
 
     async def _watch_loop(self) -> None:
         """Sleep 10 ms at a time and record how late the wake-up is: the event loop's own latency."""
@@ -161,6 +165,8 @@ class Runtime:
             await self.translation.translator.aclose()
         if self.persistence is not None:
             await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+        if self.billing is not None:
+            await self.billing.aclose()
         if self.relay is not None:
             await self.relay.aclose()
         if self.bus is not None:

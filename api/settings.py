@@ -12,12 +12,21 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.segmenter import SegmenterConfig
 
 ProviderName = Literal["pocketsphinx", "null", "assemblyai", "deepgram"]
+
+
+class PlanConfig(BaseModel):
+    """One plan a customer may subscribe to: its Stripe prices and the minutes it includes."""
+
+    model_config = ConfigDict(extra="forbid")
+    price_id: str = Field(min_length=1, max_length=255)
+    metered_price_id: str | None = Field(None, min_length=1, max_length=255)
+    included_minutes: int = Field(0, ge=0)
 
 
 class Settings(BaseSettings):
@@ -190,6 +199,20 @@ class Settings(BaseSettings):
     supervise_backoff_max_s: float = Field(30.0, gt=0)  # longest wait between two restart attempts
     readiness_timeout_s: float = Field(1.0, gt=0)  # per tier check of GET /readyz
     readiness_cache_s: float = Field(1.0, ge=0)  # a check's result serves every /readyz for this long
+
+    # Billing (api/billing.py).  Plans: JSON {"name": {"price_id", "metered_price_id"?, "included_minutes"}}.
+    stripe_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_STRIPE_API_KEY", "STRIPE_API_KEY"))
+    stripe_webhook_secret: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_STRIPE_WEBHOOK_SECRET", "STRIPE_WEBHOOK_SECRET"))
+    stripe_api_url: str = "https://api.stripe.com"
+    stripe_webhook_tolerance_s: int = Field(300, ge=1, le=3600)
+    resend_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_RESEND_API_KEY", "RESEND_API_KEY"))
+    resend_api_url: str = "https://api.resend.com"
+    billing_email_from: str = "Switchboard billing <billing@switchboard.invalid>"
+    billing_plans: dict[str, PlanConfig] = Field(default_factory=dict)
+    billing_outbox_interval_s: float = Field(10.0, gt=0)  # the outbox is drained this often (and when woken)
 
     @field_validator("bootstrap_api_key")
     @classmethod

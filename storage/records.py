@@ -71,6 +71,41 @@ class CallEnded:
             """,
             self.org_id, self.call_control_id, self.status, self.reason[:500], self.ended_at, self.stats,
         )
+        await conn.execute(CALL_USAGE_SQL, self.org_id, self.call_control_id, METER_EVENT_NAME)
+
+
+METER_EVENT_NAME = "call_minutes"
+# A call's minutes (started to ended, rounded up), counted once per call: call_usage is keyed by the call,
+# so a second end adds nothing, neither to usage_stats nor to the outbox.  When the organisation has a
+# Stripe customer, a meter event goes into billing_outbox in the same transaction, its identifier made
+# from the call id (api.billing sends it; Stripe drops a second event with the same identifier).
+# Data-modifying CTEs run to completion whether or not the outer statement reads them.
+CALL_USAGE_SQL = """
+WITH c AS (
+    SELECT id, org_id, ended_at, started_at FROM calls
+     WHERE org_id = $1 AND call_control_id = $2 AND ended_at IS NOT NULL AND started_at IS NOT NULL
+), u AS (
+    INSERT INTO call_usage (call_id, org_id, day, minutes)
+    SELECT id, org_id, (ended_at AT TIME ZONE 'UTC')::date,
+           greatest(0, ceil(extract(epoch FROM ended_at - started_at) / 60.0))::int FROM c
+    ON CONFLICT (call_id) DO NOTHING
+    RETURNING call_id, org_id, day, minutes
+), s AS (
+    INSERT INTO usage_stats (org_id, day, metric, quantity)
+    SELECT org_id, day, 'call_minutes', minutes FROM u
+    ON CONFLICT (org_id, day, metric) DO UPDATE SET quantity = usage_stats.quantity + EXCLUDED.quantity
+    RETURNING 1
+)
+INSERT INTO billing_outbox (org_id, kind, idempotency_key, payload)
+SELECT u.org_id, 'meter_event', 'call-minutes-' || u.call_id,
+       jsonb_build_object('event_name', $3::text, 'stripe_customer_id', sub.stripe_customer_id,
+                          'value', u.minutes, 'timestamp', extract(epoch FROM now())::bigint)
+  FROM u JOIN LATERAL (
+      SELECT stripe_customer_id FROM subscriptions
+       WHERE org_id = u.org_id AND stripe_customer_id IS NOT NULL ORDER BY created_at DESC LIMIT 1) sub ON true
+ WHERE u.minutes > 0
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
 
 
 @dataclass(frozen=True, slots=True)

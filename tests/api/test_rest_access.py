@@ -48,6 +48,8 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("GET", "/api/calls/v3:unknown", None, ALL, False),
     ("GET", f"/api/calls/v3:unknown/recordings/{UNKNOWN}/url", None, ALL, False),
     ("GET", "/api/audit", None, ADMINS, False),
+    ("GET", "/api/billing", None, ADMINS, False),
+    ("POST", "/api/billing/subscribe", {}, ADMINS, False),
     # The doors beside REST (their attacks: tests/api/test_front_doors.py).  A call's event stream itself
     # is left out here: an allowed caller would wait for the call to start.
     ("POST", "/api/calls/v3:unknown/sse-token", {}, ALL, False),
@@ -56,10 +58,12 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("GET", "/api/stats", None, ADMINS, False),
     ("POST", "/api/stats/reset", {}, ADMINS, False),
 ]
-# Reachable without a credential (README): the probes, login, the document and its page, the console.
+# Reachable without a credential (README): the probes, login, the document and its page, the console, and
+# Stripe's webhook, whose credential is its own Stripe-Signature check (without one: 401, or 503 when no
+# webhook secret is configured, as on this server; tests/api/test_billing.py).
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/api/auth/login"), ("GET", "/api/openapi.json"),
           ("GET", "/api/docs"), ("GET", "/api/docs/static/{name}"), ("GET", "/console"),
-          ("GET", "/console/static/{name}")}
+          ("GET", "/console/static/{name}"), ("POST", "/api/webhooks/stripe")}
 # The media WebSocket answers with close codes, not statuses: tests/api/test_front_doors.py checks that
 # every missing or unknown media token is closed with 1008 before a stream slot is taken.
 WIRED_ELSEWHERE = {("GET", "/api/media/telnyx")}
@@ -190,6 +194,10 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
                    .replace("{user_id}", UNKNOWN).replace("{key_id}", UNKNOWN).replace("{token_id}", UNKNOWN)
                    .replace("{recording_id}", UNKNOWN).replace("{session_id}", UNKNOWN))
             status, reply = await call(http, server, method, url, None, {} if method in ("POST", "PATCH") else None)
+            if (method, path) == ("POST", "/api/webhooks/stripe"):
+                if status not in (401, 503):
+                    reachable.append((method, path, status))
+                continue
             if (method, path) in PUBLIC:
                 continue
             if path == "/api/blobs/{key}":

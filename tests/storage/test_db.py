@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from storage.db import APP_ROLE, Database, MigrationError, migrate
+from storage.db import APP_ROLE, MIGRATIONS, Database, MigrationError, migrate
 from storage.records import AuditEntry, CallStarted, ensure_organization
 from tests.storage.conftest import DbUrls
 
@@ -169,7 +169,8 @@ async def test_migrations_are_recorded_and_a_changed_file_is_refused(db_urls: Db
                                                                       admin_conn: asyncpg.Connection) -> None:
     assert await migrate(db_urls.admin) == []  # already applied: nothing to do
     names = [r["name"] for r in await admin_conn.fetch("SELECT name FROM schema_migrations ORDER BY name")]
-    assert names == ["0001_schema.sql", "0002_rls.sql", "0003_call_node.sql", "0004_accounts.sql"]
+    assert names[:4] == ["0001_schema.sql", "0002_rls.sql", "0003_call_node.sql", "0004_accounts.sql"]
+    assert names == sorted(p.name for p in MIGRATIONS.glob("*.sql"))  # every file, each once, in order
     await admin_conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE name = '0002_rls.sql'")
     with pytest.raises(MigrationError, match="changed after it was applied"):
         await migrate(db_urls.admin)
