@@ -117,6 +117,16 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "audit.read": _ADMINS,
     "stats.read": _ADMINS,
     "stats.reset": _ADMINS,
+    # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
+    # edit), admins delete them, import them and run campaigns and the voice settings.
+    "accounts.read": _ALL,
+    "accounts.write": _STAFF,
+    "accounts.delete": _ADMINS,
+    "accounts.import": _ADMINS,  # POST /api/accounts/import and the import jobs
+    "campaigns.read": _ALL,
+    "campaigns.write": _ADMINS,
+    "voice_config.read": _ALL,
+    "voice_config.write": _ADMINS,
 }
 
 
