@@ -32,9 +32,11 @@ will close those.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import re
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -225,7 +227,7 @@ async def _write_batch(req: Req, job_id: uuid.UUID, rows: dict[str, Row], errors
             job_id, prog.total, prog.ok, prog.failed, prog.inserted, prog.updated, errors)
 
 
-async def _lines(req: Req, limit_s: float) -> Any:
+async def _lines(req: Req, limit_s: float) -> AsyncIterator[bytes | None]:
     """The body's lines (bytes, without the line end), each at most ``MAX_LINE`` bytes, or ``None`` in place
     of a longer one (skipped); raises ``_Abort`` past ``MAX_BYTES`` or when a read stalls."""
     content = req.request.content
@@ -276,7 +278,12 @@ def _decode(line: bytes | None) -> str:
 
 async def import_accounts(req: Req) -> Reply:
     assert req.rt.tiers is not None
-    lines = _lines(req, req.rt.settings.http_body_timeout_s)
+    async with contextlib.aclosing(_lines(req, req.rt.settings.http_body_timeout_s)) as lines:
+        return await _import(req, lines)
+
+
+async def _import(req: Req, lines: AsyncIterator[bytes | None]) -> Reply:
+    assert req.rt.tiers is not None
     try:
         first = await anext(lines, b"")
         first = first[3:] if first and first.startswith(b"\xef\xbb\xbf") else first

@@ -162,6 +162,14 @@ def _audited(values: dict[str, Any]) -> dict[str, Any]:
     return {k: values[k] for k in AUDITED if k in values}
 
 
+def _refuse_nulls(changes: dict[str, Any]) -> None:
+    """A PATCH field given as null: 400 (none of these columns may be empty; omit a field to keep it)."""
+    nulls = [k for k, v in changes.items() if v is None]
+    if nulls:
+        raise ApiError("validation_failed", "the body failed validation",
+                       [{"field": k, "message": "may not be null", "type": "null"} for k in nulls])
+
+
 def _ref_taken() -> ApiError:
     return ApiError("already_exists", "a live account of your organisation has this external_ref",
                     [{"field": "external_ref", "message": "taken", "type": "unique"}])
@@ -223,10 +231,7 @@ async def get_account(req: Req) -> Reply:
 async def patch_account(req: Req) -> Reply:
     body: AccountPatch = req.body
     changes = body.model_dump(exclude_unset=True)
-    nulls = [k for k, v in changes.items() if v is None]
-    if nulls:
-        raise ApiError("validation_failed", "the body failed validation",
-                       [{"field": k, "message": "may not be null", "type": "null"} for k in nulls])
+    _refuse_nulls(changes)
     assert req.rt.tiers is not None
     try:
         async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
@@ -303,7 +308,8 @@ async def get_campaign(req: Req) -> Reply:
 
 async def patch_campaign(req: Req) -> Reply:
     body: CampaignPatch = req.body
-    changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
+    changes = body.model_dump(exclude_unset=True)
+    _refuse_nulls(changes)
     assert req.rt.tiers is not None
     async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
         old = await _live_campaign(conn, req.params["campaign_id"], lock=True)
