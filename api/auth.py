@@ -119,6 +119,16 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "stats.reset": _ADMINS,
     "billing.read": _ADMINS,  # plan, subscription status, usage
     "billing.write": _ADMINS,  # subscribe to a plan
+    # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
+    # edit), admins delete them, import them and run campaigns and the voice settings.
+    "accounts.read": _ALL,
+    "accounts.write": _STAFF,
+    "accounts.delete": _ADMINS,
+    "accounts.import": _ADMINS,  # POST /api/accounts/import and the import jobs
+    "campaigns.read": _ALL,
+    "campaigns.write": _ADMINS,
+    "voice_config.read": _ALL,
+    "voice_config.write": _ADMINS,
 }
 
 

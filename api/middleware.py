@@ -24,6 +24,14 @@ In order, for every route, the WebSocket upgrade at ``/api/media/telnyx`` includ
 4. **Body time**: the whole body must arrive within ``settings.http_body_timeout_s``, else 408 and
    the connection is closed (not kept to drain a body that does not come).
 
+One deliberate exception to 2-4: a handler marked ``@streamed_body(content_type, max_bytes)`` (today only
+``POST /api/accounts/import``, a CSV upload of up to 50 MiB) takes that one content type (charset absent
+or utf-8; anything else 415) instead of JSON, and its body is NOT read here: a ``Content-Length`` over
+``max_bytes`` is still 413 at once, and the handler streams ``request.content`` itself, counting bytes
+against ``max_bytes`` and timing each read (``api.account_import``).  ``text/csv`` is not a
+CORS-safelisted type (only the form encodings and ``text/plain`` are), so the CSRF argument of point 2
+holds for it too.
+
 Time before the request's headers are complete is bounded by ``api.connections``, not here.  No
 CORS headers are added by this or any other module (tests/api/test_http_doors.py checks).  Every
 refusal is the API's envelope (``api.envelope``): ``{"success": false, "error": {"code", "message"}}``
@@ -54,6 +62,7 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 PROBES = frozenset({"/healthz", "/readyz"})  # liveness and readiness: exempt from the Host check
 _LIMIT_ATTR = "__switchboard_body_limit__"
+_STREAM_ATTR = "__switchboard_streamed_body__"
 # A host as it may appear in a Host header (lower-cased): a name or IPv4 address, or an IPv6 one in brackets.
 _HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::(?P<port>[0-9]{1,5}))?")
 
@@ -68,11 +77,29 @@ def body_limit(nbytes: int) -> Callable[[H], H]:
     return mark
 
 
-def route_body_limit(request: web.Request) -> int:
+def streamed_body(content_type: str, max_bytes: int) -> Callable[[H], H]:
+    """Declare that the decorated handler reads its own body, of ``content_type``, at most ``max_bytes``
+    (see the module docstring: the handler must enforce the cap and the time itself)."""
+    def mark(handler: H) -> H:
+        setattr(handler, _STREAM_ATTR, (content_type, max_bytes))
+        return handler
+    return mark
+
+
+def _handler(request: web.Request) -> Any:
     handler = request.match_info.handler
     while isinstance(handler, functools.partial):  # a handler bound to its services (api.app.make_app)
         handler = handler.func
-    return int(getattr(handler, _LIMIT_ATTR, 0))
+    return handler
+
+
+def route_body_limit(request: web.Request) -> int:
+    return int(getattr(_handler(request), _LIMIT_ATTR, 0))
+
+
+def route_stream(request: web.Request) -> tuple[str, int] | None:
+    """``(content type, max bytes)`` when the route streams its own body."""
+    return getattr(_handler(request), _STREAM_ATTR, None)
 
 
 def _split(host: str) -> tuple[str, int | None] | None:
@@ -224,6 +251,16 @@ def _content_type_refusal(request: web.Request) -> web.Response | None:
     return None
 
 
+def _stream_refusal(request: web.Request, content_type: str, max_bytes: int) -> web.Response | None:
+    charset = (request.charset or "utf-8").lower()
+    if "Content-Type" not in request.headers or request.content_type != content_type or charset != "utf-8":
+        return _error(415, f"the body must be Content-Type: {content_type} (utf-8)")
+    length = request.content_length
+    if length is not None and length > max_bytes:
+        return _error(413, f"body too large: {length} bytes, this route takes at most {max_bytes}")
+    return None
+
+
 async def _read_body(request: web.Request, limit: int, within_s: float) -> web.Request | web.StreamResponse:
     """The request with its body read (``limit`` bytes at most, within ``within_s``), or the refusal to send."""
     length = request.content_length
@@ -268,6 +305,9 @@ def doors(settings: Settings) -> Middleware:
             return refusal
         if request.match_info.http_exception is not None:  # 404 / 405: nothing will read the body
             return await handler(request)
+        stream = route_stream(request)
+        if stream is not None:
+            return _stream_refusal(request, *stream) or await handler(request)
         refusal = _content_type_refusal(request)
         if refusal is not None:
             return refusal

@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api import accounts, audit_api, auth_api, billing_api, calls_api, credentials_api
+from api import account_import, accounts, audit_api, auth_api, billing_api, calls_api, collections_api, credentials_api
 from api.auth import PERMISSIONS
 from api.console import CSP, HEADERS, STATIC
 from api.envelope import CODES
@@ -77,7 +77,7 @@ EXTERNAL = [
 ]
 
 REST_ROUTES: list[Route] = [*auth_api.ROUTES, *accounts.ROUTES, *credentials_api.ROUTES, *calls_api.ROUTES,
-                            *audit_api.ROUTES, *billing_api.ROUTES]
+                            *audit_api.ROUTES, *billing_api.ROUTES, *account_import.ROUTES, *collections_api.ROUTES]
 DOC_ROUTES = [
     _doc("GET", "/api/openapi.json", "openapi", "This document", "docs", "public", None, {200: "OpenAPI 3.1"}),
     _doc("GET", "/api/docs", "docs", "The API reference page (renders this document)", "docs", "public", None,
@@ -128,12 +128,14 @@ def _operation(r: Route, refs: dict[Any, Any], defs: dict[str, Any]) -> dict[str
         required = set(q.get("required", []))
         for name, schema in q.get("properties", {}).items():
             params.append({"name": name, "in": "query", "required": name in required, "schema": schema})
-    if r.handler is not None and r.writes and r.auth != "public":
+    if r.handler is not None and r.writes and r.auth != "public" and r.stream is None:
         params.append({"name": "Idempotency-Key", "in": "header", "required": False,
                        "description": "replays the first response for 24 h (X-Idempotency-Key also works)",
                        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"}})
     if params:
         op["parameters"] = params
+    if r.stream is not None:
+        op["requestBody"] = {"required": True, "content": {r.stream[0]: {"schema": {"type": "string"}}}}
     if r.body is not None:
         op["requestBody"] = {"required": True, "content": {"application/json": {
             "schema": refs[(r.body, "validation")]}}}

@@ -70,7 +70,7 @@ from redis.exceptions import RedisError
 
 from api.auth import PERMISSIONS, Principal
 from api.envelope import ApiError, error_response, not_found, ok
-from api.middleware import body_limit
+from api.middleware import body_limit, streamed_body
 from engine.ids import ID as CALL_ID
 from storage.records import AuditEntry
 from storage.warm import StoredResponse
@@ -182,6 +182,10 @@ class Route:
     description: str = ""
     responses: dict[int, str] | None = None  # documented-only routes: their own statuses
     raw_body: bool = False  # the handler reads the raw body itself (up to max_body), e.g. to check a signature
+    # A body the handler streams itself (api.middleware.streamed_body): (content type, max bytes).  Such
+    # a route ignores Idempotency-Key (its fingerprint would need the whole body): it must be idempotent
+    # by its own data, as the CSV import is by external_ref.
+    stream: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.auth == "action" and self.action not in PERMISSIONS:
@@ -268,7 +272,8 @@ def parse_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
 
 # A path parameter -> what its 404 names: the same words as the handler's own not_found, so a malformed
 # id and an unknown one answer the same body.
-_WHAT = {"user_id": "user", "key_id": "api key", "token_id": "media token", "recording_id": "recording"}
+_WHAT = {"user_id": "user", "key_id": "api key", "token_id": "media token", "recording_id": "recording",
+         "account_id": "account", "campaign_id": "campaign", "import_id": "import"}
 
 
 def _path_params(route: Route, request: web.Request) -> dict[str, Any]:
@@ -303,6 +308,8 @@ def _query(route: Route, request: web.Request) -> Any:
 
 
 async def _body(route: Route, request: web.Request) -> tuple[Any, bytes]:
+    if route.stream is not None:
+        return None, b""  # the handler reads request.content itself
     raw = await request.read() if request.body_exists else b""
     if route.body is None:
         return None, raw
@@ -390,7 +397,7 @@ async def _serve(rt: Runtime, route: Route, request: web.Request) -> web.StreamR
     query = _query(route, request)
     body, raw = await _body(route, request)
     req = Req(rt, request, principal, params, query, body, rt.client_address(request) or None, _request_id(request))
-    key = _idempotency_key(request) if route.writes and principal is not None else None
+    key = _idempotency_key(request) if route.writes and principal is not None and route.stream is None else None
     if key is None:
         return _render(await route.handler(req))
     warm = rt.tiers.warm
@@ -452,4 +459,4 @@ def _bound(rt: Runtime, route: Route) -> Callable[[web.Request], Awaitable[web.S
                 else (NO_BODY_POST if route.method == "POST" else 0))
     async def handler(request: web.Request) -> web.StreamResponse:
         return await serve(rt, route, request)
-    return handler
+    return streamed_body(*route.stream)(handler) if route.stream is not None else handler

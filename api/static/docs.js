@@ -42,7 +42,8 @@ function operation(doc, path, method, op) {
     sec.append(t);
   }
   if (op.requestBody) {
-    sec.append(el("details", {}, el("summary", {}, "request body"), json(doc, op.requestBody.content["application/json"].schema)));
+    const [type, body] = Object.entries(op.requestBody.content)[0];  // application/json, or the CSV import's text/csv
+    sec.append(el("details", {}, el("summary", {}, `request body (${type})`), json(doc, body.schema)));
   }
   const rt = el("table", {}, el("tr", {}, el("th", {}, "status"), el("th", {}, "meaning")));
   for (const [status, r] of Object.entries(op.responses || {})) rt.append(el("tr", {}, el("td", {}, status), el("td", {}, r.description)));

@@ -45,6 +45,9 @@ class Tenant:
     token_id: uuid.UUID | None = None
     call_id: str = ""
     recording_id: uuid.UUID | None = None
+    account_id: uuid.UUID | None = None  # a collection account, a campaign holding it, an import job
+    campaign_id: uuid.UUID | None = None
+    import_id: uuid.UUID | None = None
     sessions: dict[Role, str] = field(default_factory=dict)  # filled once the server runs
 
 
@@ -75,6 +78,15 @@ async def _tenant(conn: asyncpg.Connection, label: str, *, with_call: bool) -> T
             issued = await create_api_key(conn, t.org_id, name=f"{role.value} key", role=role)
             t.keys[role], t.key_ids[role] = issued.secret, issued.id
         t.token_id = (await create_media_token(conn, t.org_id, name="telnyx")).id
+        t.account_id = await conn.fetchval(
+            "INSERT INTO collection_accounts (org_id, external_ref, debtor_name, phones, balance_cents, currency) "
+            "VALUES ($1, $2, 'Debtor ' || $2, '{+15550000001}', 12345, 'USD') RETURNING id", t.org_id, f"REF-{label}")
+        t.campaign_id = await conn.fetchval("INSERT INTO campaigns (org_id, name) VALUES ($1, $2) RETURNING id",
+                                            t.org_id, f"Campaign {label}")
+        await conn.execute("INSERT INTO campaign_contacts (org_id, campaign_id, account_id) VALUES ($1, $2, $3)",
+                           t.org_id, t.campaign_id, t.account_id)
+        t.import_id = await conn.fetchval(
+            "INSERT INTO import_jobs (org_id, status, finished_at) VALUES ($1, 'done', now()) RETURNING id", t.org_id)
         if with_call:
             t.call_id = f"v3:call-{label}-{uuid.uuid4().hex[:8]}"
             call_uuid = await conn.fetchval(
@@ -136,7 +148,10 @@ def bearer(token: str | None) -> dict[str, str]:
 async def call(http: aiohttp.ClientSession, server: Server, method: str, path: str, token: str | None = None,
                body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     kwargs: dict[str, Any] = {"headers": {**bearer(token), **(headers or {})}}
-    if body is not None:
+    if isinstance(body, bytes):  # the one streamed route takes CSV (api.account_import)
+        kwargs["data"] = body
+        kwargs["headers"].setdefault("Content-Type", "text/csv")
+    elif body is not None:
         kwargs["json"] = body
     elif method in ("POST", "PATCH"):
         kwargs["headers"]["Content-Type"] = "application/json"  # no body, but the doors want the type

@@ -25,6 +25,7 @@ ALL = {"owner", "admin", "agent", "viewer"}
 ADMINS = {"owner", "admin"}
 STAFF = {"owner", "admin", "agent"}
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
+BODIED = ("POST", "PATCH", "PUT")
 
 # (method, path, body, roles allowed, sessions only).  Bodies are invalid ({}) where the route takes one,
 # ids unknown: an allowed caller gets 400 or 404 and nothing changes; a refused one 401 or 403.
@@ -50,6 +51,22 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("GET", "/api/audit", None, ADMINS, False),
     ("GET", "/api/billing", None, ADMINS, False),
     ("POST", "/api/billing/subscribe", {}, ADMINS, False),
+    ("POST", "/api/accounts", {}, STAFF, False),
+    ("GET", "/api/accounts", None, ALL, False),
+    ("GET", f"/api/accounts/{UNKNOWN}", None, ALL, False),
+    ("PATCH", f"/api/accounts/{UNKNOWN}", {}, STAFF, False),
+    ("DELETE", f"/api/accounts/{UNKNOWN}", None, ADMINS, False),
+    ("POST", "/api/accounts/import", b"not,a,header\n", ADMINS, False),
+    ("GET", "/api/imports", None, ADMINS, False),
+    ("GET", f"/api/imports/{UNKNOWN}", None, ADMINS, False),
+    ("POST", "/api/campaigns", {}, ADMINS, False),
+    ("GET", "/api/campaigns", None, ALL, False),
+    ("GET", f"/api/campaigns/{UNKNOWN}", None, ALL, False),
+    ("PATCH", f"/api/campaigns/{UNKNOWN}", {}, ADMINS, False),
+    ("DELETE", f"/api/campaigns/{UNKNOWN}", None, ADMINS, False),
+    ("POST", f"/api/campaigns/{UNKNOWN}/contacts", {}, ADMINS, False),
+    ("GET", "/api/voice-config", None, ALL, False),
+    ("PUT", "/api/voice-config", {"caller_id": "not a number"}, ADMINS, False),
     # The doors beside REST (their attacks: tests/api/test_front_doors.py).  A call's event stream itself
     # is left out here: an allowed caller would wait for the call to start.
     ("POST", "/api/calls/v3:unknown/sse-token", {}, ALL, False),
@@ -139,6 +156,14 @@ async def test_tenant_b_reaches_nothing_of_tenant_a_and_gets_the_unknown_ids_404
         ("GET", "/api/calls/{}", None, a.call_id, "v3:unknown-call"),
         ("GET", "/api/calls/{}/recordings/" + str(a.recording_id) + "/url", None, a.call_id, "v3:unknown-call"),
         ("GET", "/api/calls/" + b.call_id + "/recordings/{}/url", None, a.recording_id, UNKNOWN),
+        ("GET", "/api/accounts/{}", None, a.account_id, UNKNOWN),
+        ("PATCH", "/api/accounts/{}", {"balance_cents": 0, "do_not_call": True}, a.account_id, UNKNOWN),
+        ("DELETE", "/api/accounts/{}", None, a.account_id, UNKNOWN),
+        ("GET", "/api/campaigns/{}", None, a.campaign_id, UNKNOWN),
+        ("PATCH", "/api/campaigns/{}", {"name": "taken over"}, a.campaign_id, UNKNOWN),
+        ("DELETE", "/api/campaigns/{}", None, a.campaign_id, UNKNOWN),
+        ("POST", "/api/campaigns/{}/contacts", {"account_ids": [str(b.account_id)]}, a.campaign_id, UNKNOWN),
+        ("GET", "/api/imports/{}", None, a.import_id, UNKNOWN),
     ]
     leaks = []
     async with aiohttp.ClientSession() as http:
@@ -165,6 +190,15 @@ async def test_tenant_b_reaches_nothing_of_tenant_a_and_gets_the_unknown_ids_404
         status, detail = await call(http, server, "GET", f"/api/calls/{a.call_id}", a.sessions[Role.VIEWER])
         assert status == 200 and detail["data"]["transcripts"][0]["text"] == "my card is [REDACTED]"
         assert detail["data"]["recordings"][0]["id"] == str(a.recording_id)
+        status, acct = await call(http, server, "GET", f"/api/accounts/{a.account_id}", a.sessions[Role.VIEWER])
+        assert status == 200 and (acct["data"]["balance_cents"], acct["data"]["do_not_call"]) == (12345, False)
+        status, camp = await call(http, server, "GET", f"/api/campaigns/{a.campaign_id}", a.sessions[Role.VIEWER])
+        assert status == 200 and (camp["data"]["name"], camp["data"]["contacts"]) == ("Campaign a", 1)
+        for token in (b.sessions[Role.OWNER], b.keys[Role.ADMIN]):
+            for path in ("/api/accounts?limit=200", "/api/campaigns?limit=200", "/api/imports?limit=200"):
+                status, reply = await call(http, server, "GET", path, token)
+                assert status == 200 and {x["id"] for x in reply["data"]["items"]} <= {
+                    str(b.account_id), str(b.campaign_id), str(b.import_id)}, (path, reply)
     assert leaks == []
 
 
@@ -192,8 +226,10 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
                 continue
             url = (path.replace("{call_id}", "v3:x").replace("{name}", "docs.js").replace("{key}", "a.wav")
                    .replace("{user_id}", UNKNOWN).replace("{key_id}", UNKNOWN).replace("{token_id}", UNKNOWN)
-                   .replace("{recording_id}", UNKNOWN).replace("{session_id}", UNKNOWN))
-            status, reply = await call(http, server, method, url, None, {} if method in ("POST", "PATCH") else None)
+                   .replace("{recording_id}", UNKNOWN).replace("{session_id}", UNKNOWN)
+                   .replace("{account_id}", UNKNOWN).replace("{campaign_id}", UNKNOWN).replace("{import_id}", UNKNOWN))
+            body = b"external_ref\n" if path == "/api/accounts/import" else {} if method in BODIED else None
+            status, reply = await call(http, server, method, url, None, body)
             if (method, path) == ("POST", "/api/webhooks/stripe"):
                 if status not in (401, 503):
                     reachable.append((method, path, status))

@@ -15,7 +15,8 @@ from storage.records import AuditEntry, CallStarted, ensure_organization
 from tests.storage.conftest import DbUrls
 
 TENANT_TABLES = ["users", "api_keys", "calls", "transcriptions", "translations", "recordings", "audit_logs",
-                 "subscriptions", "payments", "usage_stats", "retention_policies"]
+                 "subscriptions", "payments", "usage_stats", "retention_policies", "collection_accounts", "campaigns",
+                 "campaign_contacts", "voice_configs", "import_jobs"]
 
 
 async def make_org(db: Database, slug: str) -> uuid.UUID:
@@ -169,8 +170,36 @@ async def test_migrations_are_recorded_and_a_changed_file_is_refused(db_urls: Db
                                                                       admin_conn: asyncpg.Connection) -> None:
     assert await migrate(db_urls.admin) == []  # already applied: nothing to do
     names = [r["name"] for r in await admin_conn.fetch("SELECT name FROM schema_migrations ORDER BY name")]
-    assert names[:4] == ["0001_schema.sql", "0002_rls.sql", "0003_call_node.sql", "0004_accounts.sql"]
+    assert names[:5] == ["0001_schema.sql", "0002_rls.sql", "0003_call_node.sql", "0004_accounts.sql",
+                         "0005_collections.sql"]
     assert names == sorted(p.name for p in MIGRATIONS.glob("*.sql"))  # every file, each once, in order
     await admin_conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE name = '0002_rls.sql'")
     with pytest.raises(MigrationError, match="changed after it was applied"):
         await migrate(db_urls.admin)
+
+
+async def test_a_campaign_contact_cannot_join_another_tenants_account_and_account_checks_hold(db: Database) -> None:
+    """0005: the composite foreign keys tie a contact to its own organisation's campaign and account, even
+    for a query that names another tenant's id (foreign-key checks do not go through RLS)."""
+    a, b = await make_org(db, "alpha"), await make_org(db, "bravo")
+    async with db.tenant(b) as conn:
+        b_account = await conn.fetchval(
+            "INSERT INTO collection_accounts (org_id, external_ref, debtor_name, balance_cents, currency) "
+            "VALUES ($1, 'B-1', 'B', 1, 'EUR') RETURNING id", b)
+    async with db.tenant(a) as conn:
+        campaign = await conn.fetchval("INSERT INTO campaigns (org_id, name) VALUES ($1, 'c') RETURNING id", a)
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        async with db.tenant(a) as conn:
+            await conn.execute("INSERT INTO campaign_contacts (org_id, campaign_id, account_id) VALUES ($1, $2, $3)",
+                               a, campaign, b_account)
+    for phones, cents, currency in ((["12345"], 1, "EUR"), (["+15550001234"], -1, "EUR"), ([], 1, "eur")):
+        with pytest.raises(asyncpg.CheckViolationError):
+            async with db.tenant(a) as conn:
+                await conn.execute(
+                    "INSERT INTO collection_accounts (org_id, external_ref, debtor_name, phones, balance_cents, "
+                    "currency) VALUES ($1, 'A-1', 'A', $2, $3, $4)", a, phones, cents, currency)
+    async with db.tenant(a) as conn:
+        await conn.execute("INSERT INTO collection_accounts (org_id, external_ref, debtor_name, phones, balance_cents, "
+                           "currency) VALUES ($1, 'A-1', 'A', '{+15550001234,+447700900123}', 0, 'EUR')", a)
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("DELETE FROM collection_accounts")  # soft delete only (deleted_at)
