@@ -41,8 +41,10 @@ not count) bounds how long any login waits instead of queueing every later one b
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -67,9 +69,12 @@ if TYPE_CHECKING:
 BOOTSTRAP_ORG_ID = uuid.uuid5(uuid.NAMESPACE_URL, "switchboard:default-organization")
 
 SESSION_COOKIE = "sb_session"
+log = logging.getLogger("switchboard.auth")
+
 API_KEY_PREFIX = "sbk_"
 MEDIA_TOKEN_PREFIX = "sbm_"
 SSE_TOKEN_PREFIX = "sbs_"
+CALL_TOKEN_PREFIX = "sbc_"  # a placed call's media credential (Authenticator.call_token)
 PREFIX_CHARS = 12  # shown to tell keys apart: "sbk_" and 8 random characters
 SSE_TOKEN_MAX_TTL_S = 300
 MAX_PRESENTED_CHARS = 512  # a longer credential is not looked up at all
@@ -119,6 +124,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "stats.reset": _ADMINS,
     "billing.read": _ADMINS,  # plan, subscription status, usage
     "billing.write": _ADMINS,  # subscribe to a plan
+    "calls.place": _STAFF,  # place a call through Telnyx, and hang it up
     # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
     # edit), admins delete them, import them and run campaigns and the voice settings.
     "accounts.read": _ALL,
@@ -234,13 +240,44 @@ class Authenticator:
         self._sse_tokens: OrderedDict[bytes, tuple[float, Principal]] = OrderedDict()  # storage off only
         self._media_cache: OrderedDict[bytes, tuple[float, uuid.UUID]] = OrderedDict()  # hash -> (found at, org)
         self.media_stale_hits = 0  # streams admitted from a remembered token while PostgreSQL failed
+        if s.call_token_key is None:
+            log.warning("config.random_call_token_key",
+                        extra={"hint": "set SWITCHBOARD_CALL_TOKEN_KEY (the same on every node) so a placed call's "
+                                       "media stream is accepted by any node and after a restart"})
+            self._call_key = secrets.token_bytes(32)
+        else:
+            self._call_key = s.call_token_key.get_secret_value().encode()
 
     # -- media streams ----------------------------------------------------------------------------
+
+    def call_token(self, org_id: uuid.UUID, call_id: uuid.UUID) -> str:
+        """The media credential of one placed call (``stream_auth_token`` of ``POST /v2/calls``):
+        ``sbc_`` + base64url(org, call, HMAC-SHA256(call_token_key, org|call)[:16]).  Media tokens are
+        stored only as hashes, so a call's credential is derived, not stored: it names its organisation
+        and nothing else may be forged from it."""
+        raw = org_id.bytes + call_id.bytes
+        mac = hmac.new(self._call_key, raw, hashlib.sha256).digest()[:16]
+        return CALL_TOKEN_PREFIX + base64.urlsafe_b64encode(raw + mac).decode().rstrip("=")
+
+    def _call_token_org(self, token: str) -> uuid.UUID | None:
+        body = token[len(CALL_TOKEN_PREFIX):]
+        if len(body) != 64:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(body)
+        except ValueError:
+            return None
+        if len(raw) != 48:
+            return None
+        mac = hmac.new(self._call_key, raw[:32], hashlib.sha256).digest()[:16]
+        return uuid.UUID(bytes=raw[:16]) if hmac.compare_digest(mac, raw[32:]) else None
 
     async def media_org(self, token: str | None) -> uuid.UUID | None:
         """The organisation whose media token this is; ``None`` for a missing or unknown one."""
         if not token or presented(token) is None:
             return None
+        if token.startswith(CALL_TOKEN_PREFIX):
+            return self._call_token_org(token)
         if self.tiers is None:
             return BOOTSTRAP_ORG_ID if _matches(token, self._media_token) else None
         digest, now, cache = secret_hash(token), time.monotonic(), self._media_cache

@@ -22,6 +22,7 @@ CODES: dict[str, tuple[int, str]] = {
     "bad_request": (400, "the request is malformed (JSON, a header, a path parameter)"),
     "validation_failed": (400, "the body or query failed validation; details lists each field"),
     "unauthenticated": (401, "no credential, or an unknown, expired or revoked one"),
+    "payment_required": (402, "the organisation's subscription is past due or unpaid; pay to continue"),
     "forbidden": (403, "the credential's role may not do this"),
     "not_found": (404, "no such resource in your organisation (another tenant's id looks the same)"),
     "method_not_allowed": (405, "the route does not take this method"),

@@ -22,7 +22,17 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from api import account_import, accounts, audit_api, auth_api, billing_api, calls_api, collections_api, credentials_api
+from api import (
+    account_import,
+    accounts,
+    audit_api,
+    auth_api,
+    billing_api,
+    calls_api,
+    collections_api,
+    credentials_api,
+    voice_api,
+)
 from api.auth import PERMISSIONS
 from api.console import CSP, HEADERS, STATIC
 from api.envelope import CODES
@@ -77,7 +87,8 @@ EXTERNAL = [
 ]
 
 REST_ROUTES: list[Route] = [*auth_api.ROUTES, *accounts.ROUTES, *credentials_api.ROUTES, *calls_api.ROUTES,
-                            *audit_api.ROUTES, *billing_api.ROUTES, *account_import.ROUTES, *collections_api.ROUTES]
+                            *audit_api.ROUTES, *billing_api.ROUTES, *account_import.ROUTES, *collections_api.ROUTES,
+                            *voice_api.ROUTES]
 DOC_ROUTES = [
     _doc("GET", "/api/openapi.json", "openapi", "This document", "docs", "public", None, {200: "OpenAPI 3.1"}),
     _doc("GET", "/api/docs", "docs", "The API reference page (renders this document)", "docs", "public", None,

@@ -13,6 +13,7 @@ from api.billing import Billing
 from api.hub import EventHub
 from api.middleware import ClientAddress
 from api.settings import Settings
+from api.telnyx_calls import TelnyxCalls
 from engine.metrics import LagHistogram
 from engine.quota import PerKeyQuota
 from engine.segmenter import SegmenterConfig
@@ -105,6 +106,7 @@ class Runtime:
             self.relay = BusRelay(tiers.bus, self.hub, self.calls.__contains__, max_calls=s.relay_max_calls)
         self.agents = AgentSessions(self)  # WebRTC sessions of agent browsers
         self.billing: Billing | None = Billing(s, tiers.db) if tiers is not None else None
+        self.telnyx: TelnyxCalls | None = TelnyxCalls(s, tiers.db, self.hub) if tiers is not None else None
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
 
@@ -167,6 +169,8 @@ class Runtime:
             await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
         if self.billing is not None:
             await self.billing.aclose()
+        if self.telnyx is not None:
+            await self.telnyx.aclose()
         if self.relay is not None:
             await self.relay.aclose()
         if self.bus is not None:

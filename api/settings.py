@@ -214,6 +214,19 @@ class Settings(BaseSettings):
     billing_plans: dict[str, PlanConfig] = Field(default_factory=dict)
     billing_outbox_interval_s: float = Field(10.0, gt=0)  # the outbox is drained this often (and when woken)
 
+    # Placing calls through Telnyx Call Control (api/telnyx_calls.py).
+    telnyx_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_TELNYX_API_KEY", "TELNYX_API_KEY"))
+    telnyx_public_key: str | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_TELNYX_PUBLIC_KEY", "TELNYX_PUBLIC_KEY"))  # base64 of the 32-byte Ed25519 key
+    telnyx_connection_id: str | None = Field(None, validation_alias=AliasChoices(
+        "SWITCHBOARD_TELNYX_CONNECTION_ID", "TELNYX_CONNECTION_ID"))
+    telnyx_api_url: str = "https://api.telnyx.com"
+    telnyx_webhook_tolerance_s: int = Field(300, ge=1, le=3600)
+    # Derives each placed call's media credential (sbc_...); unset: random per process (warned), so a
+    # call placed before a restart, or by another node, cannot stream to this one.
+    call_token_key: SecretStr | None = None
+
     @field_validator("bootstrap_api_key")
     @classmethod
     def _api_key_form(cls, v: SecretStr | None) -> SecretStr | None:

@@ -221,6 +221,17 @@ class CallEnded(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CallStateChanged(Event):
+    """A placed call moved (Telnyx Call Control's webhooks, api.telnyx_calls): ``state`` is the stored
+    ``calls.status``; ``cause`` is Telnyx's ``hangup_cause`` when it ended."""
+
+    EVENT: ClassVar[str] = "call.state"
+    call_id: str
+    state: str
+    cause: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CallDtmf(Event):
     EVENT: ClassVar[str] = "call.dtmf"
     call_id: str

@@ -67,6 +67,8 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", f"/api/campaigns/{UNKNOWN}/contacts", {}, ADMINS, False),
     ("GET", "/api/voice-config", None, ALL, False),
     ("PUT", "/api/voice-config", {"caller_id": "not a number"}, ADMINS, False),
+    ("POST", "/api/voice/call", {}, STAFF, False),
+    ("POST", "/api/voice/hangup", {}, STAFF, False),
     # The doors beside REST (their attacks: tests/api/test_front_doors.py).  A call's event stream itself
     # is left out here: an allowed caller would wait for the call to start.
     ("POST", "/api/calls/v3:unknown/sse-token", {}, ALL, False),
@@ -76,11 +78,13 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", "/api/stats/reset", {}, ADMINS, False),
 ]
 # Reachable without a credential (README): the probes, login, the document and its page, the console, and
-# Stripe's webhook, whose credential is its own Stripe-Signature check (without one: 401, or 503 when no
-# webhook secret is configured, as on this server; tests/api/test_billing.py).
+# the Stripe and Telnyx webhooks, whose credential is their own signature check (without one: 401, or 503 when
+# no webhook secret or public key is configured, as on this server; tests/api/test_billing.py,
+# tests/api/test_voice_calls.py).
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/api/auth/login"), ("GET", "/api/openapi.json"),
           ("GET", "/api/docs"), ("GET", "/api/docs/static/{name}"), ("GET", "/console"),
-          ("GET", "/console/static/{name}"), ("POST", "/api/webhooks/stripe")}
+          ("GET", "/console/static/{name}"), ("POST", "/api/webhooks/stripe"),
+          ("POST", "/api/webhooks/telnyx")}
 # The media WebSocket answers with close codes, not statuses: tests/api/test_front_doors.py checks that
 # every missing or unknown media token is closed with 1008 before a stream slot is taken.
 WIRED_ELSEWHERE = {("GET", "/api/media/telnyx")}
@@ -230,7 +234,7 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
                    .replace("{account_id}", UNKNOWN).replace("{campaign_id}", UNKNOWN).replace("{import_id}", UNKNOWN))
             body = b"external_ref\n" if path == "/api/accounts/import" else {} if method in BODIED else None
             status, reply = await call(http, server, method, url, None, body)
-            if (method, path) == ("POST", "/api/webhooks/stripe"):
+            if (method, path) in {("POST", "/api/webhooks/stripe"), ("POST", "/api/webhooks/telnyx")}:
                 if status not in (401, 503):
                     reachable.append((method, path, status))
                 continue

@@ -9,6 +9,7 @@ import asyncio
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -37,6 +38,15 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[S
         yield srv
 
 
+def _property(operation: Any, base_url: str, headers: dict[str, str], checks: list[Any]) -> Any:
+    @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
+              suppress_health_check=list(HealthCheck), database=None)
+    @given(case=operation.as_strategy())
+    def check(case: schemathesis.Case) -> None:
+        case.call_and_validate(base_url=base_url, headers=headers, checks=checks)
+    return check
+
+
 def test_every_rest_operation_answers_as_documented_for_generated_requests(server: Server, world: World) -> None:
     schema = schemathesis.openapi.from_url(f"{server.http}/api/openapi.json")
     ours = {r.name for r in REST_ROUTES} - {"logout", "change_password"}  # they would end the credential
@@ -49,14 +59,11 @@ def test_every_rest_operation_answers_as_documented_for_generated_requests(serve
             continue
         seen.append(op_id)
 
-        @settings(max_examples=EXAMPLES, deadline=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck), database=None)
-        @given(case=operation.as_strategy())
-        def check(case: schemathesis.Case) -> None:
-            case.call_and_validate(base_url=server.http, headers=headers,
-                                   checks=[not_a_server_error, response_schema_conformance])
-
-        check()
+        # With no Telnyx configured (as here) a valid call request answers 503 by design: only its answers'
+        # shapes are checked (tests/api/test_voice_calls.py places calls against a fake Telnyx).
+        checks = [response_schema_conformance] if op_id == "place_call" else [not_a_server_error,
+                                                                             response_schema_conformance]
+        _property(operation, server.http, headers, checks)()
     assert sorted(seen) == sorted(ours)
     errors = [r for r in server.logs() if r.get("level") == "error"]
     assert errors == []

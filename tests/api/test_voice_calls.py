@@ -1,0 +1,269 @@
+"""Placing and ending calls through Telnyx Call Control, on the real server with storage on, against the
+fake Telnyx: the call's states in the database and on its event stream as signed webhooks arrive,
+audit entries for each step, replays and forged deliveries without effect, do-not-call and billing
+refusals, roles, and another tenant's call answering like an unknown one."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import aiohttp
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from api.auth import Authenticator, Role
+from api.settings import Settings
+from api.telnyx_calls import parse_client_state
+from storage.db import Database
+from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
+from tests.fakes.telnyx import FakeTelnyx, delivery
+from tests.servers import Server, free_port
+from tests.sse_client import read_sse
+
+FAKE_KEY = Ed25519PrivateKey.generate()  # the fake's key pair: the server trusts its public half
+CALLER = "+15550001000"
+
+
+@pytest.fixture(scope="module")
+def world(pg_admin_url: str, redis_url: str) -> World:
+    return asyncio.run(build_world(pg_admin_url, redis_url, 10))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[Server]:
+    from api.telnyx_signature import public_b64
+
+    port = free_port()
+    with world_server(tmp_path_factory.mktemp("voice"), world, TELNYX_API_KEY="KEY_test_fake",
+                      TELNYX_PUBLIC_KEY=public_b64(FAKE_KEY), TELNYX_CONNECTION_ID="conn-1",
+                      SWITCHBOARD_TELNYX_API_URL=f"http://127.0.0.1:{port}",
+                      SWITCHBOARD_CALL_TOKEN_KEY="test-call-token-key") as srv:
+        asyncio.run(sign_in_all(srv, world))
+        srv.extra["port"] = port
+        yield srv
+
+
+def _fake(server: Server) -> FakeTelnyx:
+    fake = FakeTelnyx(server.extra["port"], f"{server.http}/api/webhooks/telnyx")
+    fake.key = FAKE_KEY
+    return fake
+
+
+async def _until(predicate: Callable[[], object], within_s: float = 10.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not await predicate():  # type: ignore[misc]  # noqa: ASYNC110 - polls the table the webhook writes
+            await asyncio.sleep(0.05)
+
+
+async def _row(db: Database, org: uuid.UUID, call_id: uuid.UUID) -> dict:  # type: ignore[type-arg]
+    async with db.tenant(org) as conn:
+        row = await conn.fetchrow("SELECT status, call_control_id, end_reason, direction, to_number, from_number "
+                                  "FROM calls WHERE id = $1", call_id)
+    return dict(row) if row else {}
+
+
+async def _audit(db: Database, org: uuid.UUID) -> list[tuple[str, str, str | None]]:
+    async with db.tenant(org) as conn:
+        rows = await conn.fetch("SELECT action, actor_type, actor_id FROM audit_logs WHERE resource_type = 'call' "
+                                "ORDER BY created_at, action")
+    return [(r["action"], r["actor_type"], r["actor_id"]) for r in rows]
+
+
+@pytest.fixture
+async def db(world: World) -> Database:
+    d = Database(world.db.app, min_size=1, max_size=2)
+    await d.open()
+    try:
+        yield d  # type: ignore[misc]
+    finally:
+        await d.aclose()
+
+
+async def test_a_placed_call_rings_answers_and_ends_by_signed_webhooks_with_audit_and_sse(
+        server: Server, world: World, db: Database) -> None:
+    a = world.a
+    async with _fake(server) as fake, aiohttp.ClientSession() as http:
+        fake.auto = False
+        status, reply = await call(http, server, "POST", "/api/voice/call", a.sessions[Role.AGENT],
+                                   {"to": "+15551234567", "from": CALLER, "translate": True,
+                                    "target_language": "es"})
+        assert status == 201, reply
+        placed = reply["data"]
+        cid, ccid = uuid.UUID(placed["id"]), placed["call_id"]
+        assert placed["status"] == "initiating" and ccid in fake.calls
+        (path, sent), = fake.requests
+        assert path == "/v2/calls"
+        assert sent["connection_id"] == "conn-1" and sent["to"] == "+15551234567" and sent["from"] == CALLER
+        assert sent["command_id"] == str(cid) and parse_client_state(sent["client_state"]) == (a.org_id, cid)
+        assert sent["stream_url"].endswith("/api/media/telnyx?language=en&translate_to=es")
+        assert sent["stream_track"] == "both_tracks" and sent["stream_bidirectional_mode"] == "rtp"
+        assert (sent["record"], sent["record_channels"], sent["record_format"]) == ("record-from-answer", "dual",
+                                                                                    "wav")
+        # The per-call media credential names the organisation, and only with this server's key.
+        token = sent["stream_auth_token"]
+        assert token.startswith("sbc_")
+        settings = Settings(call_token_key="test-call-token-key")  # type: ignore[arg-type]
+        auth = Authenticator(settings, None)
+        assert await auth.media_org(token) == a.org_id
+        assert await auth.media_org(token[:-2] + ("AA" if token[-2:] != "AA" else "AB")) is None
+        other = Authenticator(Settings(call_token_key="another-key"), None)  # type: ignore[arg-type]
+        assert await other.media_org(token) is None
+        row = await _row(db, a.org_id, cid)
+        assert row["status"] == "initiating" and row["call_control_id"] == ccid and row["direction"] == "outbound"
+
+        events: list[dict] = []  # type: ignore[type-arg]
+        reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{ccid}/events",
+                                              token=a.sessions[Role.VIEWER], until="none",
+                                              max_events=3, on_event=lambda e: events.append(e.json())))
+        await asyncio.sleep(0.3)  # the reader waits for the call's channel
+        assert await fake.send(ccid, "call.initiated", state="parked") == 200
+        assert (await _row(db, a.org_id, cid))["status"] == "ringing"
+        assert await fake.send(ccid, "call.answered", state="answered") == 200
+        assert (await _row(db, a.org_id, cid))["status"] == "active"
+        # A late call.initiated does not move the call back.
+        assert await fake.send(ccid, "call.initiated", state="parked") == 200
+        assert (await _row(db, a.org_id, cid))["status"] == "active"
+        # A replayed delivery changes nothing.
+        body, headers, _ = fake.deliveries[1]
+        async with http.post(f"{server.http}/api/webhooks/telnyx", data=body, headers=headers) as r:
+            assert r.status == 200 and (await r.json())["data"]["duplicate"] is True
+
+        # A viewer may not hang up; another tenant's call is unknown to b; the agent hangs up.
+        status, _ = await call(http, server, "POST", "/api/voice/hangup", a.sessions[Role.VIEWER], {"call_id": ccid})
+        assert status == 403
+        status, reply_b = await call(http, server, "POST", "/api/voice/hangup", world.b.sessions[Role.OWNER],
+                                     {"call_id": ccid})
+        status_u, reply_u = await call(http, server, "POST", "/api/voice/hangup", world.b.sessions[Role.OWNER],
+                                       {"call_id": "v3:unknown"})
+        assert (status, reply_b) == (status_u, reply_u) and status == 404
+        status, reply = await call(http, server, "POST", "/api/voice/hangup", a.sessions[Role.AGENT],
+                                   {"call_id": ccid})
+        assert status == 202 and reply["data"]["status"] == "ending", reply
+        await fake.settle()
+        row = await _row(db, a.org_id, cid)
+        assert row["status"] == "completed" and row["end_reason"] == "normal_clearing"
+        # Hanging up again: Telnyx says 90018 (already ended); we say the call has ended.
+        status, reply = await call(http, server, "POST", "/api/voice/hangup", a.sessions[Role.AGENT],
+                                   {"call_id": ccid})
+        assert (status, reply["error"]["code"]) == (409, "conflict")
+        async with asyncio.timeout(10):
+            await reader
+        assert [(e["call_id"], e["state"], e["cause"]) for e in events] == [
+            (ccid, "ringing", None), (ccid, "active", None), (ccid, "completed", "normal_clearing")]
+
+    trail = await _audit(db, a.org_id)
+    agent = str(a.users[Role.AGENT])
+    assert ("call.placed", "user", agent) in trail
+    assert [t[0] for t in trail if t[1] == "provider"] == ["call.ringing", "call.active", "call.completed"]
+    assert all(t[2] == "telnyx" for t in trail if t[1] == "provider")
+    assert ("call.hangup_requested", "user", agent) in trail
+
+
+async def test_a_busy_callee_ends_the_call_busy_without_answering(
+        server: Server, world: World, db: Database) -> None:
+    a = world.a
+    async with _fake(server) as fake, aiohttp.ClientSession() as http:
+        fake.outcome = "user_busy"
+        status, reply = await call(http, server, "POST", "/api/voice/call", a.keys[Role.ADMIN],
+                                   {"to": "+15551234568", "from": CALLER})
+        assert status == 201, reply
+        cid = uuid.UUID(reply["data"]["id"])
+        await fake.settle()
+        row = await _row(db, a.org_id, cid)
+        assert row["status"] == "busy" and row["end_reason"] == "user_busy"
+
+
+async def test_forged_stale_and_malformed_deliveries_change_nothing(server: Server, world: World,
+                                                                    db: Database) -> None:
+    a = world.a
+    async with _fake(server) as fake, aiohttp.ClientSession() as http:
+        fake.auto = False
+        status, reply = await call(http, server, "POST", "/api/voice/call", a.sessions[Role.OWNER],
+                                   {"to": "+15551234569", "from": CALLER})
+        cid, ccid = uuid.UUID(reply["data"]["id"]), reply["data"]["call_id"]
+        payload = fake.payload(ccid, state="answered")
+        url = f"{server.http}/api/webhooks/telnyx"
+        body, headers = delivery(FAKE_KEY, "call.answered", payload)
+        bad: list[tuple[bytes, dict[str, str]]] = [
+            (body, {"Content-Type": "application/json"}),  # no signature
+            delivery(Ed25519PrivateKey.generate(), "call.answered", payload),  # another key
+            (body + b" ", headers),  # one byte more
+            delivery(FAKE_KEY, "call.answered", payload, at=time.time() - 301),  # 301 s old
+            delivery(FAKE_KEY, "call.answered", payload, at=time.time() + 301),  # 301 s ahead
+            (body, {**headers, "telnyx-timestamp": "garbage"}),
+        ]
+        for b, h in bad:
+            async with http.post(url, data=b, headers=h) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (401, "unauthenticated")
+        for b in (b"[1]", b'{"data": {"id": "x"}}', b"not json"):
+            async with http.post(url, data=b, headers={"Content-Type": "application/json", **_signed(b)}) as r:
+                assert (r.status, (await r.json())["error"]["code"]) == (400, "bad_request")
+        # An unknown type and a call that is not ours: 200, nothing changes.
+        for etype, p in (("call.speak.ended", payload), ("call.answered", {**payload, "client_state": "bm9wZQ=="})):
+            b, h = delivery(FAKE_KEY, etype, p)
+            async with http.post(url, data=b, headers=h) as r:
+                assert r.status == 200 and (await r.json())["data"]["applied"] is False
+        assert (await _row(db, a.org_id, cid))["status"] == "initiating"
+        # The genuine delivery applies.
+        async with http.post(url, data=body, headers=headers) as r:
+            assert r.status == 200 and (await r.json())["data"]["applied"] is True
+        assert (await _row(db, a.org_id, cid))["status"] == "active"
+
+
+def _signed(body: bytes) -> dict[str, str]:
+    from api.telnyx_signature import sign
+
+    return sign(FAKE_KEY, body, int(time.time()))
+
+
+async def test_refusals_do_not_call_bad_standing_bad_numbers_provider_errors_and_roles(
+        server: Server, world: World, db: Database) -> None:
+    a, b = world.a, world.b
+    async with _fake(server) as fake, aiohttp.ClientSession() as http:
+        fake.auto = False
+        owner = a.sessions[Role.OWNER]
+        status, reply = await call(http, server, "POST", "/api/accounts", owner, {
+            "external_ref": "dnc-1", "debtor_name": "Do Not", "phones": ["+15557770000"], "balance_cents": 100,
+            "currency": "USD", "do_not_call": True})
+        assert status == 201, reply
+        dnc = reply["data"]["id"]
+        for body in ({"account_id": dnc, "from": CALLER}, {"to": "+15557770000", "from": CALLER}):
+            status, reply = await call(http, server, "POST", "/api/voice/call", owner, body)
+            assert (status, reply["error"]["code"]) == (409, "conflict") and "do-not-call" in reply["error"]["message"]
+        status, reply = await call(http, server, "POST", "/api/voice/call", owner,
+                                   {"account_id": str(uuid.uuid4()), "from": CALLER})
+        assert status == 404
+        for body in ({"to": "5551234567", "from": CALLER}, {"to": "+15551234567", "from": "+0123"},
+                     {"from": CALLER}, {"to": "+15551234567", "account_id": dnc, "from": CALLER},
+                     {"to": "+15551234567", "from": CALLER, "translate": True, "target_language": "en"},
+                     {"to": "+15551234567", "from": CALLER, "extra": 1}):
+            status, reply = await call(http, server, "POST", "/api/voice/call", owner, body)
+            assert (status, reply["error"]["code"]) == (400, "validation_failed"), body
+        status, reply = await call(http, server, "POST", "/api/voice/call", owner, {"to": "+15551234567"})
+        assert (status, reply["error"]["code"]) == (400, "validation_failed")  # no from, no caller_id
+        status, _ = await call(http, server, "POST", "/api/voice/call", a.sessions[Role.VIEWER],
+                               {"to": "+15551234567", "from": CALLER})
+        assert status == 403
+        assert fake.requests == []
+
+        # Telnyx refuses: the call is stored failed with the reason, the caller gets 503.
+        fake.fail_next(1, 500)
+        status, reply = await call(http, server, "POST", "/api/voice/call", owner, {"to": "+15551230000",
+                                                                                    "from": CALLER})
+        assert (status, reply["error"]["code"]) == (503, "unavailable")
+        async with db.tenant(a.org_id) as conn:
+            row = await conn.fetchrow("SELECT status, end_reason FROM calls WHERE to_number = '+15551230000'")
+        assert row["status"] == "failed" and row["end_reason"].startswith("provider_error: 500")
+
+        # Not in good standing: 402, and Telnyx is not asked.
+        async with db.tenant(b.org_id) as conn:
+            await conn.execute("INSERT INTO subscriptions (org_id, stripe_customer_id, stripe_subscription_id, plan, "
+                               "status) VALUES ($1, 'cus_b', 'sub_b', 'pro', 'past_due')", b.org_id)
+        asked = len(fake.requests)
+        status, reply = await call(http, server, "POST", "/api/voice/call", b.sessions[Role.OWNER],
+                                   {"to": "+15551234567", "from": CALLER})
+        assert (status, reply["error"]["code"]) == (402, "payment_required")
+        assert len(fake.requests) == asked
