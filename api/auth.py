@@ -75,6 +75,7 @@ API_KEY_PREFIX = "sbk_"
 MEDIA_TOKEN_PREFIX = "sbm_"
 SSE_TOKEN_PREFIX = "sbs_"
 CALL_TOKEN_PREFIX = "sbc_"  # a placed call's media credential (Authenticator.call_token)
+CALL_OPEN = frozenset({"initiating", "ringing", "active", "ending"})  # calls.status a call token admits
 PREFIX_CHARS = 12  # shown to tell keys apart: "sbk_" and 8 random characters
 SSE_TOKEN_MAX_TTL_S = 300
 MAX_PRESENTED_CHARS = 512  # a longer credential is not looked up at all
@@ -259,7 +260,7 @@ class Authenticator:
         mac = hmac.new(self._call_key, raw, hashlib.sha256).digest()[:16]
         return CALL_TOKEN_PREFIX + base64.urlsafe_b64encode(raw + mac).decode().rstrip("=")
 
-    def _call_token_org(self, token: str) -> uuid.UUID | None:
+    def _call_token_parts(self, token: str) -> tuple[uuid.UUID, uuid.UUID] | None:
         body = token[len(CALL_TOKEN_PREFIX):]
         if len(body) != 64:
             return None
@@ -270,14 +271,34 @@ class Authenticator:
         if len(raw) != 48:
             return None
         mac = hmac.new(self._call_key, raw[:32], hashlib.sha256).digest()[:16]
-        return uuid.UUID(bytes=raw[:16]) if hmac.compare_digest(mac, raw[32:]) else None
+        if not hmac.compare_digest(mac, raw[32:]):
+            return None
+        return uuid.UUID(bytes=raw[:16]), uuid.UUID(bytes=raw[16:32])
+
+    async def _call_token_org(self, token: str) -> uuid.UUID | None:
+        """The organisation of a valid ``sbc_`` token whose call is still open: a finished call's
+        credential admits nothing.  When PostgreSQL does not answer, the signature alone admits (media
+        must not stop for a storage outage), counted in ``media_stale_hits``."""
+        parts = self._call_token_parts(token)
+        if parts is None:
+            return None
+        org, call = parts
+        if self.tiers is None:
+            return org
+        try:
+            async with self.tiers.db.tenant(org) as conn:
+                status = await conn.fetchval("SELECT status FROM calls WHERE id = $1", call)
+        except Exception:
+            self.media_stale_hits += 1
+            return org
+        return org if status in CALL_OPEN else None
 
     async def media_org(self, token: str | None) -> uuid.UUID | None:
         """The organisation whose media token this is; ``None`` for a missing or unknown one."""
         if not token or presented(token) is None:
             return None
         if token.startswith(CALL_TOKEN_PREFIX):
-            return self._call_token_org(token)
+            return await self._call_token_org(token)
         if self.tiers is None:
             return BOOTSTRAP_ORG_ID if _matches(token, self._media_token) else None
         digest, now, cache = secret_hash(token), time.monotonic(), self._media_cache

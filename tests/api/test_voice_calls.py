@@ -11,7 +11,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import aiohttp
+import numpy as np
+import orjson
 import pytest
+import websockets
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from api.auth import Authenticator, Role
@@ -22,6 +25,7 @@ from tests.api.rest_world import World, build_world, call, sign_in_all, world_se
 from tests.fakes.telnyx import FakeTelnyx, delivery
 from tests.servers import Server, free_port
 from tests.sse_client import read_sse
+from tests.telnyx_client import connect
 
 FAKE_KEY = Ed25519PrivateKey.generate()  # the fake's key pair: the server trusts its public half
 CALLER = "+15550001000"
@@ -174,6 +178,44 @@ async def test_a_busy_callee_ends_the_call_busy_without_answering(
         await fake.settle()
         row = await _row(db, a.org_id, cid)
         assert row["status"] == "busy" and row["end_reason"] == "user_busy"
+
+
+async def test_the_media_stream_with_the_per_call_credential_lands_on_the_placed_calls_row(
+        server: Server, world: World, db: Database) -> None:
+    a = world.a
+    async with _fake(server) as fake, aiohttp.ClientSession() as http:
+        fake.auto = False
+        status, reply = await call(http, server, "POST", "/api/voice/call", a.sessions[Role.AGENT],
+                                   {"to": "+15551234570", "from": CALLER})
+        assert status == 201, reply
+        cid, ccid = uuid.UUID(reply["data"]["id"]), reply["data"]["call_id"]
+        assert await fake.send(ccid, "call.initiated") == 200
+        assert await fake.send(ccid, "call.answered") == 200
+        events: list[str] = []
+        reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{ccid}/events",
+                                              token=a.sessions[Role.VIEWER], on_event=lambda e: events.append(e.event)))
+        await asyncio.sleep(0.2)
+        code, sent = await fake.stream(ccid, np.zeros(8000, dtype=np.int16))  # one second of silence
+        assert code == 1000 and sent == 50
+        async with asyncio.timeout(15):
+            await reader
+        assert "call.started" in events and events[-1] == "call.ended"
+
+        async def ended() -> bool:
+            row = await _row(db, a.org_id, cid)
+            return row.get("status") == "completed"
+        await _until(ended)
+        async with db.tenant(a.org_id) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM calls WHERE to_number = '+15551234570' OR "
+                                       "call_control_id = $1", ccid) == 1
+        # A forged credential, and the genuine one once its call has ended, are refused before a start.
+        genuine = fake.calls[ccid]["stream_auth_token"]
+        for token in (genuine[:-4] + ("AAAA" if not genuine.endswith("AAAA") else "BBBB"), genuine):
+            async with connect(fake.calls[ccid]["stream_url"], token=token) as ws:
+                with pytest.raises(websockets.ConnectionClosed):
+                    await ws.send(orjson.dumps({"event": "connected", "version": "1.0.0"}).decode())
+                    await asyncio.wait_for(ws.recv(), 10)
+                assert ws.close_code == 1008
 
 
 async def test_forged_stale_and_malformed_deliveries_change_nothing(server: Server, world: World,

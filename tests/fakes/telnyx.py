@@ -9,6 +9,9 @@
   unless ``outcome`` (set per test) names a hangup cause, in which case ``call.hangup`` with it;
 * ``POST /v2/calls/{id}/actions/hangup``: 422 code 90018 when the call has ended, else 200 and a
   signed ``call.hangup`` with ``hangup_cause: normal_clearing``;
+* ``stream(ccid, pcm)`` opens the call's media stream to the ``stream_url`` it was given, with its
+  ``stream_auth_token`` in the upgrade header, and plays ``pcm`` (8 kHz, PCMU) in real time, then ``stop``
+  (tests/telnyx_client.py speaks the media protocol);
 * ``fail_next(n, status)``: the next ``n`` requests answer ``status`` without effect.
 
 Webhooks carry the call's ``client_state`` back unchanged and are signed with the fake's own Ed25519
@@ -25,11 +28,15 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
+import websockets
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from api.simulator import telnyx_messages
 from api.telnyx_signature import public_b64, sign
+from tests.telnyx_client import connect, send_paced
 
 
 def delivery(key: Ed25519PrivateKey, event_type: str, payload: dict[str, Any], at: float | None = None,
@@ -164,3 +171,17 @@ class FakeTelnyx:
         async with self._http.post(self.webhook_url, data=body, headers=headers) as r:
             self.deliveries.append((body, headers, r.status))
             return r.status
+
+    async def stream(self, ccid: str, pcm: np.ndarray) -> tuple[int | None, int]:
+        """Play ``pcm`` on the call's media stream as Telnyx would; returns (close code, media messages sent)."""
+        call = self.calls[ccid]
+        msgs = telnyx_messages(pcm, call_id=ccid, stream_id=f"st-{ccid[-12:]}", encoding="PCMU", sample_rate=8000,
+                               token=None)
+        async with connect(call["stream_url"], token=call["stream_auth_token"]) as ws:
+            sent = await send_paced(ws, msgs)
+            try:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 15)
+            except websockets.ConnectionClosed:
+                pass
+            return ws.close_code, sent
