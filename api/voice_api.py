@@ -4,7 +4,9 @@ webhook door ``POST /api/webhooks/telnyx`` (public: its credential is the Ed2551
 
 Placing a call: the account (or number) must not be do-not-call (409 ``conflict``) and the
 organisation must be in good standing (402 ``payment_required``); the call is stored ``initiating``
-with an audit entry before Telnyx is asked, so a call Telnyx places is never unknown here.  Telnyx
+with an audit entry before Telnyx is asked, so a call Telnyx places is never unknown here.  It has no
+``node_id`` until its media stream reaches a node: the placing node does not own it (webhooks reach any
+node), so that node's restart recovery must not fail a call that is ringing on Telnyx.  Telnyx
 gets ``command_id`` = our call id (its idempotency), ``client_state`` = our organisation and call,
 and a per-call media credential (``Authenticator.call_token``) as ``stream_auth_token``: media tokens
 are stored only as hashes, so one is derived rather than handed out.  A refusal from Telnyx marks the
@@ -148,9 +150,9 @@ async def place_call(req: Req) -> Reply:
     pending = f"{PENDING_PREFIX}{call}"
     async with db.tenant(org) as conn:
         await conn.execute(
-            "INSERT INTO calls (id, org_id, call_control_id, direction, from_number, to_number, status, node_id) "
-            "VALUES ($1, $2, $3, 'outbound', $4, $5, 'initiating', $6)",
-            call, org, pending, caller, to, s.node_id)
+            "INSERT INTO calls (id, org_id, call_control_id, direction, from_number, to_number, status) "
+            "VALUES ($1, $2, $3, 'outbound', $4, $5, 'initiating')",
+            call, org, pending, caller, to)
         await req.audit("call.placed", "call", call, None,
                         {"to": to, "from": caller, "account_id": str(body.account_id) if body.account_id else None,
                          "language": language, "translate_to": target}).apply(conn)

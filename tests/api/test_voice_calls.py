@@ -64,7 +64,8 @@ async def _until(predicate: Callable[[], object], within_s: float = 10.0) -> Non
 
 async def _row(db: Database, org: uuid.UUID, call_id: uuid.UUID) -> dict:  # type: ignore[type-arg]
     async with db.tenant(org) as conn:
-        row = await conn.fetchrow("SELECT status, call_control_id, end_reason, direction, to_number, from_number "
+        row = await conn.fetchrow("SELECT status, call_control_id, end_reason, direction, to_number, from_number, "
+                                  "node_id "
                                   "FROM calls WHERE id = $1", call_id)
     return dict(row) if row else {}
 
@@ -117,6 +118,7 @@ async def test_a_placed_call_rings_answers_and_ends_by_signed_webhooks_with_audi
         assert await other.media_org(token) is None
         row = await _row(db, a.org_id, cid)
         assert row["status"] == "initiating" and row["call_control_id"] == ccid and row["direction"] == "outbound"
+        assert row["node_id"] is None  # owned by no node until its media stream reaches one
 
         events: list[dict] = []  # type: ignore[type-arg]
         reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{ccid}/events",
@@ -205,6 +207,7 @@ async def test_the_media_stream_with_the_per_call_credential_lands_on_the_placed
             row = await _row(db, a.org_id, cid)
             return row.get("status") == "completed"
         await _until(ended)
+        assert (await _row(db, a.org_id, cid))["node_id"]  # the node its stream reached
         async with db.tenant(a.org_id) as conn:
             assert await conn.fetchval("SELECT count(*) FROM calls WHERE to_number = '+15551234570' OR "
                                        "call_control_id = $1", ccid) == 1
