@@ -101,6 +101,10 @@ async def test_a_sign_in_still_verifying_when_the_account_changes_gets_no_sessio
         patch = call(http, server, "PATCH", f"/api/users/{user_id}", world.a.sessions[Role.OWNER], change)
         changing = asyncio.create_task(patch) if "password" in change else None  # it queues to hash too
         await asyncio.sleep(0.05)
+        # Two more between the change and the sign-in: with two hashing slots, the sign-in's verification
+        # starts only when the change's own hash is done, so it cannot finish before the change does.
+        ahead += [asyncio.create_task(_wrong_login(http, server)) for _ in range(2)]
+        await asyncio.sleep(0.05)
         signing_in = asyncio.create_task(call(http, server, "POST", "/api/auth/login", None,
                                               {"email": email, "password": PASSWORD}))
         await asyncio.sleep(0.15)
