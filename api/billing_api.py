@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from api.billing import NOT_IN_GOOD_STANDING, ProviderError
 from api.envelope import ApiError
-from api.rest import Reply, Req, Route, Strict
+from api.rest import Reply, Req, Route, Strict, WebhookOut
 from api.stripe_signature import SignatureError, verify
 
 PlanName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
@@ -42,12 +42,6 @@ class BillingOut(BaseModel):
     current_period_end: datetime | None
     in_good_standing: bool
     usage: UsageOut
-
-
-class WebhookOut(BaseModel):
-    received: bool
-    applied: bool
-    duplicate: bool
 
 
 def _billing(req: Req) -> Any:

@@ -113,6 +113,15 @@ class PageQuery(Strict):
     cursor: str | None = Field(None, min_length=1, max_length=200, description="next_cursor of the page before")
 
 
+class WebhookOut(BaseModel):
+    """What a signed provider webhook door answers (Stripe's, Telnyx's): every verified event is
+    ``received``; ``applied`` when it changed something, ``duplicate`` when its id was seen before."""
+
+    received: bool
+    applied: bool
+    duplicate: bool
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """What a handler returns: ``data`` goes in the envelope; ``secrets`` names top-level keys of ``data``

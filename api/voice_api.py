@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 from api.billing import billing_in_good_standing
 from api.collections_api import PHONE
 from api.envelope import ApiError, not_found
-from api.rest import Reply, Req, Route, Strict
+from api.rest import Reply, Req, Route, Strict, WebhookOut
 from api.telnyx_calls import ALREADY_ENDED, OPEN, PENDING_PREFIX, ProviderError, TelnyxCalls, client_state
 from api.telnyx_signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, PublicKeyError, SignatureError, public_key, verify
 from engine.ids import ID as CALL_ID
@@ -72,12 +72,6 @@ class PlacedCall(BaseModel):
 class HangupOut(BaseModel):
     call_id: str
     status: str
-
-
-class WebhookOut(BaseModel):
-    received: bool
-    applied: bool
-    duplicate: bool
 
 
 def _service(req: Req) -> TelnyxCalls:
