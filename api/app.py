@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -153,6 +154,9 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
         "translation": _translation_stats(rt),
         "webrtc": rt.agents.stats(),
         "auth": {"media_token_stale_hits": rt.auth.media_stale_hits},
+        "post_call": rt.post_call.stats() if rt.post_call else None,
+        "billing": dataclasses.asdict(rt.billing.counters) if rt.billing else None,
+        "telnyx": dataclasses.asdict(rt.telnyx.counters) if rt.telnyx else None,
         "http": guard.stats() if (guard := request.app.get(CONNECTION_GUARD)) is not None else None,
         "rss_bytes": _rss_bytes(),
         # What a leak would show: these return to their baseline once calls end and retention expires.

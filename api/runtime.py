@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from api.billing import Billing
 from api.hub import EventHub
 from api.middleware import ClientAddress
+from api.post_call import PostCall
 from api.settings import Settings
 from api.telnyx_calls import TelnyxCalls
 from engine.metrics import LagHistogram
@@ -106,7 +107,11 @@ class Runtime:
             self.relay = BusRelay(tiers.bus, self.hub, self.calls.__contains__, max_calls=s.relay_max_calls)
         self.agents = AgentSessions(self)  # WebRTC sessions of agent browsers
         self.billing: Billing | None = Billing(s, tiers.db) if tiers is not None else None
-        self.telnyx: TelnyxCalls | None = TelnyxCalls(s, tiers.db, self.hub) if tiers is not None else None
+        self.post_call: PostCall | None = None  # Telnyx's recordings fetched and transcribed (api/post_call.py)
+        if tiers is not None:
+            self.post_call = PostCall(s, tiers.db, tiers.blobs, self.redactor, s.data_dir.resolve() / "post-call")
+        self.telnyx: TelnyxCalls | None = (TelnyxCalls(s, tiers.db, self.hub, self.post_call)
+                                           if tiers is not None else None)
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
 
@@ -126,6 +131,8 @@ class Runtime:
             self.translation.start()
         if self.billing is not None:
             self.billing.start()
+        if self.post_call is not None:
+            self.post_call.start()
 
     async def _watch_loop(self) -> None:
         """Sleep 10 ms at a time and record how late the wake-up is: the event loop's own latency."""
@@ -169,6 +176,8 @@ class Runtime:
             await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
         if self.billing is not None:
             await self.billing.aclose()
+        if self.post_call is not None:
+            await self.post_call.aclose()
         if self.telnyx is not None:
             await self.telnyx.aclose()
         if self.relay is not None:

@@ -227,6 +227,27 @@ class Settings(BaseSettings):
     # call placed before a restart, or by another node, cannot stream to this one.
     call_token_key: SecretStr | None = None
 
+    # After the call (api/post_call.py): Telnyx's recording fetched (api/recording_fetch.py), then
+    # every stored recording transcribed.  The recording URL must be https on one of these hosts
+    # ("*.suffix": any name under it) and resolve only to public addresses, except networks listed in
+    # recording_fetch_allow_networks (empty: none; for a test server on loopback).
+    recording_fetch_hosts: list[str] = Field(default_factory=lambda: [
+        "s3.amazonaws.com", "*.s3.amazonaws.com", "*.telnyx.com"])
+    recording_fetch_allow_networks: list[str] = Field(default_factory=list)
+    recording_fetch_ca_file: str | None = None  # extra CA bundle for the recording host (tests)
+    recording_fetch_max_bytes: int = Field(512 << 20, ge=1 << 10)  # 4 h of 8 kHz stereo WAV is 461 MB
+    recording_fetch_timeout_s: float = Field(300.0, gt=0)  # the whole download
+    # Batch transcription of stored recordings: "auto" = AssemblyAI when ASSEMBLYAI_API_KEY is set, else
+    # the local recogniser; "off" = none.
+    batch_stt: Literal["auto", "assemblyai", "local", "off"] = "auto"
+    assemblyai_batch_url: str = "https://api.assemblyai.com"
+    batch_max_s: int = Field(3600, ge=10)  # longer recordings are not transcribed (reported); memory 2 x 2 x rate
+    batch_timeout_s: float = Field(1800.0, gt=0)  # one recording's whole transcription
+    post_call_workers: int = Field(1, ge=1, le=16)  # jobs run at once on a node
+    post_call_attempts: int = Field(6, ge=1, le=50)  # then the job is failed (reported, audited)
+    post_call_interval_s: float = Field(5.0, gt=0)  # the job table is polled this often (and when woken)
+    post_call_lease_s: float = Field(2400.0, gt=0)  # a running job not finished by then is taken again
+
     @field_validator("bootstrap_api_key")
     @classmethod
     def _api_key_form(cls, v: SecretStr | None) -> SecretStr | None:

@@ -42,6 +42,7 @@ from storage.records import AuditEntry
 
 if TYPE_CHECKING:
     from api.hub import EventHub
+    from api.post_call import PostCall
 
 log = logging.getLogger("switchboard.telnyx")
 
@@ -56,6 +57,7 @@ HANGUP_STATUS = {"normal_clearing": "completed", "user_busy": "busy", "no_answer
                  "timeout": "no_answer", "originator_cancel": "no_answer", "call_rejected": "failed",
                  "not_found": "failed", "unspecified": "failed", "time_limit": "completed"}
 HANDLED = frozenset({*EVENT_STATUS, "call.hangup"})
+RECORDING_SAVED = "call.recording.saved"  # no state change: a recording_fetch job (api.post_call)
 
 
 class ProviderError(Exception):
@@ -135,7 +137,8 @@ class CallCounters:
 class TelnyxCalls:
     """The node's Call Control service: the client and the webhook's effects.  ``aclose`` at shutdown."""
 
-    def __init__(self, settings: Settings, db: Database, hub: EventHub) -> None:
+    def __init__(self, settings: Settings, db: Database, hub: EventHub, post_call: PostCall | None = None) -> None:
+        self.post_call = post_call
         self.settings = settings
         self.db = db
         self.hub = hub
@@ -160,6 +163,8 @@ class TelnyxCalls:
 
     async def apply_event(self, event_id: str, event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
         """Apply one verified webhook event once; returns the webhook's answer."""
+        if event_type == RECORDING_SAVED:
+            return await self._recording_saved(event_id, payload)
         ours = parse_client_state(payload.get("client_state")) if event_type in HANDLED else None
         if ours is None:
             async with self.db.no_tenant() as conn:
@@ -205,6 +210,39 @@ class TelnyxCalls:
         key = call_key(org, current)
         if self.hub.get(key) is not None:
             self.hub.publish(key, CallStateChanged(current, target, cause))
+        return {"received": True, "applied": True, "duplicate": False}
+
+    async def _recording_saved(self, event_id: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Telnyx stored the call's recording: a ``recording_fetch`` job, written with the event's id, so
+        an answered delivery is never forgotten (the fetch itself runs after the answer)."""
+        from api.post_call import enqueue
+
+        ours = parse_client_state(payload.get("client_state"))
+        urls = payload.get("recording_urls")
+        url = urls.get("wav") if isinstance(urls, dict) else None
+        if ours is None or not isinstance(url, str):
+            async with self.db.no_tenant() as conn:
+                fresh = await _record_event(conn, event_id)
+            if fresh:
+                self._ignored(RECORDING_SAVED if ours is None else f"{RECORDING_SAVED} (no wav url)")
+            return {"received": True, "applied": False, "duplicate": not fresh}
+        org, call = ours
+        async with self.db.tenant(org) as conn:
+            if not await _record_event(conn, event_id):
+                self.counters.events_duplicate += 1
+                return {"received": True, "applied": False, "duplicate": True}
+            ccid = await conn.fetchval("SELECT call_control_id FROM calls WHERE id = $1", call)
+            if ccid is None:
+                self._ignored(RECORDING_SAVED)
+                return {"received": True, "applied": False, "duplicate": False}
+            await enqueue(conn, org, call, "recording_fetch", f"telnyx:{event_id}",
+                          {"url": url[:4096], "event_id": event_id[:255]})
+            await AuditEntry(org, "call.recording_saved", "call", ccid, actor_type="provider", actor_id="telnyx",
+                             new_value={"event_id": event_id[:80], "channels": str(payload.get("channels"))[:10]}
+                             ).apply(conn)
+        self.counters.events_applied += 1
+        if self.post_call is not None:
+            self.post_call.wake()
         return {"received": True, "applied": True, "duplicate": False}
 
 

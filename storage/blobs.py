@@ -114,6 +114,8 @@ class BlobStore(Protocol):
 
     async def get(self, key: str) -> bytes: ...
 
+    async def get_file(self, key: str, path: Path) -> int: ...
+
     async def delete(self, key: str) -> None: ...
 
     async def presign_get(self, key: str, expires_s: int = 300) -> str: ...
@@ -232,6 +234,27 @@ class S3BlobStore:
                 raise BlobNotFound(key) from exc
             raise
 
+    async def get_file(self, key: str, path: Path) -> int:
+        """Write the object to ``path`` (replaced), a chunk in memory at a time; returns its size."""
+        client = self._require(key)
+        size = 0
+        try:
+            async with self._errors("GetObject"):
+                resp = await client.get_object(Bucket=self.bucket, Key=key)
+                f: BinaryIO = await asyncio.to_thread(open, path, "wb")
+                try:
+                    async with resp["Body"] as body:
+                        while chunk := await body.read(1 << 20):
+                            size += len(chunk)
+                            await asyncio.to_thread(f.write, chunk)
+                finally:
+                    await asyncio.to_thread(f.close)
+        except BlobBackendError as exc:
+            if exc.code in ("NoSuchKey", "404", "NotFound"):
+                raise BlobNotFound(key) from exc
+            raise
+        return size
+
     async def delete(self, key: str) -> None:
         client = self._require(key)
         async with self._errors("DeleteObject"):
@@ -331,6 +354,14 @@ class LocalBlobStore:
             return await asyncio.to_thread(path.read_bytes)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
+
+    async def get_file(self, key: str, path: Path) -> int:
+        src = self.path_for(key)
+        try:
+            await asyncio.to_thread(shutil.copyfile, src, path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise BlobNotFound(key) from exc
+        return (await asyncio.to_thread(os.stat, path)).st_size
 
     async def delete(self, key: str) -> None:
         path = self.path_for(key)
