@@ -62,6 +62,9 @@ class TranscriptOut(BaseModel):
     end_ms: int | None
     provider: str | None
     redacted: bool
+    kind: Literal["final", "partial", "batch"] = Field(
+        description="final: live; partial: the last partial of an utterance that got no final; batch: "
+                    "transcribed from the stored recording after the call")
     created_at: datetime
 
 
@@ -83,6 +86,8 @@ class RecordingOut(BaseModel):
     duration_ms: int
     channels: int
     sample_rate: int
+    source: Literal["stream", "telnyx"] = Field(
+        description="stream: built here from the media stream; telnyx: Telnyx's dual-channel recording")
     created_at: datetime
 
 
@@ -147,15 +152,16 @@ async def get_call(req: Req) -> Reply:
         if call is None:
             raise not_found("call")
         transcripts = await conn.fetch(
-            "SELECT id, track, seq, text, language, confidence, start_ms, end_ms, provider, redacted, created_at "
-            "FROM transcriptions WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at, seq LIMIT $2",
+            "SELECT id, track, seq, text, language, confidence, start_ms, end_ms, provider, redacted, kind, "
+            "created_at FROM transcriptions WHERE call_id = $1 AND deleted_at IS NULL "
+            "ORDER BY kind = 'batch', created_at, seq LIMIT $2",
             call["id"], n)
         translations = await conn.fetch(
             "SELECT id, transcription_id, source_lang, target_lang, original_text, translated_text, provider, "
             "created_at FROM translations WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at LIMIT $2",
             call["id"], n)
         recordings = await conn.fetch(
-            "SELECT id, content_type, bytes, duration_ms, channels, sample_rate, created_at FROM recordings "
+            "SELECT id, content_type, bytes, duration_ms, channels, sample_rate, source, created_at FROM recordings "
             "WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at LIMIT $2", call["id"], n)
         agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1", call["agent_id"])
                  if call["agent_id"] is not None else None)

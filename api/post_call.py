@@ -110,8 +110,9 @@ class PostCall:
     ``aclose`` at shutdown (a job cut short is taken again after its lease)."""
 
     def __init__(self, settings: Settings, db: Database, blobs: BlobStore, redactor: Redactor,
-                 work_dir: Path) -> None:
+                 work_dir: Path, phrases: tuple[str, ...] = ()) -> None:
         self.settings = settings
+        self.phrases = phrases  # the node's phrase list: the local recogniser's domain language model
         self.db = db
         self.blobs = blobs
         self.redactor = redactor
@@ -361,7 +362,7 @@ class PostCall:
                 continue
             result = await transcribe_channel(self._batch_stt, np.ascontiguousarray(data[:, channel]), rate,
                                               call_id=str(job.call_id), track=Track(track), language=language,
-                                              segmenter=self.settings.segmenter())
+                                              segmenter=self.settings.segmenter(), phrases=self.phrases)
             out += [(track, i, tr, language) for i, tr in enumerate(result.finals, 1) if tr.text.strip()]
         return out
 

@@ -109,7 +109,8 @@ class Runtime:
         self.billing: Billing | None = Billing(s, tiers.db) if tiers is not None else None
         self.post_call: PostCall | None = None  # Telnyx's recordings fetched and transcribed (api/post_call.py)
         if tiers is not None:
-            self.post_call = PostCall(s, tiers.db, tiers.blobs, self.redactor, s.data_dir.resolve() / "post-call")
+            self.post_call = PostCall(s, tiers.db, tiers.blobs, self.redactor, s.data_dir.resolve() / "post-call",
+                                      self.phrases)
         self.telnyx: TelnyxCalls | None = (TelnyxCalls(s, tiers.db, self.hub, self.post_call)
                                            if tiers is not None else None)
         self.draining = False  # shutting down: new media streams are refused

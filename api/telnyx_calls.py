@@ -8,7 +8,9 @@ The call's life as Telnyx reports it, a table (the media path's own states are p
 
 Ranks order the states (``RANK``); an event whose target ranks at or below the call's state (a late
 ``call.initiated`` after ``call.answered``, anything after a final state) changes nothing and is
-counted (``CallCounters.backwards``): Telnyx does not promise delivery order.
+counted (``CallCounters.backwards``): Telnyx does not promise delivery order.  One exception:
+``call.hangup`` on a call the media path already ended (its stream stopped first) sets Telnyx's
+final status and cause, which say how the call ended; the media path's reason stays in its audit entry.
 
 Who the event is for: ``payload.client_state``, which we set when placing the call (base64 of
 ``{"org", "call"}``, our organisation and ``calls.id``); the Ed25519 signature proves Telnyx sent it back
@@ -187,7 +189,10 @@ class TelnyxCalls:
             if row is None:
                 self._ignored(event_type)
                 return {"received": True, "applied": False, "duplicate": False}
-            if RANK[target] <= RANK[row["status"]]:
+            # Telnyx's hangup settles how the call ended, even after the media path ended it (the stream
+            # stopped first); any other event at or below the call's state is late and changes nothing.
+            settles = event_type == "call.hangup" and RANK[row["status"]] == RANK["completed"]
+            if RANK[target] <= RANK[row["status"]] and not settles:
                 self.counters.backwards += 1
                 log.info("telnyx.transition_ignored", extra={"event_type": event_type, "from": row["status"],
                                                              "to": target})
@@ -199,7 +204,7 @@ class TelnyxCalls:
             await conn.execute(
                 "UPDATE calls SET status = $2, call_control_id = $3, updated_at = now(), "
                 "started_at = CASE WHEN $2 = 'active' THEN coalesce(started_at, now()) ELSE started_at END, "
-                "ended_at = CASE WHEN $4 THEN now() ELSE ended_at END, "
+                "ended_at = CASE WHEN $4 THEN coalesce(ended_at, now()) ELSE ended_at END, "
                 "end_reason = CASE WHEN $4 THEN $5 ELSE end_reason END WHERE id = $1",
                 call, target, current, final, cause or event_type)
             await AuditEntry(org, f"call.{target}", "call", current, actor_type="provider", actor_id="telnyx",

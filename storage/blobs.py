@@ -243,11 +243,12 @@ class S3BlobStore:
                 resp = await client.get_object(Bucket=self.bucket, Key=key)
                 f: BinaryIO = await asyncio.to_thread(open, path, "wb")
                 try:
-                    async with resp["Body"] as body:
-                        while chunk := await body.read(1 << 20):
-                            size += len(chunk)
-                            await asyncio.to_thread(f.write, chunk)
+                    body = resp["Body"]  # aiobotocore's StreamingBody: read(amt) a chunk at a time
+                    while chunk := await body.read(1 << 20):
+                        size += len(chunk)
+                        await asyncio.to_thread(f.write, chunk)
                 finally:
+                    resp["Body"].close()
                     await asyncio.to_thread(f.close)
         except BlobBackendError as exc:
             if exc.code in ("NoSuchKey", "404", "NotFound"):

@@ -54,8 +54,14 @@ class CallStarted:
         )
 
 
+OPEN_SQL = "'initiating', 'ringing', 'active', 'ending'"
+
+
 @dataclass(frozen=True, slots=True)
 class CallEnded:
+    """The media path saw the call end.  A call Telnyx already reported ended (``call.hangup``) keeps
+    Telnyx's status and cause; the stream's reason is in ``stats`` and the audit trail."""
+
     org_id: uuid.UUID
     call_control_id: str
     status: str  # 'completed' or 'failed'
@@ -65,8 +71,10 @@ class CallEnded:
 
     async def apply(self, conn: asyncpg.Connection) -> None:
         await conn.execute(
-            """
-            UPDATE calls SET status = $3, end_reason = $4, ended_at = $5, stats = $6, updated_at = now()
+            f"""
+            UPDATE calls SET status = CASE WHEN status IN ({OPEN_SQL}) THEN $3 ELSE status END,
+                   end_reason = CASE WHEN status IN ({OPEN_SQL}) THEN $4 ELSE end_reason END,
+                   ended_at = coalesce(ended_at, $5), stats = $6, updated_at = now()
              WHERE org_id = $1 AND call_control_id = $2
             """,
             self.org_id, self.call_control_id, self.status, self.reason[:500], self.ended_at, self.stats,

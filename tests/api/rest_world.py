@@ -121,9 +121,10 @@ async def build_world(pg_admin_url: str, redis_url: str, redis_number: int) -> W
 
 @contextlib.contextmanager
 def world_server(tmp: Path, world: World, **env: str) -> Iterator[Server]:
+    settings = {"SWITCHBOARD_STT_PROVIDER": "null", "SWITCHBOARD_RECORDING_ENABLED": "false", **env}
     with running_server(tmp, SWITCHBOARD_PERSIST="true", DATABASE_URL=world.db.admin,
                         SWITCHBOARD_DATABASE_APP_PASSWORD=APP_PASSWORD, REDIS_URL=world.redis_url,
-                        SWITCHBOARD_STT_PROVIDER="null", SWITCHBOARD_RECORDING_ENABLED="false", **env) as srv:
+                        **settings) as srv:
         yield srv
 
 

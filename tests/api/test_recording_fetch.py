@@ -31,7 +31,8 @@ class Recordings:
     """An HTTPS server on 127.0.0.1 counting accepted connections and requests."""
 
     def __init__(self, tmp: Path) -> None:
-        self.cert = self_signed(tmp / "tls", ["rec.telnyx.test", "lo.telnyx.test", "mixed.telnyx.test", "rec.example.test"])
+        self.cert = self_signed(tmp / "tls", ["rec.telnyx.test", "lo.telnyx.test", "mixed.telnyx.test",
+                                              "rec.example.test"])
         self.port = free_port()
         self.connections = 0
         self.requests: list[str] = []
@@ -39,7 +40,7 @@ class Recordings:
     async def handler(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request.path)
         if request.path == "/redirect":
-            raise web.HTTPFound("https://rec.telnyx.test:%d/ok.wav" % self.port)
+            raise web.HTTPFound(f"https://rec.telnyx.test:{self.port}/ok.wav")
         if request.path == "/missing":
             raise web.HTTPForbidden()
         if request.path == "/chunked-huge":

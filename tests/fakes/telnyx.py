@@ -12,7 +12,13 @@
 * ``stream(ccid, pcm)`` opens the call's media stream to the ``stream_url`` it was given, with its
   ``stream_auth_token`` in the upgrade header, and plays ``pcm`` (8 kHz, PCMU) in real time, then ``stop``
   (tests/telnyx_client.py speaks the media protocol);
-* ``fail_next(n, status)``: the next ``n`` requests answer ``status`` without effect.
+* ``fail_next(n, status)``: the next ``n`` requests answer ``status`` without effect;
+* recordings (when the call asked ``record`` and the fake has a ``tls`` certificate): after the call's
+  ``call.hangup`` it sends ``call.recording.saved`` with ``recording_urls.wav`` on its own HTTPS server
+  (``https://<record_host>:<recordings_port>/recordings/<ccid>.wav``), serving a dual-channel 8 kHz WAV:
+  channel 1 what it played on the inbound track (through G.711, as on the phone network), channel 2
+  what it heard from us (the outbound media);
+  ``recording_requests`` counts the downloads.
 
 Webhooks carry the call's ``client_state`` back unchanged and are signed with the fake's own Ed25519
 key (``public_key_b64`` is what the server under test is configured with).  ``deliveries`` keeps each
@@ -22,6 +28,8 @@ sent ``(body, headers, status)`` so a test can replay one.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import time
 import uuid
 from types import TracebackType
@@ -30,12 +38,15 @@ from typing import Any
 import aiohttp
 import numpy as np
 import orjson
+import soundfile
 import websockets
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from api.simulator import telnyx_messages
 from api.telnyx_signature import public_b64, sign
+from engine.codecs import get_codec
+from tests.fakes.tls import Cert
 from tests.telnyx_client import connect, send_paced
 
 
@@ -49,8 +60,14 @@ def delivery(key: Ed25519PrivateKey, event_type: str, payload: dict[str, Any], a
 
 
 class FakeTelnyx:
-    def __init__(self, port: int, webhook_url: str, api_key: str = "KEY_test_fake") -> None:
+    def __init__(self, port: int, webhook_url: str, api_key: str = "KEY_test_fake", *, tls: Cert | None = None,
+                 recordings_port: int = 0, record_host: str = "localhost") -> None:
         self.port = port
+        self.tls = tls
+        self.recordings_port = recordings_port
+        self.record_host = record_host
+        self.recording_requests: list[str] = []
+        self._recordings_runner: web.AppRunner | None = None
         self.webhook_url = webhook_url
         self.api_key = api_key
         self.key = Ed25519PrivateKey.generate()
@@ -77,6 +94,13 @@ class FakeTelnyx:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
         self._http = aiohttp.ClientSession()
+        if self.tls is not None:
+            rec = web.Application()
+            rec.router.add_get("/recordings/{name}", self._recording)
+            self._recordings_runner = web.AppRunner(rec)
+            await self._recordings_runner.setup()
+            await web.TCPSite(self._recordings_runner, "127.0.0.1", self.recordings_port,
+                              ssl_context=self.tls.server_context()).start()
         return self
 
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
@@ -85,6 +109,8 @@ class FakeTelnyx:
             await self._http.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._recordings_runner is not None:
+            await self._recordings_runner.cleanup()
 
     async def settle(self) -> None:
         """Wait until every webhook sent so far has been answered."""
@@ -139,8 +165,7 @@ class FakeTelnyx:
         if call is None or call["ended"]:
             return self._error(422, "90018", "Call has already ended")
         call["ended"] = True
-        self._spawn(self.send(request.match_info["ccid"], "call.hangup", hangup_cause="normal_clearing",
-                              hangup_source="caller"))
+        self._spawn(self.end(request.match_info["ccid"], "normal_clearing", "caller"))
         return web.json_response({"data": {"result": "ok"}})
 
     def _spawn(self, coro: Any) -> None:
@@ -156,6 +181,42 @@ class FakeTelnyx:
         else:
             self.calls[ccid]["ended"] = True
             await self.send(ccid, "call.hangup", hangup_cause=self.outcome, hangup_source="callee")
+
+    async def end(self, ccid: str, cause: str, source: str) -> None:
+        """``call.hangup``; the call's media stream (if one plays) stops; then, for a call that asked for a
+        recording and streamed, ``call.recording.saved``."""
+        await self.send(ccid, "call.hangup", hangup_cause=cause, hangup_source=source)
+        call = self.calls[ccid]
+        call.setdefault("hung_up", asyncio.Event()).set()
+        if "stream_done" in call:
+            await asyncio.wait_for(call["stream_done"].wait(), 15)
+        if self.tls is not None and call.get("record") and (call.get("played") is not None or call.get("heard")):
+            url = f"https://{self.record_host}:{self.recordings_port}/recordings/{ccid.replace(':', '_')}.wav"
+            await self.send(ccid, "call.recording.saved", channels="dual", recording_urls={"wav": url, "mp3": None},
+                            public_recording_urls={}, recording_started_at=call.get("answered_at"),
+                            recording_ended_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    def recording_wav(self, ccid: str) -> bytes:
+        call = self.calls[ccid]
+        played = call.get("played")
+        codec = get_codec("PCMU", 8000)  # what went over the phone network, as Telnyx records it
+        a = (np.zeros(0, np.int16) if played is None
+             else np.frombuffer(codec.decode(codec.encode(played.astype("<i2").tobytes())), dtype="<i2"))
+        b = np.frombuffer(bytes(call.get("heard", b"")), dtype="<i2")
+        n = max(len(a), len(b))
+        both = np.zeros((n, 2), np.int16)
+        both[: len(a), 0] = a
+        both[: len(b), 1] = b
+        out = io.BytesIO()
+        soundfile.write(out, both, 8000, subtype="PCM_16", format="WAV")
+        return out.getvalue()
+
+    async def _recording(self, request: web.Request) -> web.Response:
+        self.recording_requests.append(request.path)
+        name = request.match_info["name"].removesuffix(".wav").replace("_", ":")
+        if name not in self.calls:
+            return web.Response(status=404)
+        return web.Response(body=self.recording_wav(name), content_type="audio/wav")
 
     def payload(self, ccid: str, **extra: Any) -> dict[str, Any]:
         call = self.calls[ccid]
@@ -177,11 +238,36 @@ class FakeTelnyx:
         call = self.calls[ccid]
         msgs = telnyx_messages(pcm, call_id=ccid, stream_id=f"st-{ccid[-12:]}", encoding="PCMU", sample_rate=8000,
                                token=None)
-        async with connect(call["stream_url"], token=call["stream_auth_token"]) as ws:
-            sent = await send_paced(ws, msgs)
+        call["played"] = pcm
+        heard = call.setdefault("heard", bytearray())
+        codec = get_codec("PCMU", 8000)
+
+        async def listen(ws: websockets.ClientConnection) -> None:
             try:
                 while True:
-                    await asyncio.wait_for(ws.recv(), 15)
-            except websockets.ConnectionClosed:
+                    msg = await asyncio.wait_for(ws.recv(), 15)
+                    data = orjson.loads(msg)
+                    if data.get("event") == "media":
+                        heard.extend(codec.decode(base64.b64decode(data["media"]["payload"])))
+            except (websockets.ConnectionClosed, TimeoutError):
                 pass
-            return ws.close_code, sent
+
+        hung_up = call.setdefault("hung_up", asyncio.Event())
+        done = call["stream_done"] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            async with connect(call["stream_url"], token=call["stream_auth_token"]) as ws:
+                listener = loop.create_task(listen(ws))
+                sender = loop.create_task(send_paced(ws, msgs))
+                stop = loop.create_task(hung_up.wait())
+                await asyncio.wait({sender, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not sender.done():  # hung up mid-stream: the stream stops, as Telnyx stops it
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
+                    await ws.send(msgs[-1])  # stop
+                await listener
+                sent = sender.result() if not sender.cancelled() else -1
+                return ws.close_code, sent
+        finally:
+            done.set()
