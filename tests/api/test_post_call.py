@@ -107,8 +107,8 @@ async def test_a_recording_is_transcribed_by_channel_redacted_and_stored_once(
     assert created[0]["language_code"] == "en"
     assert list(fake.uploads.values())[0] == await blobs.get(f"recordings/{org}/test/{call_id}/telnyx-{rid}.wav")
     async with db.tenant(org) as conn:
-        rows = await conn.fetch("SELECT track, seq, text, provider, redacted, kind, stream_id, words FROM transcriptions "
-                                "WHERE call_id = $1 ORDER BY track, seq", call_id)
+        rows = await conn.fetch("SELECT track, seq, text, provider, redacted, kind, stream_id, words "
+                                "FROM transcriptions WHERE call_id = $1 ORDER BY track, seq", call_id)
         audits = await conn.fetchval("SELECT count(*) FROM audit_logs WHERE action = 'call.transcribed' "
                                      "AND resource_id = $1", str(call_id))
     assert [(r["track"], r["seq"]) for r in rows] == [("inbound", 1), ("inbound", 2), ("outbound", 1)]

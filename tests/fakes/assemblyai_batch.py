@@ -97,7 +97,7 @@ class FakeAssemblyAIBatch:
                                       "error": "Download error, unable to download audio_url"})
         try:
             info = soundfile.info(io.BytesIO(data))
-        except Exception:  # noqa: BLE001 - any unreadable file is AssemblyAI's "not audio" error
+        except Exception:  # any unreadable file is AssemblyAI's "not audio" error
             return web.json_response({"id": request.match_info["tid"], "status": "error",
                                       "error": "File does not appear to contain audio"})
         duration_ms = int(info.frames * 1000 / info.samplerate)
