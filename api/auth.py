@@ -75,6 +75,7 @@ API_KEY_PREFIX = "sbk_"
 MEDIA_TOKEN_PREFIX = "sbm_"
 SSE_TOKEN_PREFIX = "sbs_"
 CALL_TOKEN_PREFIX = "sbc_"  # a placed call's media credential (Authenticator.call_token)
+PENDING_CALL_PREFIX = "pending-"  # calls.call_control_id until Telnyx names the call (api.telnyx_calls)
 CALL_OPEN = frozenset({"initiating", "ringing", "active", "ending"})  # calls.status a call token admits
 PREFIX_CHARS = 12  # shown to tell keys apart: "sbk_" and 8 random characters
 SSE_TOKEN_MAX_TTL_S = 300
@@ -275,30 +276,41 @@ class Authenticator:
             return None
         return uuid.UUID(bytes=raw[:16]), uuid.UUID(bytes=raw[16:32])
 
-    async def _call_token_org(self, token: str) -> uuid.UUID | None:
-        """The organisation of a valid ``sbc_`` token whose call is still open: a finished call's
-        credential admits nothing.  When PostgreSQL does not answer, the signature alone admits (media
-        must not stop for a storage outage), counted in ``media_stale_hits``."""
+    async def _call_token_org(self, token: str) -> tuple[uuid.UUID | None, str | None]:
+        """The organisation of a valid ``sbc_`` token whose call is still open, and that call's
+        ``call_control_id`` (the only call the credential may stream; ``None`` while Telnyx has not
+        named it yet): a finished call's credential admits nothing.  When PostgreSQL does not answer,
+        the signature alone admits (media must not stop for a storage outage), counted in
+        ``media_stale_hits``."""
         parts = self._call_token_parts(token)
         if parts is None:
-            return None
+            return None, None
         org, call = parts
         if self.tiers is None:
-            return org
+            return org, None
         try:
             async with self.tiers.db.tenant(org) as conn:
-                status = await conn.fetchval("SELECT status FROM calls WHERE id = $1", call)
+                row = await conn.fetchrow("SELECT status, call_control_id FROM calls WHERE id = $1", call)
         except Exception:
             self.media_stale_hits += 1
-            return org
-        return org if status in CALL_OPEN else None
+            return org, None
+        if row is None or row["status"] not in CALL_OPEN:
+            return None, None
+        ccid = row["call_control_id"]
+        return org, None if ccid.startswith(PENDING_CALL_PREFIX) else ccid
+
+    async def media_credential(self, token: str | None) -> tuple[uuid.UUID | None, str | None]:
+        """``media_org``, and for a placed call's ``sbc_`` credential the one call id it may stream."""
+        if token and token.startswith(CALL_TOKEN_PREFIX) and presented(token) is not None:
+            return await self._call_token_org(token)
+        return await self.media_org(token), None
 
     async def media_org(self, token: str | None) -> uuid.UUID | None:
         """The organisation whose media token this is; ``None`` for a missing or unknown one."""
         if not token or presented(token) is None:
             return None
         if token.startswith(CALL_TOKEN_PREFIX):
-            return await self._call_token_org(token)
+            return (await self._call_token_org(token))[0]
         if self.tiers is None:
             return BOOTSTRAP_ORG_ID if _matches(token, self._media_token) else None
         digest, now, cache = secret_hash(token), time.monotonic(), self._media_cache

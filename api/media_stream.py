@@ -80,6 +80,7 @@ class MediaStream:
         self.pending = True  # counted in Admission until it starts or closes
         self.language = "en"  # spoken on the call (?language= on the stream URL)
         self.target: str | None = None  # ?translate_to= as asked ("none" included); None: the policy's default
+        self.bound_call: str | None = None  # a placed call's credential streams only this call_control_id
         self.policy: Policy | None = None  # the organisation's speech policy, read with its media token
         self.session: CallSession | None = None
         self.org_id: uuid.UUID | None = None  # the media token's organisation, once known
@@ -172,7 +173,7 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     event, detail = CallEvent.HANGUP, ""
     try:
         if header_token is not None:
-            stream.org_id, stream.policy = await _media_org(rt, header_token)
+            stream.org_id, stream.policy = await _media_org(rt, stream, header_token)
             if stream.org_id is None:
                 await ws.prepare(request)
                 raise PolicyViolation("stream auth token unknown")
@@ -201,11 +202,11 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _media_org(rt: Runtime, token: str) -> tuple[uuid.UUID | None, Policy | None]:
-    """The token's organisation and its speech policy; ``TryAgainLater`` (1013) when the token cannot
-    be looked up now."""
+async def _media_org(rt: Runtime, stream: MediaStream, token: str) -> tuple[uuid.UUID | None, Policy | None]:
+    """The token's organisation and its speech policy (a placed call's credential also binds the stream
+    to its call: ``stream.bound_call``); ``TryAgainLater`` (1013) when the token cannot be looked up now."""
     try:
-        org = await rt.auth.media_org(token)
+        org, stream.bound_call = await rt.auth.media_credential(token)
     except Exception as exc:  # the hot tier is down: the carrier retries the stream later
         log.warning("stream.auth_unavailable", extra={"error": type(exc).__name__})
         raise TryAgainLater("stream auth token cannot be checked now") from None
@@ -215,7 +216,7 @@ async def _media_org(rt: Runtime, token: str) -> tuple[uuid.UUID | None, Policy 
 async def _authenticate(rt: Runtime, stream: MediaStream, token: str) -> None:
     """Look up the `connected` field's token, then release (or refuse) what the protocol held."""
     try:
-        stream.org_id, stream.policy = await _media_org(rt, token)
+        stream.org_id, stream.policy = await _media_org(rt, stream, token)
         if stream.ending is not None:
             return
         _dispatch(rt, stream, stream.protocol.authenticated(stream.org_id is not None))
@@ -332,6 +333,8 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
     """Claim a stream slot and the call id, then start the call; raises when either is refused."""
     if stream.org_id is None:  # the protocol lets no `start` through before authentication
         raise PolicyViolation("stream auth token missing")
+    if stream.bound_call is not None and ev.call_control_id != stream.bound_call:
+        raise PolicyViolation("this stream credential belongs to another call")
     policy = stream.policy or rt.policies.node
     session = CallSession(rt, stream, ev, stream.org_id, language=stream.language,
                           target=call_target(rt, stream.language, stream.target, policy), policy=policy)

@@ -36,6 +36,7 @@ import aiohttp
 import asyncpg
 import orjson
 
+from api.auth import PENDING_CALL_PREFIX
 from api.call_session import call_key
 from api.settings import Settings
 from pipelines.events import CallStateChanged
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.telnyx")
 
 HTTP_TIMEOUT_S = 10.0
-PENDING_PREFIX = "pending-"  # calls.call_control_id until Telnyx gives the real one (the column is NOT NULL)
+PENDING_PREFIX = PENDING_CALL_PREFIX  # calls.call_control_id until Telnyx names the call (the column is NOT NULL)
 ALREADY_ENDED = "90018"  # Telnyx's error code for a command on a call that has ended
 OPEN = frozenset({"initiating", "ringing", "active", "ending"})
 RANK = {"initiating": 0, "ringing": 1, "active": 2, "ending": 3,

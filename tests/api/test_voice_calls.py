@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from api.auth import Authenticator, Role
 from api.settings import Settings
+from api.simulator import telnyx_messages
 from api.telnyx_calls import parse_client_state
 from storage.db import Database
 from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
@@ -211,6 +212,21 @@ async def test_the_media_stream_with_the_per_call_credential_lands_on_the_placed
         async with db.tenant(a.org_id) as conn:
             assert await conn.fetchval("SELECT count(*) FROM calls WHERE to_number = '+15551234570' OR "
                                        "call_control_id = $1", ccid) == 1
+        # While a call is open its credential streams that call only: another call id is refused.
+        other = telnyx_messages(np.zeros(800, dtype=np.int16), call_id="v3:another-call", stream_id="st-x",
+                                encoding="PCMU", sample_rate=8000, token=None)
+        status, reply = await call(http, server, "POST", "/api/voice/call", a.sessions[Role.AGENT],
+                                   {"to": "+15551234571", "from": CALLER})
+        assert status == 201, reply
+        ccid2 = reply["data"]["call_id"]
+        async with connect(fake.calls[ccid2]["stream_url"], token=fake.calls[ccid2]["stream_auth_token"]) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                for msg in other:
+                    await ws.send(msg)
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1008 and "another call" in (ws.close_reason or "")
+        async with db.tenant(a.org_id) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM calls WHERE call_control_id = 'v3:another-call'") == 0
         # A forged credential, and the genuine one once its call has ended, are refused before a start.
         genuine = fake.calls[ccid]["stream_auth_token"]
         for token in (genuine[:-4] + ("AAAA" if not genuine.endswith("AAAA") else "BBBB"), genuine):
