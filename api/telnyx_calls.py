@@ -41,7 +41,7 @@ from api.call_session import call_key
 from api.settings import Settings
 from pipelines.events import CallStateChanged
 from storage.db import Database
-from storage.records import AuditEntry
+from storage.records import CALL_USAGE_SQL, METER_EVENT_NAME, AuditEntry
 
 if TYPE_CHECKING:
     from api.hub import EventHub
@@ -208,6 +208,8 @@ class TelnyxCalls:
                 "ended_at = CASE WHEN $4 THEN coalesce(ended_at, now()) ELSE ended_at END, "
                 "end_reason = CASE WHEN $4 THEN $5 ELSE end_reason END WHERE id = $1",
                 call, target, current, final, cause or event_type)
+            if final:  # minutes of an answered call, once per call, even when no media stream reached us
+                await conn.execute(CALL_USAGE_SQL, org, current, METER_EVENT_NAME)
             await AuditEntry(org, f"call.{target}", "call", current, actor_type="provider", actor_id="telnyx",
                              old_value={"status": row["status"]},
                              new_value={"status": target, "event_id": event_id[:80],

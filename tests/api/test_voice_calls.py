@@ -161,6 +161,8 @@ async def test_a_placed_call_rings_answers_and_ends_by_signed_webhooks_with_audi
         assert [(e["call_id"], e["state"], e["cause"]) for e in events] == [
             (ccid, "ringing", None), (ccid, "active", None), (ccid, "completed", "normal_clearing")]
 
+    async with db.tenant(a.org_id) as conn:  # answered, no media stream: Telnyx's times make its minutes
+        assert await conn.fetchval("SELECT minutes FROM call_usage WHERE call_id = $1", cid) == 1
     trail = await _audit(db, a.org_id)
     agent = str(a.users[Role.AGENT])
     assert ("call.placed", "user", agent) in trail
@@ -181,6 +183,8 @@ async def test_a_busy_callee_ends_the_call_busy_without_answering(
         await fake.settle()
         row = await _row(db, a.org_id, cid)
         assert row["status"] == "busy" and row["end_reason"] == "user_busy"
+        async with db.tenant(a.org_id) as conn:  # never answered: no minutes
+            assert await conn.fetchval("SELECT count(*) FROM call_usage WHERE call_id = $1", cid) == 0
 
 
 async def test_the_media_stream_with_the_per_call_credential_lands_on_the_placed_calls_row(
