@@ -80,6 +80,9 @@ class AccountQuery(PageQuery):
         None, description="external_ref starts with this")
     balance_min: Cents | None = Field(None, description="balance_cents at least this")
     balance_max: Cents | None = Field(None, description="balance_cents at most this")
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        None, description="debtor_name contains this (any case)")
+    campaign_id: uuid.UUID | None = Field(None, description="only the contacts of this campaign")
 
 
 class AccountOut(BaseModel):
@@ -129,6 +132,10 @@ class ContactsAdded(BaseModel):
     added: int
     already: int
     unknown: list[uuid.UUID] = Field(description="ids that are not live accounts of your organisation")
+
+
+class ContactRemoved(BaseModel):
+    removed: uuid.UUID = Field(description="the account taken out of the campaign")
 
 
 class VoiceConfigIn(Strict):
@@ -207,10 +214,20 @@ async def list_accounts(req: Req) -> Reply:
             "AND ($3::text IS NULL OR status = $3) AND ($4::boolean IS NULL OR do_not_call = $4) "
             "AND ($5::text IS NULL OR starts_with(external_ref, $5)) "
             "AND ($6::bigint IS NULL OR balance_cents >= $6) AND ($7::bigint IS NULL OR balance_cents <= $7) "
+            "AND ($9::text IS NULL OR debtor_name ILIKE '%' || $9 || '%' ESCAPE '\\') "
+            "AND ($10::uuid IS NULL OR EXISTS (SELECT 1 FROM campaign_contacts cc "
+            "     WHERE cc.campaign_id = $10 AND cc.account_id = collection_accounts.id)) "
             "ORDER BY created_at DESC, id DESC LIMIT $8",
             after[0] if after else None, after[1] if after else None, q.status, q.do_not_call, q.q,
-            q.balance_min, q.balance_max, q.limit + 1)
+            q.balance_min, q.balance_max, q.limit + 1, _like(q.name), q.campaign_id)
     return Reply(page(rows, q.limit, account_out))
+
+
+def _like(text: str | None) -> str | None:
+    """``text`` as a literal inside an ILIKE pattern (its %, _ and backslashes escaped)."""
+    if text is None:
+        return None
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 async def _live_account(conn: asyncpg.Connection, account_id: uuid.UUID, *, lock: bool = False) -> Any:
@@ -352,6 +369,19 @@ async def add_contacts(req: Req) -> Reply:
                   "unknown": [str(i) for i in wanted if i not in live]})
 
 
+async def remove_contact(req: Req) -> Reply:
+    assert req.rt.tiers is not None
+    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
+        campaign = await _live_campaign(conn, req.params["campaign_id"], lock=True)
+        removed = await conn.fetchval("DELETE FROM campaign_contacts WHERE campaign_id = $1 AND account_id = $2 "
+                                      "RETURNING account_id", campaign["id"], req.params["account_id"])
+        if removed is None:
+            raise not_found("contact")
+        await req.audit("campaign.contact_removed", "campaign", campaign["id"], {"account_id": str(removed)},
+                        None).apply(conn)
+    return Reply({"removed": str(removed)})
+
+
 # -- voice configuration --------------------------------------------------------------------------
 
 VOICE_DEFAULTS = {"caller_id": None, "recording": False, "translate_default": None, "updated_at": None}
@@ -408,6 +438,9 @@ ROUTES = [
     Route("POST", "/api/campaigns/{campaign_id}/contacts", "add_campaign_contacts", "Add accounts to a campaign",
           "campaigns", "action", "campaigns.write", add_contacts, body=ContactsAdd, response=ContactsAdded,
           params=_CAMPAIGN, max_body=64 << 10),
+    Route("DELETE", "/api/campaigns/{campaign_id}/contacts/{account_id}", "remove_campaign_contact",
+          "Take an account out of a campaign", "campaigns", "action", "campaigns.write", remove_contact,
+          params=_CAMPAIGN + _ACCOUNT, response=ContactRemoved, errors=("not_found",)),
     Route("GET", "/api/voice-config", "get_voice_config", "The organisation's voice configuration", "voice-config",
           "action", "voice_config.read", get_voice_config, response=VoiceConfigOut),
     Route("PUT", "/api/voice-config", "put_voice_config", "Replace the organisation's voice configuration",

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -125,6 +126,29 @@ async def test_campaign_contacts_and_the_voice_configuration(server: Server, wor
         assert (reply["data"]["added"], reply["data"]["already"]) == (0, 1)
         st, reply = await call(http, server, "PATCH", f"/api/campaigns/{cid}", admin, {"status": "active"})
         assert st == 200 and (reply["data"]["status"], reply["data"]["contacts"]) == ("active", 1)
+        # The campaign's accounts to work: the account list filtered by campaign and name.
+        st, mine = await call(http, server, "POST", "/api/accounts", admin,
+                              {"external_ref": "CAMP-2", "debtor_name": "Zoë 100%_Jones", "balance_cents": 5,
+                               "currency": "EUR"})
+        assert st == 201, mine
+        assert (await call(http, server, "POST", f"/api/campaigns/{cid}/contacts", admin,
+                           {"account_ids": [mine["data"]["id"]]}))[1]["data"]["added"] == 1
+        st, reply = await call(http, server, "GET", f"/api/accounts?campaign_id={cid}", viewer)
+        assert st == 200 and {i["id"] for i in reply["data"]["items"]} == {ids[0], mine["data"]["id"]}
+        for name, hit in (("zoË 100%_j", True), ("100%", True), ("1000", False), ("_", True), ("%x", False)):
+            st, reply = await call(http, server, "GET", f"/api/accounts?campaign_id={cid}&name={quote(name)}",
+                                   viewer)
+            assert st == 200 and ([i["id"] for i in reply["data"]["items"]] == [mine["data"]["id"]]) == hit, name
+        st, reply = await call(http, server, "GET", f"/api/accounts?campaign_id={uuid.uuid4()}", viewer)
+        assert st == 200 and reply["data"]["items"] == []
+        # Taking an account out: once; a viewer may not; B's campaign id is an unknown one.
+        path = f"/api/campaigns/{cid}/contacts/{mine['data']['id']}"
+        assert (await call(http, server, "DELETE", path, viewer))[0] == 403
+        st, reply = await call(http, server, "DELETE", path, admin)
+        assert st == 200 and reply["data"] == {"removed": mine["data"]["id"]}
+        assert (await call(http, server, "DELETE", path, admin))[0] == 404
+        st, reply = await call(http, server, "GET", f"/api/campaigns/{cid}", viewer)
+        assert reply["data"]["contacts"] == 1
         st, reply = await call(http, server, "GET", "/api/campaigns?status=active", viewer)
         assert [c["id"] for c in reply["data"]["items"]] == [cid]
         assert (await call(http, server, "DELETE", f"/api/campaigns/{cid}", admin))[0] == 200

@@ -65,6 +65,7 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("PATCH", f"/api/campaigns/{UNKNOWN}", {}, ADMINS, False),
     ("DELETE", f"/api/campaigns/{UNKNOWN}", None, ADMINS, False),
     ("POST", f"/api/campaigns/{UNKNOWN}/contacts", {}, ADMINS, False),
+    ("DELETE", f"/api/campaigns/{UNKNOWN}/contacts/{UNKNOWN}", None, ADMINS, False),
     ("GET", "/api/voice-config", None, ALL, False),
     ("PUT", "/api/voice-config", {"caller_id": "not a number"}, ADMINS, False),
     ("POST", "/api/voice/call", {}, STAFF, False),
@@ -167,6 +168,7 @@ async def test_tenant_b_reaches_nothing_of_tenant_a_and_gets_the_unknown_ids_404
         ("PATCH", "/api/campaigns/{}", {"name": "taken over"}, a.campaign_id, UNKNOWN),
         ("DELETE", "/api/campaigns/{}", None, a.campaign_id, UNKNOWN),
         ("POST", "/api/campaigns/{}/contacts", {"account_ids": [str(b.account_id)]}, a.campaign_id, UNKNOWN),
+        ("DELETE", "/api/campaigns/{}/contacts/" + str(a.account_id), None, a.campaign_id, UNKNOWN),
         ("GET", "/api/imports/{}", None, a.import_id, UNKNOWN),
     ]
     leaks = []
@@ -185,6 +187,8 @@ async def test_tenant_b_reaches_nothing_of_tenant_a_and_gets_the_unknown_ids_404
                     leaks.append(("audit", filters, status, reply))
             status, reply = await call(http, server, "GET", "/api/calls", token)
             assert status == 200 and {c["call_id"] for c in reply["data"]["items"]} == {b.call_id}
+            status, reply = await call(http, server, "GET", f"/api/accounts?campaign_id={a.campaign_id}", token)
+            assert status == 200 and reply["data"]["items"] == []  # A's campaign: no contacts B can see
             status, reply = await call(http, server, "GET", "/api/users?limit=200", token)
             assert status == 200 and {u["id"] for u in reply["data"]["items"]} == {str(u) for u in b.users.values()}
         # A is untouched: its agent still signed in with its role, its key and call still there.
