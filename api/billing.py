@@ -87,6 +87,22 @@ class StripeClient:
         return out
 
 
+    async def get(self, path: str) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self._key}"}
+        try:
+            async with self._session.get(self.base_url + path, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
+                body = await r.read()
+                if r.status >= 300:
+                    raise ProviderError(r.status, body[:200].decode(errors="replace"))
+                out = orjson.loads(body)
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+            raise ProviderError(0, type(exc).__name__) from None
+        if not isinstance(out, dict):
+            raise ProviderError(0, "not a JSON object")
+        return out
+
+
 class ResendClient:
     """``POST /emails`` of a Resend-compatible API."""
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from api.billing import NOT_IN_GOOD_STANDING, ProviderError
 from api.envelope import ApiError
 from api.rest import Reply, Req, Route, Strict, WebhookOut
+from api.settings import PlanConfig
 from api.stripe_signature import SignatureError, verify
 
 PlanName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")]
@@ -95,7 +96,7 @@ async def subscribe(req: Req) -> Reply:
                                        "WHERE stripe_customer_id IS NOT NULL ORDER BY created_at DESC LIMIT 1")
         name = await conn.fetchval("SELECT name FROM organizations WHERE id = $1", org)
     if live:
-        raise ApiError("conflict", "the organisation already has a subscription")
+        return await _change_plan(req, stripe, body.plan)
     # Keys derived from what the request is for: a retry after a lost answer (or two racing requests)
     # makes one customer and one subscription; the n-th subscription of an organisation has its own key.
     try:
@@ -130,6 +131,73 @@ async def subscribe(req: Req) -> Reply:
     return Reply(await _state(req), status=201)
 
 
+KNOWN_STATUSES = frozenset({"incomplete", "incomplete_expired", "trialing", "active", "past_due", "canceled",
+                            "unpaid", "paused"})  # subscriptions_status_form in 0006_billing.sql
+
+
+def plan_items(items: list[dict[str, Any]], old: PlanConfig | None, new: PlanConfig) -> dict[str, str]:
+    """The ``items[...]`` form of a plan change (Stripe's subscription update): the licensed item takes
+    the new plan's price; the metered item takes the new metered price, or is deleted when the new plan
+    has none; a metered price the old plan lacked is added."""
+    form: dict[str, str] = {}
+    metered_seen = False
+    for i, item in enumerate(items):
+        price = (item.get("price") or {}).get("id")
+        form[f"items[{i}][id]"] = str(item["id"])
+        if old is not None and old.metered_price_id is not None and price == old.metered_price_id:
+            metered_seen = True
+            if new.metered_price_id:
+                form[f"items[{i}][price]"] = new.metered_price_id
+            else:
+                form[f"items[{i}][deleted]"] = "true"
+        else:
+            form[f"items[{i}][price]"] = new.price_id
+    if new.metered_price_id and not metered_seen:
+        form[f"items[{len(items)}][price]"] = new.metered_price_id
+    return form
+
+
+async def _change_plan(req: Req, stripe: Any, plan_name: str) -> Reply:
+    """Move the live subscription to ``plan_name`` (200; the same plan: 200, nothing sent).  The
+    Idempotency-Key names the subscription, its last change and the plan, so a retried request (or two
+    racing) changes it once; the row moves only from the plan it was read with."""
+    org = req.p.org_id
+    assert req.rt.tiers is not None
+    db = req.rt.tiers.db
+    plans = req.rt.settings.billing_plans
+    async with db.tenant(org) as conn:
+        row = await conn.fetchrow("SELECT stripe_subscription_id, plan, status, updated_at FROM subscriptions "
+                                  "WHERE status NOT IN ('canceled', 'incomplete_expired') "
+                                  "ORDER BY created_at DESC LIMIT 1")
+    assert row is not None
+    if row["plan"] == plan_name:
+        return Reply(await _state(req))
+    if row["status"] in NOT_IN_GOOD_STANDING:
+        raise ApiError("payment_required", "the subscription is past due or unpaid; pay it before changing plan")
+    sid = row["stripe_subscription_id"]
+    try:
+        current = await stripe.get(f"/v1/subscriptions/{sid}")
+        items = [i for i in (current.get("items") or {}).get("data") or [] if isinstance(i, dict) and "id" in i]
+        form = plan_items(items, plans.get(row["plan"]), plans[plan_name])
+        changed = await stripe.post(
+            f"/v1/subscriptions/{sid}",
+            {**form, "proration_behavior": "create_prorations", "metadata[plan]": plan_name},
+            idempotency_key=f"sb-plan-{sid}-{row['updated_at'].timestamp():.6f}-{plan_name}")
+    except (ProviderError, KeyError, TypeError) as exc:
+        raise ApiError("unavailable", "the payment provider did not accept the request; retry later",
+                       headers={"Retry-After": "5"}) from exc
+    status = changed.get("status") if changed.get("status") in KNOWN_STATUSES else row["status"]
+    async with db.tenant(org) as conn:
+        moved = await conn.fetchval(
+            "UPDATE subscriptions SET plan = $2, status = $3, updated_at = now() "
+            "WHERE stripe_subscription_id = $1 AND plan = $4 RETURNING 1", sid, plan_name, status, row["plan"])
+        if moved:
+            await conn.execute("UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1", org, plan_name)
+            await req.audit("billing.plan_changed", "subscription", sid, {"plan": row["plan"]},
+                            {"plan": plan_name, "status": status}).apply(conn)
+    return Reply(await _state(req))
+
+
 async def stripe_webhook(req: Req) -> Reply:
     billing = _billing(req)
     secret = req.rt.settings.stripe_webhook_secret
@@ -156,9 +224,12 @@ async def stripe_webhook(req: Req) -> Reply:
 ROUTES = [
     Route("GET", "/api/billing", "get_billing", "The organisation's plan, subscription status and usage", "billing",
           "action", "billing.read", get_billing, response=BillingOut),
-    Route("POST", "/api/billing/subscribe", "subscribe", "Subscribe the organisation to a plan (Stripe)", "billing",
-          "action", "billing.write", subscribe, body=SubscribeIn, response=BillingOut, status=201,
-          errors=("conflict",), max_body=1024),
+    Route("POST", "/api/billing/subscribe", "subscribe", "Subscribe the organisation to a plan, or change plan",
+          "billing", "action", "billing.write", subscribe, body=SubscribeIn, response=BillingOut, status=201,
+          errors=("payment_required",), max_body=1024,
+          description="Without a live subscription: creates the Stripe customer (once) and subscription, 201.  "
+                      "With one: moves it to the plan (prorated), 200; the same plan changes nothing, 200.  "
+                      "A past-due subscription cannot change plan (402)."),
     Route("POST", "/api/webhooks/stripe", "stripe_webhook", "Stripe's webhook (signed deliveries)", "billing",
           "public", None, stripe_webhook, response=WebhookOut, raw_body=True, max_body=WEBHOOK_MAX_BODY,
           errors=("unauthenticated", "bad_request", "payload_too_large", "unsupported_media_type"),

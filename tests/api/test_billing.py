@@ -25,7 +25,8 @@ from tests.fakes.stripe import FakeResend, FakeStripe, event, signed_delivery
 from tests.servers import Server, free_port
 
 SECRET = "whsec_flow3"
-PLANS = {"pro": {"price_id": "price_pro", "metered_price_id": "price_minutes", "included_minutes": 1000}}
+PLANS = {"pro": {"price_id": "price_pro", "metered_price_id": "price_minutes", "included_minutes": 1000},
+         "basic": {"price_id": "price_basic", "included_minutes": 100}}
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +96,23 @@ async def test_flow_3_subscribe_pay_fail_dun_and_report_minutes_once(server: Ser
             assert len(stripe.customers) == 1 and len(stripe.subscriptions) == 1
             assert all(k and k.startswith("sb-") for k in stripe.keys)
             (sub_id, sub), = stripe.subscriptions.items()
-            assert sub["items"] == ["price_pro", "price_minutes"]
+            assert stripe.prices(sub_id) == ["price_pro", "price_minutes"]
             customer = sub["customer"]
+            # The same plan again changes nothing; another plan moves the subscription, once.
+            sent = len(stripe.requests)
             status, reply = await call(http, server, "POST", "/api/billing/subscribe", a.sessions[Role.ADMIN],
                                        {"plan": "pro"})
-            assert (status, reply["error"]["code"]) == (409, "conflict")
+            assert status == 200 and reply["data"]["plan"] == "pro" and len(stripe.requests) == sent
+            for _ in range(2):
+                status, reply = await call(http, server, "POST", "/api/billing/subscribe", a.sessions[Role.ADMIN],
+                                           {"plan": "basic"}, headers={"Idempotency-Key": "plan-basic-1"})
+                assert status == 200 and reply["data"]["plan"] == "basic", reply
+                assert reply["data"]["usage"]["included_minutes"] == PLANS["basic"]["included_minutes"]
+            assert stripe.prices(sub_id) == ["price_basic"] and sub["updates"] == 1  # metered item deleted
+            status, reply = await call(http, server, "POST", "/api/billing/subscribe", a.sessions[Role.OWNER],
+                                       {"plan": "pro"})
+            assert status == 200 and stripe.prices(sub_id) == ["price_pro", "price_minutes"]
+            assert sub["updates"] == 2 and len(stripe.subscriptions) == 1
             status, reply = await call(http, server, "GET", "/api/billing", a.keys[Role.ADMIN])
             assert status == 200 and reply["data"]["plan"] == "pro" and reply["data"]["in_good_standing"]
 
@@ -121,6 +134,9 @@ async def test_flow_3_subscribe_pay_fail_dun_and_report_minutes_once(server: Ser
             for _ in range(2):
                 assert (await _deliver(http, server, body, sig))[0] == 200
             await _until(lambda: len(resend.emails) == 1)
+            status, reply = await call(http, server, "POST", "/api/billing/subscribe", a.sessions[Role.OWNER],
+                                       {"plan": "basic"})
+            assert (status, reply["error"]["code"]) == (402, "payment_required")  # pay first
             (mail,) = resend.emails.values()
             assert mail["to"] == [a.emails[Role.OWNER]]
             assert not await billing_in_good_standing(db, a.org_id)
@@ -167,7 +183,8 @@ async def test_flow_3_subscribe_pay_fail_dun_and_report_minutes_once(server: Ser
             assert await conn.fetchval("SELECT count(*) FROM payments") == 1
             actions = [r["action"] for r in await conn.fetch(
                 "SELECT action FROM audit_logs WHERE action LIKE 'billing.%' ORDER BY created_at")]
-        assert actions == ["billing.subscribed", "billing.invoice_paid", "billing.payment_failed",
+        assert actions == ["billing.subscribed", "billing.plan_changed", "billing.plan_changed",
+                           "billing.invoice_paid", "billing.payment_failed",
                            "billing.subscription_updated", "billing.subscription_canceled"]
     finally:
         await db.aclose()

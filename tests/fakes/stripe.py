@@ -86,7 +86,50 @@ class FakeStripe(_Fake):
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/{path:.+}", self._post)
+        app.router.add_get("/v1/subscriptions/{sid}", self._get)
         return app
+
+    @staticmethod
+    def _item(price: str) -> dict[str, Any]:
+        return {"id": f"si_{uuid.uuid4().hex[:14]}", "object": "subscription_item", "price": {"id": price}}
+
+    def prices(self, sid: str) -> list[str]:
+        return [i["price"]["id"] for i in self.subscriptions[sid]["items"]["data"]]
+
+    def _update(self, sid: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """Stripe's subscription update: ``items[n][id]`` with ``[price]`` or ``[deleted]``, or a new
+        ``items[n][price]``; an item id not on the subscription is an error."""
+        sub = self.subscriptions.get(sid)
+        if sub is None:
+            return 404, {"error": {"type": "invalid_request_error", "message": f"No such subscription: '{sid}'"}}
+        items = {i["id"]: i for i in sub["items"]["data"]}
+        out = list(sub["items"]["data"])
+        for n in range(20):
+            iid, price = form.get(f"items[{n}][id]"), form.get(f"items[{n}][price]")
+            if iid is None and price is None:
+                continue
+            if iid is not None and iid not in items:
+                return 400, {"error": {"type": "invalid_request_error", "message": f"No such item: '{iid}'"}}
+            if iid is not None and form.get(f"items[{n}][deleted]") == "true":
+                out = [i for i in out if i["id"] != iid]
+            elif iid is not None and price is not None:
+                items[iid]["price"] = {"id": price}
+            elif price is not None:
+                out.append(self._item(price))
+        sub["items"]["data"] = out
+        if "metadata[plan]" in form:
+            sub["metadata"]["plan"] = form["metadata[plan]"]
+        sub["updates"] = sub.get("updates", 0) + 1
+        return 200, sub
+
+    async def _get(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._error(401, "Invalid API Key provided", "authentication_error")
+        self.requests.append((request.path, dict(request.headers), {}))
+        sid = request.match_info["sid"]
+        if sid not in self.subscriptions:
+            return self._error(404, f"No such subscription: '{sid}'")
+        return web.json_response(self.subscriptions[sid])
 
     @staticmethod
     def _error(status: int, message: str, etype: str = "invalid_request_error") -> web.Response:
@@ -122,11 +165,14 @@ class FakeStripe(_Fake):
             if form.get("customer") not in self.customers or "items[0][price]" not in form:
                 return 400, {"error": {"type": "invalid_request_error", "message": "No such customer or no items"}}
             sid = f"sub_{uuid.uuid4().hex[:14]}"
+            prices = [form[f"items[{i}][price]"] for i in range(20) if f"items[{i}][price]" in form]
             self.subscriptions[sid] = {
                 "id": sid, "object": "subscription", "customer": form["customer"], "status": "active",
-                "current_period_end": int(time.time()) + 30 * 86400,
-                "items": [form[k] for k in sorted(form) if k.startswith("items[")]}
+                "current_period_end": int(time.time()) + 30 * 86400, "metadata": {"plan": form.get("metadata[plan]")},
+                "items": {"object": "list", "data": [self._item(p) for p in prices]}}
             return 200, self.subscriptions[sid]
+        if path.startswith("subscriptions/"):
+            return self._update(path.split("/", 1)[1], form)
         if path == "billing/meter_events":
             ident = form.get("identifier", "")
             missing = [f for f in ("event_name", "payload[stripe_customer_id]", "payload[value]") if not form.get(f)]
