@@ -32,6 +32,7 @@ class CallQuery(PageQuery):
     until: AwareDatetime | None = Field(None, description="created before (RFC 3339)")
     status: Status | None = None
     agent_id: uuid.UUID | None = None
+    account_id: uuid.UUID | None = Field(None, description="calls placed for this collection account")
 
 
 class CallOut(BaseModel):
@@ -42,6 +43,7 @@ class CallOut(BaseModel):
     from_number: str | None
     to_number: str | None
     agent_id: uuid.UUID | None
+    account_id: uuid.UUID | None = Field(description="the collection account the call was placed for")
     status: str
     codec: str | None
     sample_rate: int | None
@@ -116,6 +118,7 @@ class RecordingUrl(BaseModel):
 
 
 CALL_COLUMNS = ("call_control_id AS call_id, id, call_session_id, direction, from_number, to_number, agent_id, "
+                "account_id, "
                 "status, codec, sample_rate, started_at, ended_at, end_reason, created_at")
 
 
@@ -137,9 +140,10 @@ async def list_calls(req: Req) -> Reply:
             "AND ($1::timestamptz IS NULL OR created_at >= $1) AND ($2::timestamptz IS NULL OR created_at < $2) "
             "AND ($3::text IS NULL OR status = $3) AND ($4::uuid IS NULL OR agent_id = $4) "
             "AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6)) "
+            "AND ($8::uuid IS NULL OR account_id = $8) "
             "ORDER BY created_at DESC, id DESC LIMIT $7",
             q.since, q.until, q.status, q.agent_id, after[0] if after else None, after[1] if after else None,
-            q.limit + 1)
+            q.limit + 1, q.account_id)
     return Reply(page(rows, q.limit, call_out))
 
 

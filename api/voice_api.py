@@ -144,9 +144,9 @@ async def place_call(req: Req) -> Reply:
     pending = f"{PENDING_PREFIX}{call}"
     async with db.tenant(org) as conn:
         await conn.execute(
-            "INSERT INTO calls (id, org_id, call_control_id, direction, from_number, to_number, status) "
-            "VALUES ($1, $2, $3, 'outbound', $4, $5, 'initiating')",
-            call, org, pending, caller, to)
+            "INSERT INTO calls (id, org_id, call_control_id, direction, from_number, to_number, status, account_id) "
+            "VALUES ($1, $2, $3, 'outbound', $4, $5, 'initiating', $6)",
+            call, org, pending, caller, to, body.account_id)
         await req.audit("call.placed", "call", call, None,
                         {"to": to, "from": caller, "account_id": str(body.account_id) if body.account_id else None,
                          "language": language, "translate_to": target}).apply(conn)

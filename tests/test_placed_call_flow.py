@@ -164,7 +164,10 @@ async def test_an_agent_calls_an_account_and_gets_states_finals_recording_and_ba
         assert word_error_rate(" ".join(SENTENCES), inbound) <= MAX_WER, inbound
         assert all(r["provider"] == "local-batch" and r["redacted"] for r in batch)
 
-        # The call's detail shows both, live and batch, and the Telnyx recording.
+        # The account's calls list this one; the call's detail shows live and batch lines and the recording.
+        status, listed = await call(http, server, "GET", f"/api/calls?account_id={acct['data']['id']}", agent)
+        assert status == 200 and [c["call_id"] for c in listed["data"]["items"]] == [ccid]
+        assert listed["data"]["items"][0]["account_id"] == acct["data"]["id"]
         status, detail = await call(http, server, "GET", f"/api/calls/{ccid}", agent)
         assert status == 200, detail
         kinds = {t.get("kind") for t in detail["data"]["transcripts"]}
