@@ -43,7 +43,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, StringConstraints
 
 from api.accounts import MAX_PASSWORD, ORG_COLUMNS, USER_COLUMNS, OrgOut, Password, UserOut, org_out, user_out
-from api.auth import SESSION_COOKIE, HashersBusy, Role, bearer
+from api.auth import PERMISSIONS, SESSION_COOKIE, HashersBusy, Role, bearer
 from api.envelope import ApiError
 from api.middleware import is_loopback
 from api.rest import Reply, Req, Route, Strict
@@ -73,6 +73,8 @@ class MeOut(BaseModel):
     user: UserOut | None
     org: OrgOut
     api_key_id: str | None = None
+    permissions: list[str] = Field(description="the actions this credential's role may take (the role table): "
+                                               "what a user interface may offer")
 
 
 class PasswordIn(Strict):
@@ -201,7 +203,8 @@ async def me(req: Req) -> Reply:
     if org is None:
         raise ApiError("unauthenticated", "this credential's organisation is gone")
     return Reply({"kind": p.kind, "role": p.role.value, "user": user_out(user) if user else None,
-                  "org": org_out(org), "api_key_id": p.subject if p.kind == "api_key" else None})
+                  "org": org_out(org), "api_key_id": p.subject if p.kind == "api_key" else None,
+                  "permissions": sorted(a for a in PERMISSIONS if p.can(a))})
 
 
 async def change_password(req: Req) -> Reply:

@@ -37,12 +37,19 @@ class UsageOut(BaseModel):
     included_minutes: int
 
 
+class PlanOut(BaseModel):
+    name: str
+    included_minutes: int
+    metered: bool = Field(description="minutes past the included ones are billed")
+
+
 class BillingOut(BaseModel):
     plan: str
     status: str | None = Field(description="the subscription's Stripe status; null on the free plan")
     current_period_end: datetime | None
     in_good_standing: bool
     usage: UsageOut
+    plans: list[PlanOut] = Field(description="the plans this server offers (SWITCHBOARD_BILLING_PLANS)")
 
 
 def _billing(req: Req) -> Any:
@@ -66,7 +73,10 @@ async def _state(req: Req) -> dict[str, Any]:
                       current_period_end=sub["current_period_end"] if sub else None,
                       in_good_standing=status not in NOT_IN_GOOD_STANDING,
                       usage=UsageOut(period_start=start, minutes=int(minutes),
-                                     included_minutes=cfg.included_minutes if cfg else 0)).model_dump(mode="json")
+                                     included_minutes=cfg.included_minutes if cfg else 0),
+                      plans=[PlanOut(name=n, included_minutes=c.included_minutes,
+                                     metered=c.metered_price_id is not None)
+                             for n, c in sorted(req.rt.settings.billing_plans.items())]).model_dump(mode="json")
 
 
 async def get_billing(req: Req) -> Reply:
