@@ -23,7 +23,7 @@ import time
 
 from aiohttp import web
 
-from api import blobs, console, media_stream, openapi, readiness, rest, sse, webrtc
+from api import blobs, console, media_stream, openapi, readiness, rest, sse, webrtc, workspace
 from api.auth import require
 from api.connections import CONNECTION_GUARD
 from api.envelope import envelope_errors
@@ -86,6 +86,7 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/readyz", functools.partial(readiness.readyz, rt.readiness))
     webrtc.add_routes(app, rt.agents)
     console.add_routes(app)
+    workspace.add_routes(app, rt.settings)
     # The REST API (api.rest; with storage off its routes answer 503) and its document.
     rest.add_routes(app, rt, openapi.REST_ROUTES)
     openapi.add_routes(app)

@@ -84,7 +84,8 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
 # tests/api/test_voice_calls.py).
 PUBLIC = {("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/api/auth/login"), ("GET", "/api/openapi.json"),
           ("GET", "/api/docs"), ("GET", "/api/docs/static/{name}"), ("GET", "/console"),
-          ("GET", "/console/static/{name}"), ("POST", "/api/webhooks/stripe"),
+          ("GET", "/console/static/{name}"), ("GET", "/app"), ("GET", "/app/static/{name}"),
+          ("POST", "/api/webhooks/stripe"),
           ("POST", "/api/webhooks/telnyx")}
 # The media WebSocket answers with close codes, not statuses: tests/api/test_front_doors.py checks that
 # every missing or unknown media token is closed with 1008 before a stream slot is taken.
@@ -225,6 +226,7 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
 
     documented = {(r.method, r.path) for r in ROUTES}
     undocumented = routes - documented - {("GET", "/console"), ("GET", "/console/static/{name}"),
+                                          ("GET", "/app"), ("GET", "/app/static/{name}"),
                                           ("GET", "/api/docs/static/{name}")}
     assert undocumented == set()
     reachable = []
