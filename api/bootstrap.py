@@ -152,7 +152,7 @@ async def create_org_with_owner(conn: asyncpg.Connection, name: str, email: str,
             ):
                 await conn.execute(
                     "INSERT INTO audit_logs (org_id, actor_type, actor_id, action, resource_type, resource_id, "
-                    "new_value) VALUES ($1, 'system', $2, $3, $4, $5, $6::jsonb)",
+                    "new_value) VALUES ($1, 'system', $2, $3, $4, $5, $6::text::jsonb)",  # any codec
                     org_id, actor_id, action, kind, str(rid), orjson.dumps(value).decode())
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name == "users_email_live":

@@ -78,8 +78,10 @@ async def check_created(conn: asyncpg.Connection, out: dict[str, str], *, name: 
     token = await conn.fetchrow("SELECT token_hash FROM media_tokens WHERE org_id = $1::uuid", org_id)
     assert out["media_token"].startswith("sbm_")
     assert bytes(token["token_hash"]) == hashlib.sha256(out["media_token"].encode()).digest()
-    audit = await conn.fetch("SELECT actor_type, actor_id, action, new_value::text AS v FROM audit_logs "
+    audit = await conn.fetch("SELECT actor_type, actor_id, action, new_value::text AS v, "
+                             "jsonb_typeof(new_value) AS t FROM audit_logs "
                              "WHERE org_id = $1::uuid ORDER BY created_at", org_id)
+    assert {a["t"] for a in audit} == {"object"}  # a JSON object, not a string holding one
     assert [a["action"] for a in audit] == ["org.created", "user.created", "api_key.created", "media_token.created"]
     assert {(a["actor_type"], a["actor_id"]) for a in audit} == {("system", actor_id)}
     for row in audit:

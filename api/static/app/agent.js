@@ -69,7 +69,7 @@ export async function accounts(ctx) {
     ["Balance", (a) => money(a.balance_cents, a.currency), { num: true }],
     ["Status", (a) => a.status],
     ["Calling", (a) => (a.do_not_call ? h("span", { class: "badge dnc", text: "Do not call" })
-      : canCall ? h("a", { href: `#/accounts/${a.id}`, text: "Open to call", "aria-label": `Open ${a.debtor_name} to call` })
+      : canCall ? h("a", { href: `#/accounts/${a.id}?call=1`, text: "Call…", "aria-label": `Call ${a.debtor_name}…` })
         : "—")],
   ];
   const tbl = table("Accounts matching the filters", columns, []);
@@ -160,6 +160,7 @@ export async function account(ctx) {
         }
       });
       ctx.root.append(form, status);
+      if (ctx.params.get("call") === "1") button.focus(); // came from "Call…" in the list
     }
   }
 
