@@ -45,7 +45,7 @@ export async function call(ctx) {
     : h("a", { href: "#/calls", text: "← All calls" });
   const state = h("p", { class: "state", id: "call-state", role: "status", dataset: { state: detail.status } },
     stateText(detail.status));
-  const summary = h("section", { id: "summary", "aria-labelledby": "summary-title" });
+  const summary = h("section", { id: "summary" }); // named by its heading once it has one
   ctx.root.append(h("p", {}, back), state);
   const live = OPEN.has(detail.status) ? liveView(ctx, callId, detail, state, summary) : null;
   ctx.root.append(summary);
@@ -100,6 +100,11 @@ function liveView(ctx, callId, detail, state, summary) {
     const key = `${p.stream_id || ""}|${p.track}|${p.seq}`;
     const known = lines.get(key);
     if (known && known.entry.final && !final) return;
+    if (final && !(p.text || "").trim()) { // the recogniser heard nothing after all: no line
+      if (known) known.li.remove();
+      lines.delete(key);
+      return;
+    }
     const entry = known ? known.entry : { track: p.track, seq: p.seq, text: "", final: false, translation: null };
     entry.text = p.text || "";
     entry.final = final;
@@ -143,7 +148,10 @@ function liveView(ctx, callId, detail, state, summary) {
       setState(p.state);
       if (!OPEN.has(p.state)) graceTimer = setTimeout(finish, FINAL_GRACE_MS); // no media: no call.ended
     },
-    "call.started": () => notice("Audio is streaming."),
+    "call.started": () => {
+      if (state.dataset.state === "initiating" || state.dataset.state === "ringing") setState("active");
+      notice("Audio is streaming.");
+    },
     "transcript.partial": (p) => upsert(p, false),
     "transcript.final": (p) => upsert(p, true),
     "translation.final": (p) => translate(p, { text: p.translated, lang: p.target_lang, error: null }),
@@ -283,6 +291,25 @@ function liveView(ctx, callId, detail, state, summary) {
     if (hadFocus) join.focus();
   }
 
+  // Telnyx's first webhooks may come before this page listens (or before the server holds the call's
+  // event channel): until the call is active, its state is also read from the REST API now and then.
+  let polls = 0;
+  const poller = setInterval(async () => {
+    if (ended || !OPEN.has(state.dataset.state) || state.dataset.state === "active" || ++polls > 150) {
+      clearInterval(poller);
+      return;
+    }
+    try {
+      const d = await api("GET", `/api/calls/${encodeURIComponent(callId)}`);
+      if (!ended && d.status !== state.dataset.state && (OPEN.has(d.status) ? d.status === "active" || d.status === "ringing"
+        : true)) {
+        handlers["call.state"]({ state: d.status });
+      }
+    } catch {
+      clearInterval(poller); // a 401 has told the shell; anything else: the event stream carries on
+    }
+  }, 2000);
+
   join.addEventListener("click", () => joinAudio(false));
   takeover.addEventListener("click", () => joinAudio(true));
   leave.addEventListener("click", () => leaveAudio(true));
@@ -290,6 +317,7 @@ function liveView(ctx, callId, detail, state, summary) {
   return {
     close() {
       ended = true;
+      clearInterval(poller);
       clearTimeout(graceTimer);
       if (source) source.close();
       source = null;
@@ -327,6 +355,7 @@ async function renderSummary(ctx, callId, section, known = null) {
     state.dataset.state = "ended";
     state.textContent = stateText(d.status);
   }
+  section.setAttribute("aria-labelledby", "summary-title");
   section.replaceChildren(h("h2", { id: "summary-title", text: "Summary" }),
     h("dl", { class: "facts" },
       h("dt", { text: "Status" }), h("dd", { id: "summary-status", text: d.status }),
@@ -364,8 +393,9 @@ async function renderSummary(ctx, callId, section, known = null) {
     section.append(player);
   }
 
-  const live = d.transcripts.filter((t) => t.kind !== "batch");
-  const batch = d.transcripts.filter((t) => t.kind === "batch");
+  const said = d.transcripts.filter((t) => (t.text || "").trim());
+  const live = said.filter((t) => t.kind !== "batch");
+  const batch = said.filter((t) => t.kind === "batch");
   section.append(h("h3", { text: "Transcript" }), transcriptList(live, "live-transcript", d.translations),
     h("h3", { text: "Transcript from the recording" }),
     batch.length ? transcriptList(batch, "batch-transcript", [])

@@ -185,6 +185,7 @@ document.getElementById("sign-out").addEventListener("click", async () => {
   } catch {
     // the page forgets the session whatever the server said
   }
+  me = null; // nothing routes any more: the page reloads clean
   location.replace("/app#/signed-out");
   location.reload();
 });
