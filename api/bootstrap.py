@@ -271,7 +271,8 @@ def demo_banner(s: Settings, demo: Demo | None, *, port: int) -> str:
     """What ``serve --demo`` prints once it listens: where, and how to sign in and try a call."""
     host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
     base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    lines = [f"Switchboard is listening on {base}", f"  Console:          {base}/console"]
+    lines = [f"Switchboard is listening on {base}", f"  Workspace:        {base}/app",
+             f"  Console:          {base}/console"]
     if demo is None:
         lines.append("  Sign in:          no accounts with storage off (SWITCHBOARD_PERSIST=false)")
     elif demo.credentials is None:
