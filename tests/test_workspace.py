@@ -311,6 +311,10 @@ async def test_a_viewer_gets_no_call_or_hang_up_and_the_server_refuses_them_anyw
     await page.goto(f"{server.http}/app#/calls/{a.call_id}")
     await expect(page.locator("#summary-status")).to_be_visible()
     await expect(page.get_by_role("button", name="Hang up")).to_have_count(0)
+    await j.accessible("call-summary-viewer")
+    await page.get_by_role("link", name="Calls", exact=True).click()
+    await expect(page.get_by_role("heading", name="Calls")).to_be_visible()
+    await j.accessible("calls")
     await page.goto(f"{server.http}/app#/admin/users")
     await expect(page.get_by_role("heading", name="Not allowed")).to_be_visible()
     await j.accessible("not-allowed")
@@ -339,7 +343,7 @@ async def test_an_ended_session_and_signing_out_leave_no_data_and_another_tenant
         async with http.post(f"{server.http}/api/auth/logout", headers={"Authorization": f"Bearer {cookie['value']}"},
                              json={}) as r:
             assert r.status in (200, 204)
-    await page.get_by_role("link", name="Calls").click()
+    await page.get_by_role("link", name="Calls", exact=True).click()
     await expect(page.get_by_role("alert")).to_contain_text("session has expired")
     await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     text = await page.locator("body").inner_text()
