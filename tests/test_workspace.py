@@ -361,3 +361,43 @@ async def test_an_ended_session_and_signing_out_leave_no_data_and_another_tenant
     assert "tenantb" not in await page.locator("body").inner_text()
     assert await page.evaluate("window.workspace.me") is None
     assert j.errors == []
+
+
+async def test_the_keyboard_alone_signs_in_finds_an_account_and_reaches_its_call_button(
+        server: Server, world: World, browser: BrowserContext, shots: Path) -> None:
+    a = world.a
+    page = await browser.new_page()
+    j = Journey(page, shots, "keyboard")
+    kb = page.keyboard
+
+    async def focused() -> str:
+        return str(await page.evaluate("document.activeElement && (document.activeElement.id || "
+                                       "document.activeElement.textContent || document.activeElement.tagName)"))
+
+    await page.goto(f"{server.http}/app")
+    await expect(page.get_by_label("E-mail address")).to_be_focused()  # the form takes the focus
+    await kb.type(a.emails[Role.AGENT])
+    await kb.press("Tab")
+    await kb.type(PASSWORD)
+    await kb.press("Enter")
+    await expect(page.get_by_role("heading", name="Accounts")).to_be_focused()  # where am I: said at once
+    for _ in range(30):  # Tab forward to the name filter
+        await kb.press("Tab")
+        if await page.evaluate("document.activeElement.name") == "name":
+            break
+    await kb.type("Debtor")
+    await kb.press("Enter")
+    await expect(page.locator("#account-results tbody tr")).to_have_count(1)
+    for _ in range(30):  # Tab on to the row's Call… link, then follow it
+        await kb.press("Tab")
+        if (await focused()).startswith("Call…"):
+            break
+    await kb.press("Enter")
+    await expect(page.get_by_role("button", name=re.compile("^Call Debtor"))).to_be_focused()
+    for _ in range(40):  # and back up to Sign out
+        await kb.press("Shift+Tab")
+        if await focused() == "sign-out":
+            break
+    await kb.press("Enter")
+    await expect(page.locator("main")).to_contain_text("You have signed out.")
+    assert j.errors == []
