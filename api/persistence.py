@@ -1,4 +1,8 @@
-"""What the real-time path keeps: call rows, final transcripts, recordings, audit entries, bus events.
+"""What the real-time path keeps: call rows, transcripts, recordings, audit entries, bus events.
+
+Transcripts: every final, and the last partial of an utterance that got no final (``kind``
+'partial'; ``pipelines.partials`` decides which, ``api.speech.CallEvents`` hands them here), both
+already redacted.
 
 Nothing here is awaited by the media path.  Rows go through the bounded ``PersistWriter``;
 events for other nodes go through ``BusForwarder`` (bounded, oldest dropped and counted); the
@@ -38,7 +42,7 @@ from storage.records import (
     CallEnded,
     CallStarted,
     RecordingStored,
-    TranscriptFinal,
+    TranscriptStored,
     TranslationStored,
 )
 from storage.warm import EventBus
@@ -149,10 +153,20 @@ class Persistence:
     def transcript_final(self, call: CallRecord, ev: TranscriptEvent, provider: str, *, language: str = "en",
                          redacted: bool = False) -> None:
         """Store a final transcript; ``ev`` must already be redacted."""
+        self._transcript(call, ev, provider, language, redacted, "final")
+
+    def transcript_partial(self, call: CallRecord, ev: TranscriptEvent, provider: str, *, language: str = "en",
+                           redacted: bool = False) -> None:
+        """Store the last partial of an utterance that got no final (``pipelines.partials``); ``ev`` must
+        already be redacted.  A final of the same utterance stored later replaces it."""
+        self._transcript(call, ev, provider, language, redacted, "partial")
+
+    def _transcript(self, call: CallRecord, ev: TranscriptEvent, provider: str, language: str, redacted: bool,
+                    kind: str) -> None:
         payload = ev.payload()  # the stored words are the published ones
-        self.tiers.writer.submit(TranscriptFinal(
+        self.tiers.writer.submit(TranscriptStored(
             call.org_id, call.call_control_id, ev.stream_id, ev.track, ev.seq, ev.text, payload["confidence"],
-            payload["words"], ev.start, ev.end, provider, language, redacted,
+            payload["words"], ev.start, ev.end, provider, language, redacted, kind,
         ))
 
     def translation(self, call: CallRecord, stream_id: str, track: str, seq: int, tr: Translation) -> None:

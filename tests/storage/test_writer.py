@@ -12,7 +12,7 @@ import pytest
 
 from storage import embedded
 from storage.db import Database
-from storage.records import AuditEntry, CallEnded, CallStarted, TranscriptFinal
+from storage.records import AuditEntry, CallEnded, CallStarted, TranscriptStored
 from storage.writer import PersistWriter
 from tests.storage.conftest import migrated_database
 from tests.storage.test_db import make_org
@@ -22,8 +22,8 @@ def started(org: uuid.UUID, ccid: str) -> CallStarted:
     return CallStarted(org, uuid.uuid4(), ccid, None, "s-1", None, None, "PCMU", 8000, datetime.now(UTC))
 
 
-def final(org: uuid.UUID, ccid: str, seq: int, text: str = "", stream: str = "s-1") -> TranscriptFinal:
-    return TranscriptFinal(org, ccid, stream, "inbound", seq, text or f"utterance {seq}", 0.9,
+def final(org: uuid.UUID, ccid: str, seq: int, text: str = "", stream: str = "s-1") -> TranscriptStored:
+    return TranscriptStored(org, ccid, stream, "inbound", seq, text or f"utterance {seq}", 0.9,
                            [{"word": "utterance", "start": 0, "end": 100}], seq * 1000, seq * 1000 + 800, "test")
 
 
@@ -97,7 +97,7 @@ async def test_a_bad_record_is_rejected_and_reported_without_losing_its_batch(
     assert await count(db, a, "SELECT count(*) FROM transcriptions") == 2
     assert w.stats.rejected == 2 and w.stats.written == 3
     rejected = [r for r in caplog.records if r.getMessage() == "writer.rejected"]
-    assert [r.kind for r in rejected] == ["TranscriptFinal", "TranscriptFinal"]  # type: ignore[attr-defined]
+    assert [r.kind for r in rejected] == ["TranscriptStored", "TranscriptStored"]  # type: ignore[attr-defined]
     assert {r.error for r in rejected} == {"MissingParent", "CheckViolationError"}  # type: ignore[attr-defined]
     assert "4111" not in caplog.text  # the record's content never reaches the log
 
