@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from datetime import UTC, datetime
@@ -65,6 +66,24 @@ async def test_a_retried_batch_writes_nothing_twice(db: Database) -> None:
     assert await count(db, a, "SELECT count(*) FROM calls") == 1
     assert await count(db, a, "SELECT count(*) FROM transcriptions") == 1
     assert await count(db, a, "SELECT count(*) FROM audit_logs") == 1
+
+
+async def test_a_late_final_replaces_its_utterances_partial_and_a_partial_never_replaces_a_final(
+        db: Database) -> None:
+    a = await make_org(db, "alpha")
+    w = PersistWriter(db, flush_interval=0.01)
+    w.start()
+    w.submit(started(a, "c"))
+    w.submit(dataclasses.replace(final(a, "c", 1, "cut off"), kind="partial"))
+    w.submit(final(a, "c", 1, "the late final"))  # its final came after all
+    w.submit(final(a, "c", 2, "second"))
+    w.submit(dataclasses.replace(final(a, "c", 2, "a stale partial"), kind="partial"))
+    assert await w.flush(10)
+    await w.aclose()
+    assert w.stats.rejected == 0
+    async with db.tenant(a) as conn:
+        rows = await conn.fetch("SELECT seq, kind, text FROM transcriptions ORDER BY seq")
+    assert [tuple(r) for r in rows] == [(1, "final", "the late final"), (2, "final", "second")]
 
 
 async def test_a_restarted_media_stream_of_the_same_call_keeps_both_streams_transcripts(db: Database) -> None:
