@@ -119,6 +119,7 @@ class Persistence:
         self.recordings_recovered = 0  # left in the spool by an earlier run, stored at start-up
         self.recordings_unrecoverable = 0  # left in the spool, moved aside (see spool_recovery)
         self.calls_closed_on_start = 0  # calls this node left open, closed at start-up (api.recovery)
+        self.imports_failed_on_start = 0  # imports this node left running, failed at start-up (api.recovery)
 
     @property
     def spool_dir(self) -> Path:
@@ -263,6 +264,7 @@ class Persistence:
                 "recordings_recovered": self.recordings_recovered,
                 "recordings_unrecoverable": self.recordings_unrecoverable,
                 "calls_closed_on_start": self.calls_closed_on_start,
+                "imports_failed_on_start": self.imports_failed_on_start,
                 "spool_pending_bytes": self.spooler.pending_bytes, "spool_errors": self.spooler.errors}
 
 
