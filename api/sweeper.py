@@ -3,12 +3,12 @@
 What it closes, every ``SWEEP_INTERVAL_S`` on every node (the SQL, and why any number of nodes may run it
 at once, is ``storage/migrations/0008_sweeps.sql``):
 
-    what                              open state   no progress for               becomes
-    a placed call no node streams     initiating   SWEEP_INITIATING_S (120 s)    failed, end_reason no_webhook
-                                      ringing      SWEEP_RINGING_S (660 s)       failed, end_reason no_webhook
-                                      ending       SWEEP_ENDING_S (120 s)        failed, end_reason no_webhook
-    an account import                 running      heartbeat SWEEP_IMPORT_STALE_S failed, "interrupted: ..."
-                                                   (120 s)
+    what                            open state   no progress for                 becomes
+    a placed call no node streams   initiating   SWEEP_INITIATING_S (120 s)      failed, end_reason no_webhook
+                                    ringing      SWEEP_RINGING_S (660 s)         failed, end_reason no_webhook
+                                    ending       SWEEP_ENDING_S (120 s)          failed, end_reason no_webhook
+    an account import               running      heartbeat: SWEEP_IMPORT_STALE_S failed, "interrupted: ..."
+                                                 (120 s)
 
 *Progress* of a call is its row's ``updated_at``: the insert, the create-call answer, every webhook
 applied and a hang-up request move it.  The times: Telnyx answers the create-call request within its
