@@ -5,9 +5,10 @@ supersedes them all.  Storing them as they come would write a row per partial fo
 repeats, so none is stored as it arrives.  What is worth keeping is the words of an utterance that would
 otherwise leave no trace: the call ended mid-utterance and the recogniser gave no final before the drain
 deadline, the recogniser failed (or was failed over and the next one gave no final), the utterance was
-refused or shed by the decode queue.  Each track holds its latest partial, one per track (the bound:
-at most as many as the call has tracks), and gives it up, *keeps* it, when its utterance is known to
-have no final:
+refused or shed by the decode queue.  (A cloud session whose final is overdue ends the utterance itself
+with the text it has, as a final, ``pipelines.stt.cloud``: that one is stored as a final.)  Each track
+holds its latest partial, one per track (the bound: at most as many as the call has tracks), and gives
+it up, *keeps* it, when its utterance is known to have no final:
 
     event                          pending partial (seq p)      result
     partial s, none pending        -                            pending := s

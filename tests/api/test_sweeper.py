@@ -158,6 +158,27 @@ async def test_a_slow_live_import_is_never_swept(server: Server, world: World) -
         assert (reply["data"]["status"], reply["data"]["rows_ok"]) == ("done", 20)
 
 
+async def test_a_live_import_swept_anyway_stops_at_its_next_batch_which_is_rolled_back(
+        server: Server, world: World, db: Database) -> None:
+    admin = world.b.keys[Role.ADMIN]
+    org = world.b.org_id
+    async with aiohttp.ClientSession() as http:
+        body = _trickle([(HEADER + await _rows(2000, 10), 1.5), (await _rows(2010, 600), 0)])
+        upload = asyncio.create_task(http.post(server.http + "/api/accounts/import", data=body,
+                                               headers={**bearer(admin), "Content-Type": "text/csv"}))
+        await asyncio.sleep(0.7)
+        async with db.tenant(org) as conn:  # as a sweep on a node that could not see its heartbeat would
+            assert await conn.execute("UPDATE import_jobs SET status = 'failed', failure = 'swept' "
+                                      "WHERE status = 'running'") == "UPDATE 1"
+        async with await upload as r:
+            reply = await r.json()
+    assert r.status == 409 and reply["error"]["code"] == "conflict", reply
+    job = reply["error"]["details"]["import"]
+    assert (job["status"], job["failure"], job["rows_ok"]) == ("failed", "swept", 0)
+    async with db.tenant(org) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM collection_accounts WHERE external_ref LIKE 'SW-2%'") == 0
+
+
 async def _import_then_kill(tmp: Path, world: World, watcher: Server | None, admin: str, **env: str) -> str:
     """Start an import on a server of its own, let one batch commit, SIGKILL that server mid-upload."""
     with world_server(tmp, world, **env) as doomed:
