@@ -66,7 +66,8 @@ async def recover_on_start(persistence: Persistence, node_id: str, batch: int = 
     while True:
         async with persistence.tiers.db.no_tenant() as conn:
             # The stale time plays no part here: this node's own running imports are all dead.
-            failed = await sweep_interrupted_imports(conn, stale_s=86_400.0, limit=batch, node_id=node_id)
+            failed = await sweep_interrupted_imports(conn, stale_s=86_400.0, limit=batch, actor=node_id,
+                                                     node_id=node_id)
         for org_id, import_id in failed:
             log.warning("import.interrupted", extra={"node_id": node_id, "org_id": str(org_id),
                                                      "import_id": str(import_id)})

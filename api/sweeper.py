@@ -106,7 +106,8 @@ class Sweeper:
                 break
         for _ in range(MAX_BATCHES):
             async with self.db.no_tenant() as conn:
-                failed = await sweep_interrupted_imports(conn, stale_s=s.sweep_import_stale_s, limit=s.sweep_batch)
+                failed = await sweep_interrupted_imports(conn, stale_s=s.sweep_import_stale_s, limit=s.sweep_batch,
+                                                         actor=s.node_id)
             for org_id, import_id in failed:
                 log.warning("import.interrupted", extra={"org_id": str(org_id), "import_id": str(import_id)})
             imports += len(failed)

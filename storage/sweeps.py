@@ -34,11 +34,11 @@ async def sweep_stalled_calls(conn: asyncpg.Connection, *, initiating_s: float, 
     return [StalledCall(r["org_id"], r["call_id"], r["call_control_id"], r["previous_status"]) for r in rows]
 
 
-async def sweep_interrupted_imports(conn: asyncpg.Connection, *, stale_s: float, limit: int,
+async def sweep_interrupted_imports(conn: asyncpg.Connection, *, stale_s: float, limit: int, actor: str,
                                     node_id: str | None = None) -> list[tuple[uuid.UUID, uuid.UUID]]:
     """Fail running imports whose heartbeat is older than ``stale_s``, and, given ``node_id`` (at that
-    node's start, when none of its imports can be alive), that node's own running imports.  Returns
-    (organisation, import id) of each."""
-    rows = await conn.fetch("SELECT * FROM sweep_interrupted_imports($1, $2, $3, $4)",
-                            stale_s, node_id, limit, IMPORT_INTERRUPTED)
+    node's start, when none of its imports can be alive), that node's own running imports; audited as
+    ``actor`` (the sweeping node's id).  Returns (organisation, import id) of each."""
+    rows = await conn.fetch("SELECT * FROM sweep_interrupted_imports($1, $2, $3, $4, $5)",
+                            stale_s, node_id, limit, IMPORT_INTERRUPTED, actor)
     return [(r["org_id"], r["import_id"]) for r in rows]

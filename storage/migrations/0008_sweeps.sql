@@ -83,7 +83,7 @@ END
 $$;
 
 CREATE FUNCTION sweep_interrupted_imports(p_stale_s double precision, p_node_id text, p_limit integer,
-                                          p_failure text)
+                                          p_failure text, p_actor text)
 RETURNS TABLE (org_id uuid, import_id uuid)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp
@@ -109,7 +109,7 @@ BEGIN
     ), audited AS (
         INSERT INTO public.audit_logs (org_id, actor_type, actor_id, action, resource_type, resource_id,
                                        old_value, new_value)
-        SELECT failed.org_id, 'system', 'sweeper', 'accounts.imported', 'import_job', failed.id::text,
+        SELECT failed.org_id, 'system', left(p_actor, 64), 'accounts.imported', 'import_job', failed.id::text,
                jsonb_build_object('status', 'running'),
                jsonb_build_object('status', 'failed', 'reason', 'interrupted', 'rows_total', failed.rows_total,
                                   'rows_ok', failed.rows_ok, 'rows_failed', failed.rows_failed,
@@ -123,7 +123,7 @@ $$;
 
 REVOKE ALL ON FUNCTION sweep_stalled_calls(double precision, double precision, double precision, integer, text)
     FROM PUBLIC;
-REVOKE ALL ON FUNCTION sweep_interrupted_imports(double precision, text, integer, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION sweep_interrupted_imports(double precision, text, integer, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION sweep_stalled_calls(double precision, double precision, double precision, integer, text)
     TO switchboard_app;
-GRANT EXECUTE ON FUNCTION sweep_interrupted_imports(double precision, text, integer, text) TO switchboard_app;
+GRANT EXECUTE ON FUNCTION sweep_interrupted_imports(double precision, text, integer, text, text) TO switchboard_app;

@@ -83,9 +83,10 @@ async def scenario(db: Database) -> None:
     mine = await add_import(db, b, "running", 10, "n1")
     finished = await add_import(db, b, "done", 300, "n2")
     async with db.no_tenant() as conn:
-        assert await sweep_interrupted_imports(conn, stale_s=120, limit=100) == [(a, dead)]
-        assert await sweep_interrupted_imports(conn, stale_s=120, limit=100, node_id="n1") == [(b, mine)]
-        assert await sweep_interrupted_imports(conn, stale_s=120, limit=100, node_id="n1") == []
+        assert await sweep_interrupted_imports(conn, stale_s=120, limit=100, actor="n3") == [(a, dead)]
+        assert await sweep_interrupted_imports(conn, stale_s=120, limit=100, actor="n1", node_id="n1") == [
+            (b, mine)]
+        assert await sweep_interrupted_imports(conn, stale_s=120, limit=100, actor="n1", node_id="n1") == []
         assert await conn.fetchval("SELECT count(*) FROM import_jobs") == 0  # RLS intact for the app role
     for o, job, status in ((a, dead, "failed"), (a, alive, "running"), (b, mine, "failed"), (b, finished, "done")):
         async with db.tenant(o) as conn:
@@ -97,8 +98,9 @@ async def scenario(db: Database) -> None:
             assert row["failure"] == IMPORT_INTERRUPTED and row["finished_at"] is not None
             assert row["failure"].startswith("interrupted: ") and "re-upload" in row["failure"]
     async with db.tenant(a) as conn:
-        entry = await conn.fetchrow("SELECT actor_type, new_value FROM audit_logs WHERE resource_id = $1", str(dead))
-    assert entry["actor_type"] == "system" and entry["new_value"]["status"] == "failed"
+        entry = await conn.fetchrow("SELECT actor_type, actor_id, new_value FROM audit_logs WHERE resource_id = $1",
+                                    str(dead))
+    assert (entry["actor_type"], entry["actor_id"], entry["new_value"]["status"]) == ("system", "n3", "failed")
 
 
 async def test_stalled_placed_calls_and_dead_imports_are_closed_once_and_nothing_else(db: Database) -> None:
