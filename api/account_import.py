@@ -25,8 +25,13 @@ Failures: more than ``MAX_BYTES`` is 413, a body that stalls for ``settings.http
 between two reads is 408, and a client that goes away leaves the job ``failed`` with the counts of
 what was committed (batches already written stay: they are correct rows, and a retry is idempotent).
 In every case the job is finished (``failed`` and its ``failure``) before the answer, never left
-``running``.  A server that dies mid-import does leave it ``running``; the lifecycle issue's sweeper
-will close those.
+``running``.  A server that dies mid-import does leave it ``running``, and so the request beats the
+job's ``heartbeat_at`` while it runs (every ``sweep_import_stale_s / 4``, and with each batch): a job
+whose heartbeat stops is failed as interrupted by the sweeper (``api.sweeper``), or at once when its
+node starts again (``api.recovery``).  Should that happen to a live import (PostgreSQL unreachable for
+longer than the stale time), its next batch finds the job closed, is rolled back, and the upload is
+answered 409 ``conflict`` with the job: batches and the job's end are written only while it is
+``running``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -48,6 +54,8 @@ from pydantic import BaseModel
 
 from api.envelope import ApiError, not_found
 from api.rest import PageQuery, Reply, Req, Route, decode_cursor, page
+
+log = logging.getLogger("switchboard.import")
 
 CONTENT_TYPE = "text/csv"
 MAX_BYTES = 50 << 20
@@ -221,10 +229,14 @@ async def _write_batch(req: Req, job_id: uuid.UUID, rows: dict[str, Row], errors
         inserted = sum(1 for r in done if r["inserted"])
         prog.inserted += inserted
         prog.updated += len(done) - inserted
-        await conn.execute(
+        running = await conn.fetchval(
             "UPDATE import_jobs SET rows_total = $2, rows_ok = $3, rows_failed = $4, rows_inserted = $5, "
-            "rows_updated = $6, errors = errors || $7::jsonb, updated_at = now() WHERE id = $1",
+            "rows_updated = $6, errors = errors || $7::jsonb, updated_at = now(), heartbeat_at = now() "
+            "WHERE id = $1 AND status = 'running' RETURNING true",
             job_id, prog.total, prog.ok, prog.failed, prog.inserted, prog.updated, errors)
+        if not running:  # the sweeper took it for dead: this batch is rolled back with the transaction
+            raise _Abort(ApiError("conflict", "the import was closed as interrupted while it ran; re-upload the "
+                                  "file (the upload is idempotent on external_ref)"))
 
 
 async def _lines(req: Req, limit_s: float) -> AsyncIterator[bytes | None]:
@@ -294,8 +306,31 @@ async def _import(req: Req, lines: AsyncIterator[bytes | None]) -> Reply:
     except _Abort as exc:
         raise exc.error from None
     async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
-        job_id = await conn.fetchval("INSERT INTO import_jobs (org_id, created_by) VALUES ($1, $2) RETURNING id",
-                                     req.p.org_id, req.p.user_id)
+        job_id = await conn.fetchval("INSERT INTO import_jobs (org_id, created_by, node_id) VALUES ($1, $2, $3) "
+                                     "RETURNING id", req.p.org_id, req.p.user_id, req.rt.settings.node_id)
+    beat = asyncio.get_running_loop().create_task(_heartbeat(req, job_id), name="import-heartbeat")
+    try:
+        return await _run(req, lines, columns, job_id)
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+
+
+async def _heartbeat(req: Req, job_id: uuid.UUID) -> None:
+    """Beat the job's ``heartbeat_at`` while the request runs it (see the module docstring)."""
+    assert req.rt.tiers is not None
+    every_s = req.rt.settings.sweep_import_stale_s / 4
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
+                await conn.execute("UPDATE import_jobs SET heartbeat_at = now() WHERE id = $1 AND status = 'running'",
+                                   job_id)
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:  # the next beat tries again
+            log.warning("import.heartbeat_failed", extra={"import_id": str(job_id), "error": type(exc).__name__})
+
+
+async def _run(req: Req, lines: AsyncIterator[bytes | None], columns: list[str], job_id: uuid.UUID) -> Reply:
     prog = _Progress()
     failure: ApiError | None = None
     rows: dict[str, Row] = {}
@@ -347,10 +382,12 @@ async def _finish(req: Req, job_id: uuid.UUID, failure: str | None) -> Any:
         if failure is not None:
             row = await conn.fetchrow(
                 f"UPDATE import_jobs SET status = 'failed', failure = $2, updated_at = now(), finished_at = now() "
-                f"WHERE id = $1 RETURNING {JOB_COLUMNS}", job_id, failure[:500])
+                f"WHERE id = $1 AND status = 'running' RETURNING {JOB_COLUMNS}", job_id, failure[:500])
         else:
             row = await conn.fetchrow(f"UPDATE import_jobs SET status = 'done', updated_at = now(), finished_at = now()"
-                                      f" WHERE id = $1 RETURNING {JOB_COLUMNS}", job_id)
+                                      f" WHERE id = $1 AND status = 'running' RETURNING {JOB_COLUMNS}", job_id)
+        if row is None:  # already closed (the sweeper's, audited there): as it is
+            return await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM import_jobs WHERE id = $1", job_id)
         await req.audit("accounts.imported", "import_job", job_id, None,
                         {"status": row["status"], "rows_total": row["rows_total"], "rows_ok": row["rows_ok"],
                          "rows_failed": row["rows_failed"], "rows_inserted": row["rows_inserted"],

@@ -55,7 +55,7 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
                                       recording=s.recording_enabled, recording_max_s=s.recording_max_s,
                                       uploads=s.recording_uploads, node_id=s.node_id)
             opened.push_async_callback(persistence.drain, 30.0)
-            await recover_on_start(persistence, s.node_id)  # before any stream is accepted
+            await recover_on_start(persistence, s.node_id, s.sweep_batch)  # before any stream or request
         # The node's own policy, from the settings; each call runs under its organisation's
         # (api.speech.OrgPolicies: its STT chain, translation target and SSE redaction over these).
         speech = Speech(s, Policy.resolve(s), override=stt)
@@ -154,6 +154,7 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
         "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
         "translation": _translation_stats(rt),
         "webrtc": rt.agents.stats(),
+        "sweeper": rt.sweeper.stats() if rt.sweeper else None,
         "auth": {"media_token_stale_hits": rt.auth.media_stale_hits},
         "post_call": rt.post_call.stats() if rt.post_call else None,
         "billing": dataclasses.asdict(rt.billing.counters) if rt.billing else None,

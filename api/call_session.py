@@ -235,6 +235,9 @@ class CallSession:
         except Exception:  # a bug while draining must still end the call below
             log.exception("call.drain_failed", extra={"call_id": self.call_id})
         finally:
+            if self.events is not None:
+                self.events.close()  # the last partials of utterances that got no final are kept
+                stats["partials_kept"] = self.events.partials_kept
             p = self.leg.protocol.stats
             stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count,
                          dtmf_dropped=self._dtmf.held_back)

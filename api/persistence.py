@@ -1,4 +1,8 @@
-"""What the real-time path keeps: call rows, final transcripts, recordings, audit entries, bus events.
+"""What the real-time path keeps: call rows, transcripts, recordings, audit entries, bus events.
+
+Transcripts: every final, and the last partial of an utterance that got no final (``kind``
+'partial'; ``pipelines.partials`` decides which, ``api.speech.CallEvents`` hands them here), both
+already redacted.
 
 Nothing here is awaited by the media path.  Rows go through the bounded ``PersistWriter``;
 events for other nodes go through ``BusForwarder`` (bounded, oldest dropped and counted); the
@@ -38,7 +42,7 @@ from storage.records import (
     CallEnded,
     CallStarted,
     RecordingStored,
-    TranscriptFinal,
+    TranscriptStored,
     TranslationStored,
 )
 from storage.warm import EventBus
@@ -115,6 +119,7 @@ class Persistence:
         self.recordings_recovered = 0  # left in the spool by an earlier run, stored at start-up
         self.recordings_unrecoverable = 0  # left in the spool, moved aside (see spool_recovery)
         self.calls_closed_on_start = 0  # calls this node left open, closed at start-up (api.recovery)
+        self.imports_failed_on_start = 0  # imports this node left running, failed at start-up (api.recovery)
 
     @property
     def spool_dir(self) -> Path:
@@ -149,10 +154,20 @@ class Persistence:
     def transcript_final(self, call: CallRecord, ev: TranscriptEvent, provider: str, *, language: str = "en",
                          redacted: bool = False) -> None:
         """Store a final transcript; ``ev`` must already be redacted."""
+        self._transcript(call, ev, provider, language, redacted, "final")
+
+    def transcript_partial(self, call: CallRecord, ev: TranscriptEvent, provider: str, *, language: str = "en",
+                           redacted: bool = False) -> None:
+        """Store the last partial of an utterance that got no final (``pipelines.partials``); ``ev`` must
+        already be redacted.  A final of the same utterance stored later replaces it."""
+        self._transcript(call, ev, provider, language, redacted, "partial")
+
+    def _transcript(self, call: CallRecord, ev: TranscriptEvent, provider: str, language: str, redacted: bool,
+                    kind: str) -> None:
         payload = ev.payload()  # the stored words are the published ones
-        self.tiers.writer.submit(TranscriptFinal(
+        self.tiers.writer.submit(TranscriptStored(
             call.org_id, call.call_control_id, ev.stream_id, ev.track, ev.seq, ev.text, payload["confidence"],
-            payload["words"], ev.start, ev.end, provider, language, redacted,
+            payload["words"], ev.start, ev.end, provider, language, redacted, kind,
         ))
 
     def translation(self, call: CallRecord, stream_id: str, track: str, seq: int, tr: Translation) -> None:
@@ -249,6 +264,7 @@ class Persistence:
                 "recordings_recovered": self.recordings_recovered,
                 "recordings_unrecoverable": self.recordings_unrecoverable,
                 "calls_closed_on_start": self.calls_closed_on_start,
+                "imports_failed_on_start": self.imports_failed_on_start,
                 "spool_pending_bytes": self.spooler.pending_bytes, "spool_errors": self.spooler.errors}
 
 

@@ -22,7 +22,12 @@ Runs once the tiers are open and before the server accepts a stream (``on_startu
    - then, and only then, its files are deleted.  Any failure on the way leaves them where they are
      for the next start, logged and counted in ``recordings_failed``.
 
-Each closed call and each leftover is logged; the counts are in /api/stats ``persistence``.
+3. **Imports.**  Every account import this node was running (``import_jobs.node_id``) is over for the
+   same reason: each becomes ``failed`` with a message that says to re-upload the file, audited
+   (``storage.sweeps.sweep_interrupted_imports``; other nodes' dead imports are the sweeper's, by their
+   heartbeat: ``api.sweeper``).  Before the server serves a request, so no import of this run is there.
+
+Each closed call, failed import and leftover is logged; the counts are in /api/stats ``persistence``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from storage.records import (
     call_exists,
     close_calls_of_restarted_node,
 )
+from storage.sweeps import sweep_interrupted_imports
 from storage.writer import TRANSIENT
 
 log = logging.getLogger("switchboard.recovery")
@@ -54,9 +60,20 @@ DB_ATTEMPTS = 5  # 0.5, 1, 2, 4 s apart
 T = TypeVar("T")
 
 
-async def recover_on_start(persistence: Persistence, node_id: str) -> None:
+async def recover_on_start(persistence: Persistence, node_id: str, batch: int = 100) -> None:
     async with persistence.tiers.db.no_tenant() as conn:
         closed = await close_calls_of_restarted_node(conn, node_id)
+    while True:
+        async with persistence.tiers.db.no_tenant() as conn:
+            # The stale time plays no part here: this node's own running imports are all dead.
+            failed = await sweep_interrupted_imports(conn, stale_s=86_400.0, limit=batch, actor=node_id,
+                                                     node_id=node_id)
+        for org_id, import_id in failed:
+            log.warning("import.interrupted", extra={"node_id": node_id, "org_id": str(org_id),
+                                                     "import_id": str(import_id)})
+        persistence.imports_failed_on_start += len(failed)
+        if len(failed) < batch:
+            break
     for call in closed:
         log.warning("call.closed_on_restart", extra={"node_id": node_id, "org_id": str(call.org_id),
                                                      "call_id": call.call_control_id,

@@ -14,6 +14,7 @@ from api.hub import EventHub
 from api.middleware import ClientAddress
 from api.post_call import PostCall
 from api.settings import Settings
+from api.sweeper import Sweeper
 from api.telnyx_calls import TelnyxCalls
 from engine.metrics import LagHistogram
 from engine.quota import PerKeyQuota
@@ -113,6 +114,7 @@ class Runtime:
                                       self.phrases)
         self.telnyx: TelnyxCalls | None = (TelnyxCalls(s, tiers.db, self.hub, self.post_call)
                                            if tiers is not None else None)
+        self.sweeper: Sweeper | None = Sweeper(s, tiers.db, self.hub) if tiers is not None else None
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
 
@@ -134,6 +136,8 @@ class Runtime:
             self.billing.start()
         if self.post_call is not None:
             self.post_call.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
 
     async def _watch_loop(self) -> None:
         """Sleep 10 ms at a time and record how late the wake-up is: the event loop's own latency."""
@@ -175,6 +179,8 @@ class Runtime:
             await self.translation.translator.aclose()
         if self.persistence is not None:
             await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+        if self.sweeper is not None:
+            await self.sweeper.aclose()
         if self.billing is not None:
             await self.billing.aclose()
         if self.post_call is not None:

@@ -248,6 +248,18 @@ class Settings(BaseSettings):
     post_call_interval_s: float = Field(5.0, gt=0)  # the job table is polled this often (and when woken)
     post_call_lease_s: float = Field(2400.0, gt=0)  # a running job not finished by then is taken again
 
+    # The sweeper (api/sweeper.py): placed calls left open by silent webhooks, imports left by a dead node.
+    sweep_interval_s: float = Field(30.0, gt=0, le=3600)  # a sweep this often on every node (and one at start)
+    sweep_batch: int = Field(100, ge=1, le=10_000)  # rows closed per statement; at most 10 statements per kind
+    # No progress for this long closes a placed call no node streams as failed/no_webhook.  initiating: keep
+    # it well above the create-call request's 10 s timeout; ringing: Telnyx rings at most 600 s (timeout_secs),
+    # plus a minute; ending: Telnyx confirms a hang-up in seconds.
+    sweep_initiating_s: float = Field(120.0, ge=1, le=86_400)
+    sweep_ringing_s: float = Field(660.0, ge=1, le=86_400)
+    sweep_ending_s: float = Field(120.0, ge=1, le=86_400)
+    # A running import whose heartbeat (beaten every quarter of this) is older is failed as interrupted.
+    sweep_import_stale_s: float = Field(120.0, ge=1, le=86_400)
+
     @field_validator("bootstrap_api_key")
     @classmethod
     def _api_key_form(cls, v: SecretStr | None) -> SecretStr | None:

@@ -6,7 +6,10 @@ Order of operations for every transcript event a call's pipeline emits (``CallEv
 1. redact it (text and timed words; ``pipelines.events.TranscriptEvent.redacted``);
 2. publish to the call's SSE clients: redacted unless the organisation chose otherwise
    (``sse_redacted``); the cross-node bus always gets the redacted form;
-3. for a final: store it (redacted) and submit its redacted text for translation.
+3. for a final: store it (redacted) and submit its redacted text for translation;
+4. for a partial: hold it (redacted) as its track's last partial (``pipelines.partials``): kept, that is
+   stored with kind 'partial', only if its utterance gets no final (the utterance or the track's
+   recogniser failed, or the call closed first: ``close``); no row per partial.
 
 Nothing unredacted reaches a translation provider, the database, Redis or a log line.  Translation
 never delays a transcript: it is a job on ``pipelines.translation.TranslationStage``; its result is
@@ -27,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from api.hub import EventHub
 from api.settings import Settings
-from pipelines.events import Event, TranscriptEvent, TranslationFailed, TranslationFinal
+from pipelines.events import Event, SttFailed, TranscriptEvent, TranslationFailed, TranslationFinal
+from pipelines.partials import LastPartials, Pending
 from pipelines.redaction import Redactor
 from pipelines.stt.base import SttProvider
 from pipelines.stt.failover import FailoverProvider
@@ -225,14 +229,22 @@ class CallEvents:
     redactions: int = 0
     _pending: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _partials: LastPartials[TranscriptEvent] = field(default_factory=LastPartials)
 
     def __post_init__(self) -> None:
         self.channel = self.channel or self.call_id
         self._idle.set()
 
+    @property
+    def _storing(self) -> bool:
+        return self.persistence is not None and self.record is not None
+
     def publish(self, event: Event) -> None:
         if not isinstance(event, TranscriptEvent):
             self.hub.publish(self.channel, event)
+            if isinstance(event, SttFailed) and self._storing:
+                self._keep(self._partials.track_failed(event.track) if event.seq is None
+                           else self._partials.utterance_failed(event.track, event.seq))
             return
         redacted, found = event.redacted(self.redactor)
         if self.sse_redacted or redacted is event:
@@ -240,9 +252,12 @@ class CallEvents:
         else:
             self.hub.publish(self.channel, event, tap=redacted)
         if not event.final:
+            if self._storing:
+                self._keep(self._partials.partial(redacted, found))  # the redacted one: never the raw text
             return
         self.redactions += found
         if self.persistence is not None and self.record is not None:
+            self._partials.final(event.track, event.seq)
             self.persistence.transcript_final(self.record, redacted, self.provider, language=self.language,
                                               redacted=found > 0)
         if self.stage is not None and self.target and redacted.text.strip():
@@ -252,6 +267,22 @@ class CallEvents:
                 redacted.text, self.language, self.target,
                 {"call_id": self.call_id, "stream_id": event.stream_id, "track": event.track, "seq": event.seq},
                 self._translated, self._not_translated))
+
+    def close(self) -> None:
+        """The call's pipeline has closed (its owed finals are in or their deadline passed): the partials
+        still held belong to utterances that got no final; keep them."""
+        self._keep(self._partials.close())
+
+    @property
+    def partials_kept(self) -> int:
+        return self._partials.kept
+
+    def _keep(self, kept: list[Pending[TranscriptEvent]]) -> None:
+        if self.persistence is None or self.record is None:
+            return
+        for p in kept:
+            self.persistence.transcript_partial(self.record, p.event, self.provider, language=self.language,
+                                                redacted=p.findings > 0)
 
     def _translated(self, job: TranslationJob, tr: Translation) -> None:
         self._done()

@@ -5,6 +5,8 @@ The call's life as Telnyx reports it, a table (the media path's own states are p
     initiating --call.initiated--> ringing --call.answered--> active --call.hangup--> <final>
     (any open state) --call.hangup--> <final by hangup_cause>          (HANGUP_STATUS)
     ending (we asked Telnyx to hang up) --call.hangup--> <final>
+    initiating | ringing | ending, no node streaming, no progress for long --sweep--> failed (no_webhook)
+                                                                                     (api.sweeper)
 
 Ranks order the states (``RANK``); an event whose target ranks at or below the call's state (a late
 ``call.initiated`` after ``call.answered``, anything after a final state) changes nothing and is

@@ -223,6 +223,7 @@ class AgentSession:
                 await asyncio.gather(self._pump, return_exceptions=True)
             await self.pc.close()
             await self.pipeline.aclose()
+            self.events.close()  # the last partials of utterances that got no final are kept
             await self.events.drain(self.registry.rt.settings.translation_deadline_s + 1.0)
             stats = {**dataclasses.asdict(self.bridge.stats),
                      **{k: getattr(self.pipeline.stats, k) for k in self.pipeline.stats.__slots__}}  # type: ignore[attr-defined]

@@ -223,7 +223,8 @@ class CallEnded(Event):
 @dataclass(frozen=True, slots=True)
 class CallStateChanged(Event):
     """A placed call moved (Telnyx Call Control's webhooks, api.telnyx_calls): ``state`` is the stored
-    ``calls.status``; ``cause`` is Telnyx's ``hangup_cause`` when it ended."""
+    ``calls.status``; ``cause`` is Telnyx's ``hangup_cause`` when it ended, or ``no_webhook`` when the
+    sweeper closed it because Telnyx's webhooks never came (api.sweeper)."""
 
     EVENT: ClassVar[str] = "call.state"
     call_id: str

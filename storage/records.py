@@ -3,8 +3,7 @@
 Each record is written inside a tenant transaction (``Database.tenant(record.org_id)``) and is
 idempotent: a retried batch after an ambiguous failure (the connection dropped during COMMIT) writes
 nothing twice.  Calls are keyed by (org_id, call_control_id), transcripts by (call_id, stream_id,
-track, seq),
-audit entries and recordings by ids the application chose.
+track, seq), audit entries and recordings by ids the application chose.
 """
 
 from __future__ import annotations
@@ -117,7 +116,12 @@ ON CONFLICT (idempotency_key) DO NOTHING
 
 
 @dataclass(frozen=True, slots=True)
-class TranscriptFinal:
+class TranscriptStored:
+    """A transcript of one utterance: ``kind`` 'final', or 'partial' (the last partial of an utterance that
+    got no final: ``pipelines.partials``).  One row per utterance (call, stream, track, seq): a final
+    replaces a partial row of its utterance (it came late: the final is the better text), a partial never
+    replaces anything, and a retry of either writes nothing twice."""
+
     org_id: uuid.UUID
     call_control_id: str  # resolved to calls.id in SQL, so the writer needs no lookup of its own
     stream_id: str
@@ -131,18 +135,23 @@ class TranscriptFinal:
     provider: str
     language: str = "en"
     redacted: bool = False
+    kind: str = "final"  # or 'partial'
 
     async def apply(self, conn: asyncpg.Connection) -> None:
         status = await conn.execute(
             """
-            INSERT INTO transcriptions (org_id, call_id, track, seq, text, language, confidence, words,
-                                        start_ms, end_ms, provider, redacted, stream_id)
-            SELECT $1, c.id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+            INSERT INTO transcriptions AS t (org_id, call_id, track, seq, text, language, confidence, words,
+                                             start_ms, end_ms, provider, redacted, stream_id, kind)
+            SELECT $1, c.id, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14
               FROM calls c WHERE c.org_id = $1 AND c.call_control_id = $2
-            ON CONFLICT (call_id, stream_id, track, seq) DO NOTHING
+            ON CONFLICT (call_id, stream_id, track, seq) DO UPDATE
+               SET text = EXCLUDED.text, language = EXCLUDED.language, confidence = EXCLUDED.confidence,
+                   words = EXCLUDED.words, start_ms = EXCLUDED.start_ms, end_ms = EXCLUDED.end_ms,
+                   provider = EXCLUDED.provider, redacted = EXCLUDED.redacted, kind = EXCLUDED.kind
+             WHERE t.kind = 'partial' AND EXCLUDED.kind = 'final'
             """,
             self.org_id, self.call_control_id, self.track, self.seq, self.text, self.language, self.confidence,
-            self.words, self.start_ms, self.end_ms, self.provider, self.redacted, self.stream_id,
+            self.words, self.start_ms, self.end_ms, self.provider, self.redacted, self.stream_id, self.kind,
         )
         if status == "INSERT 0 0":
             await _require_call(conn, self.org_id, self.call_control_id)
@@ -254,7 +263,7 @@ class CallAgent:
         )
 
 
-Record = CallStarted | CallEnded | TranscriptFinal | RecordingStored | AuditEntry | TranslationStored | CallAgent
+Record = CallStarted | CallEnded | TranscriptStored | RecordingStored | AuditEntry | TranslationStored | CallAgent
 
 
 async def ensure_organization(conn: asyncpg.Connection, org_id: uuid.UUID, name: str, slug: str) -> None:

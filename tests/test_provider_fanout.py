@@ -119,7 +119,8 @@ async def test_english_call_is_transcribed_redacted_translated_and_no_canary_lea
     try:
         for _ in range(50):
             async with db.tenant(DEFAULT_ORG_ID) as conn:
-                stored = await conn.fetch("SELECT text, words, redacted, language FROM transcriptions ORDER BY seq")
+                stored = await conn.fetch("SELECT text, words, redacted, language, kind FROM transcriptions "
+                                          "ORDER BY seq")
                 stored_tr = await conn.fetch("SELECT original_text, translated_text, target_lang, transcription_id "
                                              "FROM translations ORDER BY created_at")
             if len(stored) == 2 and len(stored_tr) == 2:
@@ -129,6 +130,8 @@ async def test_english_call_is_transcribed_redacted_translated_and_no_canary_lea
         await db.aclose()
     assert [r["text"] for r in stored] == [f["text"] for f in finals]
     assert all(r["redacted"] and r["language"] == "en" for r in stored)
+    assert [r["kind"] for r in stored] == ["final", "final"]  # utterances with their finals keep no partial
+    assert stream.events[-1].json()["stats"]["partials_kept"] == 0
     assert all(r["target_lang"] == "es" and r["transcription_id"] is not None for r in stored_tr)
     warm = WarmStore.from_url(redis_url)
     try:
@@ -196,3 +199,45 @@ async def test_primary_out_of_funds_mid_call_fails_over_to_the_next_provider_wit
     assert [f["text"] for f in finals] == ["please confirm your account number", "i would like to make a payment today"]
     assert stream.events[-1].json()["stats"]["stt_failovers"] == 1
     assert stream.events[0].json()["stt_provider"] == "assemblyai+deepgram"
+
+
+async def test_an_utterance_cut_off_by_its_recogniser_keeps_its_last_partial_once_and_redacted(
+        tmp_path, urls: DbUrls, redis_url: str) -> None:  # type: ignore[no-untyped-def]
+    aai = FakeAssemblyAI([f"my card number is {CARD} thanks"], word_ms=60)
+    aai.error_after(5000, 4002)  # every word heard (9 x 480 bytes), then "insufficient funds" before the turn ends
+    await aai.start()
+    env = {"SWITCHBOARD_STT_PROVIDER": "assemblyai", "ASSEMBLYAI_API_KEY": "test-key",
+           "SWITCHBOARD_ASSEMBLYAI_URL": aai.url, "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
+           "SWITCHBOARD_PERSIST": "true", "DATABASE_URL": urls.admin,
+           "SWITCHBOARD_DATABASE_APP_PASSWORD": APP_PASSWORD, "REDIS_URL": redis_url,
+           "SWITCHBOARD_SSE_REDACTED": "false"}  # agents may see raw text: what is stored never is
+    call_id = "v3:cut-off"
+    try:
+        async with server_with(tmp_path, env) as server, aiohttp.ClientSession() as http:
+            reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{call_id}/events"))
+            await asyncio.sleep(0.2)
+            await stream_call(server, call_id, utterances_with_pauses(SPEECH, pause_ms=900, rate=8000))
+            stream = await asyncio.wait_for(reader, 30)
+            detail = (await asyncio.to_thread(get_json, f"{server.http}/api/calls/{call_id}"))["data"]
+    finally:
+        await aai.stop()
+    names = [e.event for e in stream.events]
+    assert "transcript.partial" in names and "transcript.final" not in names and "stt.failed" in names
+    assert stream.events[-1].json()["stats"]["partials_kept"] == 1
+    db = Database(urls.app, max_size=1)
+    await db.open()
+    try:
+        async with db.tenant(DEFAULT_ORG_ID) as conn:
+            rows = await conn.fetch("SELECT kind, track, seq, stream_id, text, words, redacted FROM transcriptions")
+    finally:
+        await db.aclose()
+    assert len(rows) == 1  # one row for the utterance, not one per partial
+    row = rows[0]
+    assert (row["kind"], row["track"], row["seq"], row["redacted"]) == ("partial", "inbound", 1, True)
+    assert row["stream_id"] == stream.events[0].json()["stream_id"]
+    assert row["text"] == "my card number is [REDACTED:card] thanks"
+    stored_text = orjson.dumps([dict(r) for r in rows], default=str).decode()
+    for canary in CANARIES:
+        assert canary not in stored_text
+    assert [(t["kind"], t["seq"], t["text"]) for t in detail["transcripts"]] == [
+        ("partial", 1, "my card number is [REDACTED:card] thanks")]

@@ -9,6 +9,7 @@
   unless ``outcome`` (set per test) names a hangup cause, in which case ``call.hangup`` with it;
 * ``POST /v2/calls/{id}/actions/hangup``: 422 code 90018 when the call has ended, else 200 and a
   signed ``call.hangup`` with ``hangup_cause: normal_clearing``;
+* ``webhooks = False``: no webhook is sent by itself (Telnyx cannot reach us), only those a test ``send``s;
 * ``stream(ccid, pcm)`` opens the call's media stream to the ``stream_url`` it was given, with its
   ``stream_auth_token`` in the upgrade header, and plays ``pcm`` (8 kHz, PCMU) in real time, then ``stop``
   (tests/telnyx_client.py speaks the media protocol);
@@ -77,6 +78,7 @@ class FakeTelnyx:
         self.deliveries: list[tuple[bytes, dict[str, str], int]] = []
         self.outcome: str | None = None  # a hangup cause instead of answering
         self.auto = True  # send the progress webhooks by itself; False: the test sends them (``send``)
+        self.webhooks = True  # False: the network loses them (an outage, a wrong webhook URL): none sent by itself
         self._by_command: dict[str, str] = {}
         self._failures: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -150,7 +152,7 @@ class FakeTelnyx:
             self.calls[ccid] = {**body, "ended": False, "leg": str(uuid.uuid4()), "session": str(uuid.uuid4())}
             if isinstance(command, str):
                 self._by_command[command] = ccid
-            if self.auto:
+            if self.auto and self.webhooks:
                 self._spawn(self._progress(ccid))
         call = self.calls[ccid]
         return web.json_response({"data": {"call_control_id": ccid, "call_leg_id": call["leg"],
@@ -165,7 +167,8 @@ class FakeTelnyx:
         if call is None or call["ended"]:
             return self._error(422, "90018", "Call has already ended")
         call["ended"] = True
-        self._spawn(self.end(request.match_info["ccid"], "normal_clearing", "caller"))
+        if self.webhooks:
+            self._spawn(self.end(request.match_info["ccid"], "normal_clearing", "caller"))
         return web.json_response({"data": {"result": "ok"}})
 
     def _spawn(self, coro: Any) -> None:

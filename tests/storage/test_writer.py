@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ import pytest
 
 from storage import embedded
 from storage.db import Database
-from storage.records import AuditEntry, CallEnded, CallStarted, TranscriptFinal
+from storage.records import AuditEntry, CallEnded, CallStarted, TranscriptStored
 from storage.writer import PersistWriter
 from tests.storage.conftest import migrated_database
 from tests.storage.test_db import make_org
@@ -22,8 +23,8 @@ def started(org: uuid.UUID, ccid: str) -> CallStarted:
     return CallStarted(org, uuid.uuid4(), ccid, None, "s-1", None, None, "PCMU", 8000, datetime.now(UTC))
 
 
-def final(org: uuid.UUID, ccid: str, seq: int, text: str = "", stream: str = "s-1") -> TranscriptFinal:
-    return TranscriptFinal(org, ccid, stream, "inbound", seq, text or f"utterance {seq}", 0.9,
+def final(org: uuid.UUID, ccid: str, seq: int, text: str = "", stream: str = "s-1") -> TranscriptStored:
+    return TranscriptStored(org, ccid, stream, "inbound", seq, text or f"utterance {seq}", 0.9,
                            [{"word": "utterance", "start": 0, "end": 100}], seq * 1000, seq * 1000 + 800, "test")
 
 
@@ -67,6 +68,24 @@ async def test_a_retried_batch_writes_nothing_twice(db: Database) -> None:
     assert await count(db, a, "SELECT count(*) FROM audit_logs") == 1
 
 
+async def test_a_late_final_replaces_its_utterances_partial_and_a_partial_never_replaces_a_final(
+        db: Database) -> None:
+    a = await make_org(db, "alpha")
+    w = PersistWriter(db, flush_interval=0.01)
+    w.start()
+    w.submit(started(a, "c"))
+    w.submit(dataclasses.replace(final(a, "c", 1, "cut off"), kind="partial"))
+    w.submit(final(a, "c", 1, "the late final"))  # its final came after all
+    w.submit(final(a, "c", 2, "second"))
+    w.submit(dataclasses.replace(final(a, "c", 2, "a stale partial"), kind="partial"))
+    assert await w.flush(10)
+    await w.aclose()
+    assert w.stats.rejected == 0
+    async with db.tenant(a) as conn:
+        rows = await conn.fetch("SELECT seq, kind, text FROM transcriptions ORDER BY seq")
+    assert [tuple(r) for r in rows] == [(1, "final", "the late final"), (2, "final", "second")]
+
+
 async def test_a_restarted_media_stream_of_the_same_call_keeps_both_streams_transcripts(db: Database) -> None:
     a = await make_org(db, "alpha")
     w = PersistWriter(db, flush_interval=0.01)
@@ -97,7 +116,7 @@ async def test_a_bad_record_is_rejected_and_reported_without_losing_its_batch(
     assert await count(db, a, "SELECT count(*) FROM transcriptions") == 2
     assert w.stats.rejected == 2 and w.stats.written == 3
     rejected = [r for r in caplog.records if r.getMessage() == "writer.rejected"]
-    assert [r.kind for r in rejected] == ["TranscriptFinal", "TranscriptFinal"]  # type: ignore[attr-defined]
+    assert [r.kind for r in rejected] == ["TranscriptStored", "TranscriptStored"]  # type: ignore[attr-defined]
     assert {r.error for r in rejected} == {"MissingParent", "CheckViolationError"}  # type: ignore[attr-defined]
     assert "4111" not in caplog.text  # the record's content never reaches the log
 
