@@ -72,26 +72,18 @@ class StripeClient:
         self._session = session
 
     async def post(self, path: str, data: dict[str, Any], idempotency_key: str) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self._key}", "Idempotency-Key": idempotency_key}
-        try:
-            async with self._session.post(self.base_url + path, data=_form(data), headers=headers,
-                                          timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
-                body = await r.read()
-                if r.status >= 300:
-                    raise ProviderError(r.status, body[:200].decode(errors="replace"))
-                out = orjson.loads(body)
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-            raise ProviderError(0, type(exc).__name__) from None
-        if not isinstance(out, dict):
-            raise ProviderError(0, "not a JSON object")
-        return out
-
+        return await self._request("POST", path, data, {"Idempotency-Key": idempotency_key})
 
     async def get(self, path: str) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self._key}"}
+        return await self._request("GET", path, None, {})
+
+    async def _request(self, method: str, path: str, data: dict[str, Any] | None,
+                       headers: dict[str, str]) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self._key}", **headers}
         try:
-            async with self._session.get(self.base_url + path, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
+            async with self._session.request(method, self.base_url + path, headers=headers,
+                                             data=_form(data) if data is not None else None,
+                                             timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as r:
                 body = await r.read()
                 if r.status >= 300:
                     raise ProviderError(r.status, body[:200].decode(errors="replace"))
