@@ -279,15 +279,17 @@ async def _invoice_paid(conn: asyncpg.Connection, org: uuid.UUID, event_id: str,
     currency = obj.get("currency")
     invoice = obj.get("id")
     pi = obj.get("payment_intent")
-    await conn.execute(
+    recorded = await conn.fetchval(
         "INSERT INTO payments (org_id, subscription_id, stripe_payment_intent_id, stripe_invoice_id, amount_cents, "
-        "currency, status) VALUES ($1, $2, $3, $4, $5, $6, 'succeeded') ON CONFLICT DO NOTHING",
+        "currency, status) VALUES ($1, $2, $3, $4, $5, $6, 'succeeded') ON CONFLICT DO NOTHING RETURNING 1",
         org, sub["id"] if sub else None, pi if isinstance(pi, str) else None,
         invoice if isinstance(invoice, str) else None,
         amount if isinstance(amount, int) and amount >= 0 else 0,
         currency.lower() if isinstance(currency, str) and len(currency) == 3 and currency.isalpha() else "usd")
     if sub is not None and sub["status"] in NOT_IN_GOOD_STANDING:
         await conn.execute("UPDATE subscriptions SET status = 'active', updated_at = now() WHERE id = $1", sub["id"])
+    if recorded is None:  # the same invoice under another event id (a resend): paid once, audited once
+        return False
     await _audit(org, "billing.invoice_paid", str(invoice)[:200],
                  {"status": sub["status"]} if sub else None,
                  {"amount_cents": amount, "currency": currency, "event_id": event_id}).apply(conn)

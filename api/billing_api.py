@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from api.billing import NOT_IN_GOOD_STANDING, ProviderError
 from api.envelope import ApiError
-from api.rest import Reply, Req, Route, Strict, WebhookOut
+from api.rest import Reply, Req, Route, Strict, WebhookOut, nul_fields
 from api.settings import PlanConfig
 from api.stripe_signature import SignatureError, verify
 
@@ -226,7 +226,7 @@ async def stripe_webhook(req: Req) -> Reply:
         raise ApiError("bad_request", "the body is not JSON") from None
     if not (isinstance(event, dict) and isinstance(event.get("id"), str) and 0 < len(event["id"]) <= 255
             and isinstance(event.get("type"), str) and isinstance(event.get("data"), dict)
-            and isinstance(event["data"].get("object"), dict) and "\x00" not in raw.decode(errors="replace")):
+            and isinstance(event["data"].get("object"), dict) and not nul_fields(event, "body")):
         raise ApiError("bad_request", "the body is not a Stripe event (id, type, data.object)")
     return Reply(await billing.apply_event(event))
 

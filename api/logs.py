@@ -21,6 +21,7 @@ from collections import OrderedDict
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from engine.quota import TokenBucket
 
@@ -53,6 +54,22 @@ class RateLimit(logging.Filter):
         return True
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a request its parser refused (a header line past 8 KiB, broken chunking, a bad method)
+    at error level with a traceback whose message quotes up to 100 bytes of the offending line, which may
+    be a credential (an ``Authorization`` header, a cookie).  It is the client's fault: rewritten as the
+    warning ``http.malformed_request`` naming the error's class and status, without the quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.name == "aiohttp.server" and isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "http.malformed_request", ()
+            record.exc_info, record.exc_text = None, None
+            record.error, record.status = type(exc).__name__, exc.code
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -72,6 +89,7 @@ class JsonFormatter(logging.Formatter):
 def setup(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(MalformedRequests())
     handler.addFilter(RateLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -9,7 +9,8 @@ step  what                   refusal
 1     storage on             ``rt.tiers is None`` (``SWITCHBOARD_PERSIST=false``): 503 ``unavailable``
 2     credential             ``auth="action"``/``"credential"``/``"session"`` and none valid: 401
 3     rate limit             per credential and route, 1-minute window (reads ``rate_read_per_min``,
-                             writes ``rate_write_per_min``): 429 ``rate_limited`` + ``Retry-After``
+                             writes ``rate_write_per_min``, or the route's own ``rate`` setting):
+                             429 ``rate_limited`` + ``Retry-After``
 4     permission             the role may not do ``action`` (``api.auth.PERMISSIONS``), or a
                              ``"session"`` route called with an API key: 403 ``forbidden``
 5     path parameters        a malformed id is an unknown id: 404 ``not_found``
@@ -71,6 +72,7 @@ from redis.exceptions import RedisError
 from api.auth import PERMISSIONS, Principal
 from api.envelope import ApiError, error_response, not_found, ok
 from api.middleware import body_limit, streamed_body
+from api.settings import Settings
 from engine.ids import ID as CALL_ID
 from storage.records import AuditEntry
 from storage.warm import StoredResponse
@@ -195,10 +197,14 @@ class Route:
     # a route ignores Idempotency-Key (its fingerprint would need the whole body): it must be idempotent
     # by its own data, as the CSV import is by external_ref.
     stream: tuple[str, int] | None = None
+    # The Settings field of this route's own per-credential limit a minute, instead of the read or write rate.
+    rate: str | None = None
 
     def __post_init__(self) -> None:
         if self.auth == "action" and self.action not in PERMISSIONS:
             raise ValueError(f"{self.name}: action {self.action!r} is not in PERMISSIONS")
+        if self.rate is not None and self.rate not in Settings.model_fields:
+            raise ValueError(f"{self.name}: rate {self.rate!r} is not a setting")
 
     @property
     def writes(self) -> bool:
@@ -255,19 +261,19 @@ def validation_details(exc: ValidationError, where: str) -> list[dict[str, str]]
             for e in exc.errors(include_url=False, include_input=False)]
 
 
-def _nul_fields(data: Any, path: str) -> list[str]:
+def nul_fields(data: Any, path: str) -> list[str]:
     """Where ``data`` holds a string with NUL (PostgreSQL text cannot store one)."""
     if isinstance(data, str):
         return [path] if "\x00" in data else []
     if isinstance(data, dict):
-        return [f for k, v in data.items() for f in _nul_fields(k, path) + _nul_fields(v, f"{path}.{k}")]
+        return [f for k, v in data.items() for f in nul_fields(k, path) + nul_fields(v, f"{path}.{k}")]
     if isinstance(data, list):
-        return [f for i, v in enumerate(data) for f in _nul_fields(v, f"{path}.{i}")]
+        return [f for i, v in enumerate(data) for f in nul_fields(v, f"{path}.{i}")]
     return []
 
 
 def parse_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
-    nul = _nul_fields(data, where)
+    nul = nul_fields(data, where)
     if nul:
         raise ApiError("validation_failed", f"the {where} failed validation",
                        [{"field": f.partition(".")[2] or f, "message": "NUL characters are not accepted",
@@ -374,7 +380,10 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 async def _rate_limit(rt: Runtime, route: Route, p: Principal) -> None:
     s = rt.settings
-    limit = s.rate_write_per_min if route.writes else s.rate_read_per_min
+    if route.rate is not None:
+        limit = int(getattr(s, route.rate))
+    else:
+        limit = s.rate_write_per_min if route.writes else s.rate_read_per_min
     assert rt.tiers is not None
     d = await rt.tiers.warm.hit_rate_limit(f"api:{p.org_id}:{p.kind}:{p.subject}:{route.name}", limit, 60)
     if not d.allowed:

@@ -149,6 +149,9 @@ class Settings(BaseSettings):
     # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
     rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route
     rate_write_per_min: int = Field(120, ge=1)  # POST/PATCH/DELETE per credential and route
+    # POST /api/voice/call per credential: each placement costs money and rings a stranger's phone, so a
+    # stolen or runaway credential gets far less than the write rate (api/voice_api.py).
+    calls_place_per_min: int = Field(30, ge=1)
     login_per_address_per_min: int = Field(10, ge=1)  # login attempts per client address (not per_address_exempt)
     login_per_account_per_min: int = Field(10, ge=1)  # login attempts per e-mail address
     login_lockout_failures: int = Field(5, ge=1)  # wrong passwords for one address within login_lockout_s ...

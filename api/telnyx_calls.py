@@ -11,8 +11,10 @@ The call's life as Telnyx reports it, a table (the media path's own states are p
 Ranks order the states (``RANK``); an event whose target ranks at or below the call's state (a late
 ``call.initiated`` after ``call.answered``, anything after a final state) changes nothing and is
 counted (``CallCounters.backwards``): Telnyx does not promise delivery order.  One exception:
-``call.hangup`` on a call the media path already ended (its stream stopped first) sets Telnyx's
-final status and cause, which say how the call ended; the media path's reason stays in its audit entry.
+``call.hangup`` on a call the media path already ended (its stream stopped first: its end reason is one
+of ``MEDIA_END_REASONS``) sets Telnyx's final status and cause, which say how the call ended; the media
+path's reason stays in its audit entry.  Only once: a second ``call.hangup`` (another event id for the
+same hangup) finds Telnyx's cause there and changes nothing.
 
 Who the event is for: ``payload.client_state``, which we set when placing the call (base64 of
 ``{"org", "call"}``, our organisation and ``calls.id``); the Ed25519 signature proves Telnyx sent it back
@@ -41,6 +43,7 @@ import orjson
 from api.auth import PENDING_CALL_PREFIX
 from api.call_session import call_key
 from api.settings import Settings
+from pipelines.call_state import ENDING_EVENTS, CallEvent
 from pipelines.events import CallStateChanged
 from storage.db import Database
 from storage.records import CALL_USAGE_SQL, METER_EVENT_NAME, AuditEntry
@@ -62,6 +65,8 @@ HANGUP_STATUS = {"normal_clearing": "completed", "user_busy": "busy", "no_answer
                  "timeout": "no_answer", "originator_cancel": "no_answer", "call_rejected": "failed",
                  "not_found": "failed", "unspecified": "failed", "time_limit": "completed"}
 HANDLED = frozenset({*EVENT_STATUS, "call.hangup"})
+# What the media path writes into calls.end_reason (pipelines.call_state): a final state Telnyx may settle.
+MEDIA_END_REASONS = frozenset(e.value for e in (*ENDING_EVENTS, CallEvent.NODE_RESTART))
 RECORDING_SAVED = "call.recording.saved"  # no state change: a recording_fetch job (api.post_call)
 
 
@@ -188,13 +193,15 @@ class TelnyxCalls:
             if not await _record_event(conn, event_id):
                 self.counters.events_duplicate += 1
                 return {"received": True, "applied": False, "duplicate": True}
-            row = await conn.fetchrow("SELECT status, call_control_id FROM calls WHERE id = $1 FOR UPDATE", call)
+            row = await conn.fetchrow("SELECT status, call_control_id, end_reason FROM calls WHERE id = $1 FOR UPDATE",
+                                      call)
             if row is None:
                 self._ignored(event_type)
                 return {"received": True, "applied": False, "duplicate": False}
             # Telnyx's hangup settles how the call ended, even after the media path ended it (the stream
             # stopped first); any other event at or below the call's state is late and changes nothing.
-            settles = event_type == "call.hangup" and RANK[row["status"]] == RANK["completed"]
+            settles = (event_type == "call.hangup" and RANK[row["status"]] == RANK["completed"]
+                       and row["end_reason"] in MEDIA_END_REASONS)
             if RANK[target] <= RANK[row["status"]] and not settles:
                 self.counters.backwards += 1
                 log.info("telnyx.transition_ignored", extra={"event_type": event_type, "from": row["status"],

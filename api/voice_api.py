@@ -15,7 +15,8 @@ call ``failed`` with the reason and answers 503.  Hanging up asks Telnyx; the ca
 
 Webhook answers: 200 ``{"received", "applied", "duplicate"}`` for every verified event (a replay, an
 unknown type, a call not ours and a backwards transition change nothing); 401 for a missing, wrong or
-stale signature; 400 for a signed body that is not an event; 503 when ``TELNYX_PUBLIC_KEY`` is unset.
+stale signature; 400 for a signed body that is not an event (or holds a NUL anywhere); 503 when
+``TELNYX_PUBLIC_KEY`` is unset.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 from api.billing import billing_in_good_standing
 from api.collections_api import PHONE
 from api.envelope import ApiError, not_found
-from api.rest import Reply, Req, Route, Strict, WebhookOut
+from api.rest import Reply, Req, Route, Strict, WebhookOut, nul_fields
 from api.telnyx_calls import ALREADY_ENDED, OPEN, PENDING_PREFIX, ProviderError, TelnyxCalls, client_state
 from api.telnyx_signature import SIGNATURE_HEADER, TIMESTAMP_HEADER, PublicKeyError, SignatureError, public_key, verify
 from engine.ids import ID as CALL_ID
@@ -57,7 +58,9 @@ class PlaceCallIn(Strict):
 
 
 class HangupIn(Strict):
-    call_id: Annotated[str, StringConstraints(pattern=CALL_ID.pattern, max_length=128)] = Field(
+    # Any string: one that is not a call id answers as an unknown call does (404), as a malformed id in a
+    # path does (api.rest), so the answer never says which ids are well-formed but someone else's.
+    call_id: Annotated[str, StringConstraints(max_length=1024)] = Field(
         description="the call's id (its call_control_id, as in /api/calls)")
 
 
@@ -186,10 +189,12 @@ async def hangup(req: Req) -> Reply:
     body: HangupIn = req.body
     service = _service(req)
     org = req.p.org_id
+    if not CALL_ID.fullmatch(body.call_id) or body.call_id.startswith(PENDING_PREFIX):
+        raise not_found("call")  # a pending id names no call anyone was given
     async with service.db.tenant(org) as conn:
         row = await conn.fetchrow("SELECT id, status FROM calls WHERE call_control_id = $1 AND deleted_at IS NULL",
                                   body.call_id)
-    if row is None or body.call_id.startswith(PENDING_PREFIX):
+    if row is None:
         raise not_found("call")
     if row["status"] not in OPEN:
         raise ApiError("conflict", f"the call has ended ({row['status']})")
@@ -233,6 +238,8 @@ async def telnyx_webhook(req: Req) -> Reply:
         envelope = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError("bad_request", "the body is not JSON") from None
+    if nul_fields(envelope, "body"):  # PostgreSQL text cannot hold one: refused before any value is stored
+        raise ApiError("bad_request", "the event holds a NUL character")
     data: Any = envelope.get("data") if isinstance(envelope, dict) else None
     if not (isinstance(data, dict) and isinstance(data.get("id"), str) and 0 < len(data["id"]) <= 255
             and "\x00" not in data["id"] and isinstance(data.get("event_type"), str)
@@ -244,10 +251,11 @@ async def telnyx_webhook(req: Req) -> Reply:
 ROUTES = [
     Route("POST", "/api/voice/call", "place_call", "Place a call through Telnyx", "voice", "action", "calls.place",
           place_call, body=PlaceCallIn, response=PlacedCall, status=201,
-          errors=("conflict", "payment_required", "not_found"), max_body=2048,
+          errors=("conflict", "payment_required", "not_found"), max_body=2048, rate="calls_place_per_min",
           description="Refused for a do-not-call account or number (409) and for an organisation whose "
-                      "subscription is past due or unpaid (402).  The call is `initiating` until Telnyx's "
-                      "webhooks move it (ringing, active, completed / no_answer / busy / failed)."),
+                      "subscription is past due or unpaid (402); at most `CALLS_PLACE_PER_MIN` (30) a minute per "
+                      "credential (429).  The call is `initiating` until Telnyx's webhooks move it (ringing, "
+                      "active, completed / no_answer / busy / failed)."),
     Route("POST", "/api/voice/hangup", "hangup_call", "Hang up a placed call", "voice", "action", "calls.place",
           hangup, body=HangupIn, response=HangupOut, status=202, errors=("conflict", "not_found"), max_body=1024,
           description="Asks Telnyx to hang up; the call ends when the `call.hangup` webhook arrives."),
