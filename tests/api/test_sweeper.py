@@ -50,16 +50,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[S
         yield srv
 
 
-@pytest.fixture
-async def db(world: World) -> AsyncIterator[Database]:
-    d = Database(world.db.app, min_size=1, max_size=2)
-    await d.open()
-    try:
-        yield d
-    finally:
-        await d.aclose()
-
-
 async def _until(predicate: Callable[[], object], within_s: float = 10.0) -> None:
     async with asyncio.timeout(within_s):
         while not await predicate():  # type: ignore[misc]  # noqa: ASYNC110 - polls the table the sweeper writes

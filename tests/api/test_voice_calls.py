@@ -78,16 +78,6 @@ async def _audit(db: Database, org: uuid.UUID) -> list[tuple[str, str, str | Non
     return [(r["action"], r["actor_type"], r["actor_id"]) for r in rows]
 
 
-@pytest.fixture
-async def db(world: World) -> Database:
-    d = Database(world.db.app, min_size=1, max_size=2)
-    await d.open()
-    try:
-        yield d  # type: ignore[misc]
-    finally:
-        await d.aclose()
-
-
 async def test_a_placed_call_rings_answers_and_ends_by_signed_webhooks_with_audit_and_sse(
         server: Server, world: World, db: Database) -> None:
     a = world.a
