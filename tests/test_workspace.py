@@ -318,6 +318,12 @@ async def test_a_viewer_gets_no_call_or_hang_up_and_the_server_refuses_them_anyw
     await page.goto(f"{server.http}/app#/admin/users")
     await expect(page.get_by_role("heading", name="Not allowed")).to_be_visible()
     await j.accessible("not-allowed")
+    await page.goto(f"{server.http}/console")  # the older agent console, signed in by the same cookie
+    await expect(page.locator("#who-text")).to_contain_text("viewer")
+    await j.accessible("console")
+    await page.goto(f"{server.http}/api/docs")
+    await expect(page.get_by_role("heading").first).to_be_visible()
+    await j.accessible("api-docs")
     # The page's own session, used directly: the server refuses what the page does not offer.
     placed = await page.request.post(f"{server.http}/api/voice/call", data={"to": "+15551230000"})
     hung = await page.request.post(f"{server.http}/api/voice/hangup", data={"call_id": a.call_id})
