@@ -261,10 +261,31 @@ async def ensure_demo(s: Settings, tiers: Tiers) -> Demo:
     if exists is not None:
         return Demo(None, False, path)
     org_id = uuid.uuid4()
-    async with tiers.db.tenant(org_id) as conn:
+    async with tiers.db.tenant(org_id) as conn, conn.transaction():
         created = await create_org_with_owner(conn, DEMO_NAME, DEMO_EMAIL, actor_id="demo", org_id=org_id)
+        await _demo_accounts(conn, org_id)
     await asyncio.to_thread(_write_private, path, created.to_json())
     return Demo(created, True, path)
+
+
+# Made-up debtors for the workspace's first look (reserved 555-01xx numbers); one is do-not-call.
+DEMO_ACCOUNTS = [("DEMO-001", "Alex Rivera", "+15555550101", 48_250, "open", False),
+                 ("DEMO-002", "Sam Okafor", "+15555550102", 12_900, "promised", False),
+                 ("DEMO-003", "Lee Moreno", "+15555550103", 230_000, "open", True),
+                 ("DEMO-004", "Kim Novak", "+15555550104", 7_500, "disputed", False)]
+
+
+async def _demo_accounts(conn: asyncpg.Connection, org_id: uuid.UUID) -> None:
+    """The demo organisation's campaign and accounts, so the workspace has something to show."""
+    campaign = await conn.fetchval("INSERT INTO campaigns (org_id, name, status) VALUES ($1, 'Demo campaign', "
+                                   "'active') RETURNING id", org_id)
+    for ref, name, phone, cents, status, dnc in DEMO_ACCOUNTS:
+        account = await conn.fetchval(
+            "INSERT INTO collection_accounts (org_id, external_ref, debtor_name, phones, balance_cents, currency, "
+            "status, do_not_call) VALUES ($1, $2, $3, $4, $5, 'USD', $6, $7) RETURNING id",
+            org_id, ref, name, [phone], cents, status, dnc)
+        await conn.execute("INSERT INTO campaign_contacts (org_id, campaign_id, account_id) VALUES ($1, $2, $3)",
+                           org_id, campaign, account)
 
 
 def demo_banner(s: Settings, demo: Demo | None, *, port: int) -> str:

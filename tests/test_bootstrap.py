@@ -28,12 +28,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
 from argon2 import PasswordHasher
 
-from api.bootstrap import DEMO_EMAIL, DEMO_NAME, InvalidInput, running_embedded_uri, validate
+from api.bootstrap import DEMO_ACCOUNTS, DEMO_EMAIL, DEMO_NAME, InvalidInput, running_embedded_uri, validate
 from storage import embedded
 from storage.db import with_database
 from storage.lifeline import DataDirLock
@@ -204,7 +205,7 @@ async def test_serve_demo_creates_the_demo_organisation_once_and_prints_how_to_s
         first = await asyncio.to_thread(banner, proc, stdout)
         assert first["first"].startswith("Switchboard is listening on http://127.0.0.1:")
         base = first["first"].rsplit(" ", 1)[1]
-        assert first["Console"] == f"{base}/console"
+        assert first["Console"] == f"{base}/console" and first["Workspace"] == f"{base}/app"
         assert first["E-mail"] == DEMO_EMAIL
         assert first["Simulate a call"].startswith(".venv/bin/switchboard simulate-call")
         assert "created now" in stdout.read_text()
@@ -217,6 +218,14 @@ async def test_serve_demo_creates_the_demo_organisation_once_and_prints_how_to_s
             await check_created(conn, saved, name=DEMO_NAME, email=DEMO_EMAIL, actor_id="demo")
         finally:
             await conn.close()
+        # Something for the workspace's first look: a campaign of the demo's made-up accounts.
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {saved['api_key']}"}) as http:
+            async with http.get(f"{base}/api/accounts?limit=10") as r:
+                accounts = (await r.json())["data"]["items"]
+            async with http.get(f"{base}/api/campaigns") as r:
+                (campaign,) = (await r.json())["data"]["items"]
+        assert sorted(a["external_ref"] for a in accounts) == [ref for ref, *_ in DEMO_ACCOUNTS]
+        assert campaign["contacts"] == len(DEMO_ACCOUNTS) and sum(a["do_not_call"] for a in accounts) == 1
     assert proc.returncode == 0
 
     with demo_server(tmp_path, data) as (proc, stdout):
