@@ -258,10 +258,10 @@ class CallSession:
             await rt.agents.stream_ended(self)  # first: the bridge must stop sending on a closing socket
             pipelines = _legs(self.pipeline, self.consumer_pipeline)
             # Legs drain together: their owed finals share the decoders, and their waits must not add up.
-            await asyncio.gather(*(p.aclose(DRAIN_BASE_S) for p in pipelines))
-            for p in pipelines:
-                for k in p.stats.__slots__:  # type: ignore[attr-defined]
-                    stats[k] = stats.get(k, 0) + getattr(p.stats, k)
+            await asyncio.gather(*(pipeline.aclose(DRAIN_BASE_S) for pipeline in pipelines))
+            for pipeline in pipelines:
+                for k in pipeline.stats.__slots__:  # type: ignore[attr-defined]
+                    stats[k] = stats.get(k, 0) + getattr(pipeline.stats, k)
             legs = _legs(self.events, self.consumer_events)
             if legs:
                 # Translations of the last finals, so live clients see them before call.ended.

@@ -170,7 +170,7 @@ async def test_spanish_call_on_deepgram_gets_english_translations(tmp_path) -> N
     assert [f["text"] for f in finals] == SPANISH
     translated = [e.json() for e in stream.events if e.event == "translation.final"]
     assert [(t["source_lang"], t["target_lang"], t["translated"]) for t in sorted(translated, key=lambda t: t["seq"])
-            ] == [("es", "en", english(s)) for s in SPANISH]
+            ] == [("es", "en", english(s[0].upper() + s[1:])) for s in SPANISH]  # truecased for the translator
 
 
 async def test_primary_out_of_funds_mid_call_fails_over_to_the_next_provider_without_losing_speech(

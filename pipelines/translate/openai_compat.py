@@ -17,8 +17,9 @@ Contract:
   ``translate`` checks that the answer holds exactly the text's markers in order.  When it does not
   (a marker translated, dropped, doubled or moved), the pieces of text between the markers are
   translated one request each, concurrently, under the same deadline, and joined with the original
-  markers; counted in ``marker_fallbacks``.  A text of markers and punctuation alone is not sent.  If even that answer fails the check (a model that
-  invents a marker), ``TranslationError``.  ``stream_translate`` yields the raw deltas, unchecked.
+  markers; counted in ``marker_fallbacks``.  If even that answer fails the check (a model that
+  invents a marker), ``TranslationError``.  A text of markers and punctuation alone is not sent.
+  ``stream_translate`` yields the raw deltas, unchecked.
 * Once a 200 stream has begun nothing is retried: an ``error`` event, a malformed chunk, or a stream
   that ends without ``[DONE]`` raise ``TranslationError``.
 * The API key is sent in the ``Authorization`` header only; it is cut out of every message we raise
