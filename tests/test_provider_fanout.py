@@ -104,6 +104,7 @@ async def test_english_call_is_transcribed_redacted_translated_and_no_canary_lea
         assert (t["source_lang"], t["target_lang"], t["provider"]) == ("en", "es", "openai")
     assert stream.events[-1].json()["stats"]["redactions"] == 3
     assert stats["translation"]["translated"] == 2 and stats["translation"]["shed"] == 0
+    assert (stats["translation"]["marker_fallbacks"], stats["translation"]["markers_lost"]) == (0, 0)
 
     # Canaries: none in what the SSE client saw, the translator received, the server logged ...
     sse_text = json.dumps([e.data for e in stream.events])

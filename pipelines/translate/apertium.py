@@ -122,7 +122,6 @@ class ApertiumTranslator(Translator):
         self._pipelines: dict[str, list[list[str]]] = {}
         self._reapers: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.markers_lost = 0  # answers refused because a redaction marker did not come back as sent
 
     def supports(self, source_lang: str, target_lang: str) -> bool:
         return (normalise_lang(source_lang), normalise_lang(target_lang)) in self._pairs

@@ -18,7 +18,8 @@ Contract:
   (a marker translated, dropped, doubled or moved), the pieces of text between the markers are
   translated one request each, concurrently, under the same deadline, and joined with the original
   markers; counted in ``marker_fallbacks``.  If even that answer fails the check (a model that
-  invents a marker), ``TranslationError``.  A text of markers and punctuation alone is not sent.
+  invents a marker), ``TranslationError``, counted in ``markers_lost``.  A text of markers and
+  punctuation alone is not sent.
   ``stream_translate`` yields the raw deltas, unchecked.
 * Once a 200 stream has begun nothing is retried: an ``error`` event, a malformed chunk, or a stream
   that ends without ``[DONE]`` raise ``TranslationError``.
@@ -72,7 +73,6 @@ class OpenAICompatTranslator(Translator):
         self._own_session = session is None
         self._max_retries = max_retries
         self._closed = False
-        self.marker_fallbacks = 0  # answers that lost a redaction marker, translated again piece by piece
 
     def __repr__(self) -> str:
         return f"OpenAICompatTranslator(url={self._url!r}, model={self.model!r})"
@@ -116,6 +116,7 @@ class OpenAICompatTranslator(Translator):
                                           for p in pieces))
             translated = markers.join(list(done), found)
             if not markers.kept(text, translated):
+                self.markers_lost += 1
                 raise TranslationError("openai: the answer changed the redaction markers, even piece by piece")
         return Translation(text, translated, src, tgt, self.name, (time.monotonic() - started) * 1000)
 

@@ -355,3 +355,4 @@ async def test_a_model_that_invents_markers_even_piece_by_piece_fails_the_transl
         fake.mangle_markers_next(4, "invent")
         with pytest.raises(TranslationError, match="redaction markers"):
             await client.translate(MARKED, "en", "es", deadline_s=5)
+    assert (client.marker_fallbacks, client.markers_lost) == (1, 1)
