@@ -272,9 +272,11 @@ class CallSession:
         except Exception:  # a bug while draining must still end the call below
             log.exception("call.drain_failed", extra={"call_id": self.call_id})
         finally:
-            if self.events is not None:
-                self.events.close()  # the last partials of utterances that got no final are kept
-                stats["partials_kept"] = self.events.partials_kept
+            legs = _legs(self.events, self.consumer_events)
+            for e in legs:
+                e.close()  # the last partials of utterances that got no final are kept
+            if legs:
+                stats["partials_kept"] = sum(e.partials_kept for e in legs)
             p = self.leg.protocol.stats
             stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count,
                          dtmf_dropped=self._dtmf.held_back)
