@@ -186,6 +186,7 @@ def _translation_stats(rt: Runtime) -> dict[str, object] | None:
     st = stage.stats
     return {"provider": stage.translator.name, "pending": stage.pending, "submitted": st.submitted,
             "translated": st.translated, "shed": st.shed, "deadline": st.deadline, "errors": st.errors,
+            "marker_fallbacks": stage.translator.marker_fallbacks, "markers_lost": stage.translator.markers_lost,
             "lag": stage.lag.summary()}
 
 

@@ -20,6 +20,15 @@ holds (a second socket of the same organisation with the same ``call_control_id`
 live call is untouched); a stream for the same call after the previous session finished continues
 the call, as a Telnyx reconnect does.
 
+**Speech legs.**  A call whose two Telnyx tracks speak one language runs one speech leg
+(``speech_leg``: a ``CallPipeline`` and its ``CallEvents``) for both, as it always has.  A bilingual
+call (``consumer_language`` differs from ``language``, see ``api.media_stream``) runs two: the
+inbound track (the consumer on the phone) recognised in the consumer's language and translated into
+the agent's, the outbound track (the agent's side) recognised in the agent's language and translated
+into the consumer's, each with its organisation's provider for its language.  ``media`` picks the leg
+by track with one comparison (``consumer_pipeline`` *is* ``pipeline`` on a one-language call), so the
+hot path allocates nothing more.
+
 The session is also the bridge's consumer sink (``rate``, ``send_media``, ``send_clear``) and what
 ``api.webrtc`` attaches agents to.
 """
@@ -31,7 +40,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from api.speech import CallEvents, Policy
 from api.telnyx_protocol import Dtmf, Media, Started
@@ -51,6 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("switchboard.call")
 
+_Leg = TypeVar("_Leg")
 DRAIN_BASE_S = 5.0  # owed finals: the pipeline's own bound grows with the audio still queued
 
 
@@ -74,6 +84,12 @@ def speech_leg(rt: Runtime, key: str, call_id: str, stream_id: str, language: st
     pipeline = CallPipeline(call_id=call_id, stream_id=stream_id, provider=provider, publish=events.publish,
                             segmenter=rt.segmenter, phrases=rt.phrases, language=language)
     return events, pipeline
+
+
+def _legs(first: _Leg | None, second: _Leg | None) -> list[_Leg]:
+    """The call's distinct speech legs (one object twice on a one-language call)."""
+    legs = [x for x in (first, second) if x is not None]
+    return legs[:1] if first is second else legs
 
 
 class CallRegistry:
@@ -111,7 +127,8 @@ class CallRegistry:
 
 class CallSession:
     def __init__(self, rt: Runtime, leg: MediaStream, started: Started, org_id: uuid.UUID, *, language: str,
-                 target: str | None, policy: Policy) -> None:
+                 target: str | None, policy: Policy, consumer_language: str | None = None,
+                 consumer_target: str | None = None) -> None:
         self.rt = rt
         self.leg = leg
         self.started = started
@@ -120,15 +137,19 @@ class CallSession:
         self.key = call_key(org_id, self.call_id)
         self.stream_id = started.stream_id
         self.rate = started.sample_rate
-        self.language = language
+        self.language = language  # the outbound track's (the agent's side); the inbound's too unless bilingual
         self.target = target
+        self.consumer_language = consumer_language  # the inbound track's on a bilingual call, else None
+        self.consumer_target = consumer_target
         self.policy = policy  # the organisation's speech policy (api.speech.OrgPolicies)
         self.machine = CallMachine(CallState.STREAMING)
         self.record: CallRecord | None = None  # the stored call, when persistence is on
         self.recorder: CallRecorder | None = None
         self.bridge: AgentBridge | None = None  # an agent's WebRTC session hears this call (api.webrtc)
-        self.pipeline: CallPipeline | None = None
+        self.pipeline: CallPipeline | None = None  # the outbound track's leg (both tracks' unless bilingual)
         self.events: CallEvents | None = None
+        self.consumer_pipeline: CallPipeline | None = None  # the inbound track's leg: ``pipeline`` unless bilingual
+        self.consumer_events: CallEvents | None = None
         self.dtmf_count = 0
         # DTMF events published per call: a person presses at most a few keys a second.  A flood past
         # the bucket is counted (``dtmf_dropped`` in call.ended's stats) instead of pushing the call's
@@ -156,10 +177,21 @@ class CallSession:
             self.recorder = self.record.recorder
         self.events, self.pipeline = speech_leg(rt, self.key, self.call_id, ev.stream_id, self.language, self.target,
                                                 self.record, self.policy)
+        if self.consumer_language is None:
+            self.consumer_events, self.consumer_pipeline = self.events, self.pipeline
+        else:
+            self.consumer_events, self.consumer_pipeline = speech_leg(
+                rt, self.key, self.call_id, ev.stream_id, self.consumer_language, self.consumer_target, self.record,
+                self.policy)
         provider = self.events.provider
+        tracks = {
+            Track.INBOUND.value: {"language": self.consumer_language or self.language,
+                                  "translate_to": self.consumer_target if self.consumer_language else self.target,
+                                  "stt_provider": self.consumer_events.provider},
+            Track.OUTBOUND.value: {"language": self.language, "translate_to": self.target, "stt_provider": provider}}
         rt.hub.publish(self.key, CallStarted(
             self.call_id, ev.stream_id, ev.call_session_id, ev.encoding, ev.sample_rate, ev.from_, ev.to,
-            self.language, self.target, provider))
+            self.language, self.target, provider, tracks))
         log.info("call.started", extra={"stream_id": ev.stream_id, "call_id": self.call_id,
                                         "encoding": ev.encoding, "sample_rate": ev.sample_rate})
         rt.agents.stream_started(self)  # an agent who joined the call first is bridged now
@@ -167,7 +199,7 @@ class CallSession:
     # -- streaming (the hot path: 50 frames a second per track) -----------------------------------
 
     def media(self, ev: Media) -> None:
-        pipeline = self.pipeline
+        pipeline = self.consumer_pipeline if ev.track is Track.INBOUND else self.pipeline
         if pipeline is None:  # the adapter stops calling once the stream is ending
             return
         pipeline.feed(ev.track, ev.pcm, self.rate, ev.timestamp_ms)
@@ -224,20 +256,27 @@ class CallSession:
         stats: dict[str, Any] = {}
         try:
             await rt.agents.stream_ended(self)  # first: the bridge must stop sending on a closing socket
-            if self.pipeline is not None:
-                await self.pipeline.aclose(DRAIN_BASE_S)
-                stats = {k: getattr(self.pipeline.stats, k) for k in self.pipeline.stats.__slots__}  # type: ignore[attr-defined]
-            if self.events is not None:
+            pipelines = _legs(self.pipeline, self.consumer_pipeline)
+            # Legs drain together: their owed finals share the decoders, and their waits must not add up.
+            await asyncio.gather(*(pipeline.aclose(DRAIN_BASE_S) for pipeline in pipelines))
+            for pipeline in pipelines:
+                for k in pipeline.stats.__slots__:  # type: ignore[attr-defined]
+                    stats[k] = stats.get(k, 0) + getattr(pipeline.stats, k)
+            legs = _legs(self.events, self.consumer_events)
+            if legs:
                 # Translations of the last finals, so live clients see them before call.ended.
-                if not await self.events.drain(rt.settings.translation_deadline_s + 1.0):
+                wait_s = rt.settings.translation_deadline_s + 1.0
+                if not all(await asyncio.gather(*(e.drain(wait_s) for e in legs))):
                     log.warning("call.translations_pending", extra={"call_id": self.call_id})
-                stats["redactions"] = self.events.redactions
+                stats["redactions"] = sum(e.redactions for e in legs)
         except Exception:  # a bug while draining must still end the call below
             log.exception("call.drain_failed", extra={"call_id": self.call_id})
         finally:
-            if self.events is not None:
-                self.events.close()  # the last partials of utterances that got no final are kept
-                stats["partials_kept"] = self.events.partials_kept
+            legs = _legs(self.events, self.consumer_events)
+            for e in legs:
+                e.close()  # the last partials of utterances that got no final are kept
+            if legs:
+                stats["partials_kept"] = sum(e.partials_kept for e in legs)
             p = self.leg.protocol.stats
             stats.update(late_frames=p.late, lost_frames=p.lost, unknown_track=p.unknown_track, dtmf=self.dtmf_count,
                          dtmf_dropped=self._dtmf.held_back)

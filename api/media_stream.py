@@ -26,6 +26,14 @@ Admission, in the order a connection meets it:
 5. A started stream with no ``media`` message for ``media_idle_timeout_s`` ends with reason
    ``idle_timeout`` (Telnyx sends media continuously while a call is up); its socket closes 1008.
 
+Languages, from the stream URL (checked before the upgrade, 400 otherwise): ``language`` is spoken
+on the outbound track (the agent's side) and, by default, on the inbound track too (the consumer on
+the phone); ``consumer_language``, when given and different, makes the call **bilingual**: the
+inbound track is recognised in it and translated into ``language``, the outbound track recognised
+in ``language`` and translated into ``consumer_language`` (``translate_to`` may then be absent or
+``consumer_language`` for both directions, or ``none`` for neither).  Without ``consumer_language``
+``translate_to`` means what it always did: the one target of the whole call.
+
 One ``StreamWatch`` task checks both deadlines for every stream once per tick (a counter per stream
 on the media path, no timer per frame).
 """
@@ -78,7 +86,8 @@ class MediaStream:
         self.remote = remote
         self.transport = transport
         self.pending = True  # counted in Admission until it starts or closes
-        self.language = "en"  # spoken on the call (?language= on the stream URL)
+        self.language = "en"  # spoken on the call (?language= on the stream URL): the outbound track's
+        self.consumer_language: str | None = None  # ?consumer_language=, when it differs: the inbound track's
         self.target: str | None = None  # ?translate_to= as asked ("none" included); None: the policy's default
         self.bound_call: str | None = None  # a placed call's credential streams only this call_control_id
         self.policy: Policy | None = None  # the organisation's speech policy, read with its media token
@@ -147,7 +156,7 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
     s = rt.settings
     if rt.draining:
         raise web.HTTPServiceUnavailable(text="server shutting down", headers={"Retry-After": "1"})
-    language, target = _languages(rt, request)
+    language, consumer_language, target = _languages(rt, request)
     # The peer, not whom a proxy names (api.middleware.ClientAddress): a carrier opens many streams from
     # few addresses, so behind a proxy its sockets share the proxy's exempt address as before.
     remote = request.remote or "?"
@@ -169,7 +178,7 @@ async def telnyx_media(rt: Runtime, request: web.Request) -> web.StreamResponse:
                                  max_msg_size=s.max_message_bytes, autoping=True, heartbeat=None,
                                  decode_text=False, compress=False, timeout=CLOSE_TIMEOUT_S)
     stream = MediaStream(ws, protocol, remote, request.transport)  # bound before any message arrives
-    stream.language, stream.target = language, target
+    stream.language, stream.consumer_language, stream.target = language, consumer_language, target
     event, detail = CallEvent.HANGUP, ""
     try:
         if header_token is not None:
@@ -336,8 +345,16 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
     if stream.bound_call is not None and ev.call_control_id != stream.bound_call:
         raise PolicyViolation("this stream credential belongs to another call")
     policy = stream.policy or rt.policies.node
-    session = CallSession(rt, stream, ev, stream.org_id, language=stream.language,
-                          target=call_target(rt, stream.language, stream.target, policy), policy=policy)
+    consumer = stream.consumer_language
+    if consumer is None:
+        session = CallSession(rt, stream, ev, stream.org_id, language=stream.language,
+                              target=call_target(rt, stream.language, stream.target, policy), policy=policy)
+    else:  # bilingual: each side translated into the other's language, unless "none"
+        both = stream.target != "none"
+        session = CallSession(rt, stream, ev, stream.org_id, language=stream.language,
+                              target=call_target(rt, stream.language, consumer if both else "none", policy),
+                              policy=policy, consumer_language=consumer,
+                              consumer_target=call_target(rt, consumer, stream.language if both else "none", policy))
     refused = rt.calls.claim(session)
     if refused == "call already streaming":
         raise PolicyViolation(refused)
@@ -357,17 +374,26 @@ def _start_call(rt: Runtime, stream: MediaStream, ev: Started) -> CallSession:
     return session
 
 
-def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None]:
-    """The call's language and the translation target the stream URL asks for (``None``: the
-    organisation's default, known only once its media token is), checked before the upgrade."""
+def _languages(rt: Runtime, request: web.Request) -> tuple[str, str | None, str | None]:
+    """The call's language, the consumer's when it differs (``None``: the same), and the translation
+    target the stream URL asks for (``None``: the organisation's default, known only once its media
+    token is), checked before the upgrade (see the module docstring)."""
     s = rt.settings
     language = request.query.get("language", s.languages[0])
     if language not in s.languages:
         raise web.HTTPBadRequest(text=f"language must be one of {s.languages}")
+    consumer = request.query.get("consumer_language") or None
+    if consumer is not None and consumer not in s.languages:
+        raise web.HTTPBadRequest(text=f"consumer_language must be one of {s.languages}")
+    if consumer == language:
+        consumer = None
     asked = request.query.get("translate_to") or None
-    if asked is not None and asked != "none" and (asked not in s.languages or asked == language):
+    if consumer is not None:
+        if asked not in (None, "none", consumer):
+            raise web.HTTPBadRequest(text="translate_to of a bilingual call must be 'none' or its consumer_language")
+    elif asked is not None and asked != "none" and (asked not in s.languages or asked == language):
         raise web.HTTPBadRequest(text=f"translate_to must be 'none' or another of {s.languages}")
-    return language, asked
+    return language, consumer, asked
 
 
 def call_target(rt: Runtime, language: str, asked: str | None, policy: Policy) -> str | None:

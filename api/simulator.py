@@ -46,13 +46,19 @@ def load_wav(path: str, rate: int) -> np.ndarray:
 
 
 def telnyx_messages(
-    pcm: np.ndarray, *, call_id: str, stream_id: str, encoding: str, sample_rate: int, token: str | None
+    pcm: np.ndarray, *, call_id: str, stream_id: str, encoding: str, sample_rate: int, token: str | None,
+    outbound: np.ndarray | None = None,
 ) -> list[str]:
-    """Every message of the call, in order (connected, start, media..., stop)."""
+    """Every message of the call, in order (connected, start, media..., stop).  With ``outbound``, the
+    stream carries both tracks as Telnyx's ``both_tracks`` does: for each 20 ms, the inbound frame then
+    the outbound one (one ``sequence_number`` series, ``chunk`` and ``timestamp`` per track), the shorter
+    track padded with silence."""
     codec = get_codec(encoding, sample_rate)
     n = sample_rate * FRAME_MS // 1000
-    pad = (-len(pcm)) % n
-    pcm = np.concatenate([pcm, np.zeros(pad, dtype=np.int16)]).astype("<i2")
+    tracks = [("inbound", pcm)] if outbound is None else [("inbound", pcm), ("outbound", outbound)]
+    frames = max(-(-len(audio) // n) for _, audio in tracks)
+    padded = [(name, np.concatenate([audio, np.zeros(frames * n - len(audio), dtype=np.int16)]).astype("<i2"))
+              for name, audio in tracks]
     connected: dict[str, object] = {"event": "connected", "version": "1.0.0"}
     if token:
         connected["x-telnyx-streaming-auth-token"] = token
@@ -66,12 +72,13 @@ def telnyx_messages(
             "media_format": {"encoding": encoding, "sample_rate": sample_rate, "channels": 1},
         },
     }).decode())
-    for i in range(len(pcm) // n):
-        payload = base64.b64encode(codec.encode(pcm[i * n : (i + 1) * n].tobytes())).decode()
-        out.append(orjson.dumps({
-            "event": "media", "sequence_number": str(i + 2), "stream_id": stream_id,
-            "media": {"track": "inbound", "chunk": str(i + 1), "timestamp": str(i * FRAME_MS), "payload": payload},
-        }).decode())
+    for i in range(frames):
+        for name, audio in padded:
+            payload = base64.b64encode(codec.encode(audio[i * n : (i + 1) * n].tobytes())).decode()
+            out.append(orjson.dumps({
+                "event": "media", "sequence_number": str(len(out)), "stream_id": stream_id,
+                "media": {"track": name, "chunk": str(i + 1), "timestamp": str(i * FRAME_MS), "payload": payload},
+            }).decode())
     out.append(orjson.dumps({"event": "stop", "sequence_number": str(len(out)), "stream_id": stream_id,
                              "stop": {"call_control_id": call_id}}).decode())
     return out

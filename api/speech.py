@@ -6,10 +6,17 @@ Order of operations for every transcript event a call's pipeline emits (``CallEv
 1. redact it (text and timed words; ``pipelines.events.TranscriptEvent.redacted``);
 2. publish to the call's SSE clients: redacted unless the organisation chose otherwise
    (``sse_redacted``); the cross-node bus always gets the redacted form;
-3. for a final: store it (redacted) and submit its redacted text for translation;
+3. for a final: store it (redacted, with the leg's language) and submit its redacted text for
+   translation, truecased first (``pipelines.truecase``: a lower-case recogniser's "i would like"
+   goes to the translator as "I would like"; formatted text goes as it is).  Markers are kept by
+   every translator (``pipelines.translate.markers``);
 4. for a partial: hold it (redacted) as its track's last partial (``pipelines.partials``): kept, that is
    stored with kind 'partial', only if its utterance gets no final (the utterance or the track's
    recogniser failed, or the call closed first: ``close``); no row per partial.
+
+A call runs one ``CallEvents`` per speech leg: one for the whole Telnyx stream when both tracks speak
+the same language, one per track on a bilingual call (``api.call_session``), each with its own
+language and target.
 
 Nothing unredacted reaches a translation provider, the database, Redis or a log line.  Translation
 never delays a transcript: it is a job on ``pipelines.translation.TranslationStage``; its result is
@@ -37,6 +44,7 @@ from pipelines.stt.base import SttProvider
 from pipelines.stt.failover import FailoverProvider
 from pipelines.translate.base import Translation, Translator
 from pipelines.translation import TranslationJob, TranslationStage
+from pipelines.truecase import truecase
 
 if TYPE_CHECKING:
     from api.persistence import CallRecord, Persistence
@@ -264,7 +272,7 @@ class CallEvents:
             self._pending += 1
             self._idle.clear()
             self.stage.submit(TranslationJob(
-                redacted.text, self.language, self.target,
+                truecase(redacted.text, self.language), self.language, self.target,
                 {"call_id": self.call_id, "stream_id": event.stream_id, "track": event.track, "seq": event.seq},
                 self._translated, self._not_translated))
 

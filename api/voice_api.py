@@ -13,6 +13,13 @@ are stored only as hashes, so one is derived rather than handed out.  A refusal 
 call ``failed`` with the reason and answers 503.  Hanging up asks Telnyx; the call ends when the
 ``call.hangup`` webhook says so (422 with code 90018, "already ended", is success).
 
+Languages: ``language`` is the agent's (the stream's outbound track), ``target_language`` the
+consumer's (the inbound track).  With ``translate: true`` the call is bilingual and translated both
+ways: the stream URL carries ``?language=<agent's>&consumer_language=<consumer's>&translate_to=<consumer's>``
+(``api.media_stream``), so the consumer's speech is recognised in their language and translated into
+the agent's, and the agent's into the consumer's.  Without it the stream is ``?language=<language>
+&translate_to=none``: one language on both tracks, not translated.
+
 Webhook answers: 200 ``{"received", "applied", "duplicate"}`` for every verified event (a replay, an
 unknown type, a call not ours and a backwards transition change nothing); 401 for a missing, wrong or
 stale signature; 400 for a signed body that is not an event (or holds a NUL anywhere); 503 when
@@ -46,9 +53,11 @@ class PlaceCallIn(Strict):
     account_id: uuid.UUID | None = Field(None, description="call this account's first number")
     to: Phone | None = Field(None, description="an E.164 number (instead of account_id)")
     from_: Phone | None = Field(None, alias="from", description="default: the voice config's caller_id")
-    language: Lang | None = Field(None, description="spoken on the call; default the server's first language")
-    translate: bool = False
-    target_language: Lang | None = None
+    language: Lang | None = Field(None, description="the agent's language (the outbound track); default the "
+                                                    "server's first language")
+    translate: bool = Field(False, description="translate the call both ways between language and target_language")
+    target_language: Lang | None = Field(None, description="with translate: the consumer's language (the inbound "
+                                                           "track), another of the server's languages")
 
     @model_validator(mode="after")
     def _one_target(self) -> PlaceCallIn:
@@ -84,6 +93,7 @@ def _service(req: Req) -> TelnyxCalls:
 
 
 def _stream_url(req: Req, language: str, target: str) -> str:
+    """The media stream URL: ``target`` (the consumer's language, or "none") makes the call bilingual."""
     s = req.rt.settings
     base = s.public_base_url.rstrip("/")
     if base.startswith("https://"):
@@ -92,7 +102,10 @@ def _stream_url(req: Req, language: str, target: str) -> str:
         base = "ws://" + base[len("http://"):]
     elif not base:
         base = f"ws://{s.host}:{s.port}"
-    return f"{base}/api/media/telnyx?" + urlencode({"language": language, "translate_to": target})
+    query = {"language": language, "translate_to": target}
+    if target != "none":
+        query = {"language": language, "consumer_language": target, "translate_to": target}
+    return f"{base}/api/media/telnyx?" + urlencode(query)
 
 
 def _languages(req: Req, body: PlaceCallIn) -> tuple[str, str]:

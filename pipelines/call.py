@@ -235,4 +235,4 @@ class CallPipeline:
         else:
             self.stats.partials += 1
         self._publish(TranscriptEvent(self.call_id, self.stream_id, t.track.value, tr.text, tr.words, tr.confidence,
-                                      tr.utterance, tr.start_ms, tr.end_ms, tr.is_final))
+                                      tr.utterance, tr.start_ms, tr.end_ms, tr.is_final, self._language))

@@ -59,6 +59,7 @@ class TranscriptEvent(Event):
     start: int  # ms from the start of the stream
     end: int
     final: bool
+    language: str = ""  # what the track's recogniser listened for ("en"); in the payload when known
 
     @property
     def name(self) -> str:
@@ -78,6 +79,7 @@ class TranscriptEvent(Event):
             "words": [{"word": w.text, "start": w.start_ms, "end": w.end_ms, "confidence": round(w.confidence, 3)}
                       for w in self.words],
             "confidence": round(self.confidence, 3), "seq": self.seq, "start": self.start, "end": self.end,
+            **({"language": self.language} if self.language else {}),
         }
 
     def redacted(self, redactor: Redactor) -> tuple[TranscriptEvent, int]:
@@ -195,6 +197,10 @@ class TranslationFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class CallStarted(Event):
+    """``language``, ``translate_to`` and ``stt_provider`` are the call's (its outbound track's, and the
+    inbound's too unless the call is bilingual); ``tracks`` gives each Telnyx track's own
+    ``{language, translate_to, stt_provider}``."""
+
     EVENT: ClassVar[str] = "call.started"
     _RENAMED: ClassVar[dict[str, str]] = {"from_": "from"}
     call_id: str
@@ -207,6 +213,7 @@ class CallStarted(Event):
     language: str
     translate_to: str | None
     stt_provider: str
+    tracks: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ log = logging.getLogger("switchboard.translation")
 
 @dataclass(slots=True)
 class TranslationJob:
-    text: str  # already redacted: this text leaves the building
+    text: str  # already redacted (and truecased, api.speech.CallEvents): this text leaves the building
     source_lang: str
     target_lang: str
     context: dict[str, Any]  # what the result is published with (call, track, seq, ...)

@@ -23,15 +23,17 @@ def connect(url: str, *, token: str | None = MEDIA_TOKEN, **kwargs: Any) -> webs
     return websockets.connect(url, additional_headers=headers, **kwargs)
 
 
-async def send_paced(ws: websockets.ClientConnection, messages: list[str], *, for_s: float | None = None) -> int:
+async def send_paced(ws: websockets.ClientConnection, messages: list[str], *, for_s: float | None = None,
+                     per_frame: int = 1) -> int:
     """Send ``messages`` (``api.simulator.telnyx_messages``: connected, start, media..., maybe stop) in
-    real time; stop after ``for_s`` seconds of media when given.  Returns the media messages sent."""
+    real time, ``per_frame`` media messages every 20 ms (2 for a stream of both tracks); stop after
+    ``for_s`` seconds of media when given.  Returns the media messages sent."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     sent = 0
     for i, msg in enumerate(messages):
         if i >= 2:
-            delay = t0 + (i - 2) * FRAME_S - loop.time()
+            delay = t0 + (i - 2) // per_frame * FRAME_S - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             if for_s is not None and loop.time() - t0 > for_s:

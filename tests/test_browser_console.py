@@ -320,7 +320,8 @@ async def test_transcript_labels_speakers_replaces_partials_and_places_translati
         await resp.write(sse("transcript.partial", {**base, "track": "inbound", "seq": 1, "text": "i would"}, 2))
         await release.wait()
         for ev_id, (name, payload) in enumerate([
-            ("transcript.final", {**base, "track": "inbound", "seq": 1, "text": "i would like to pay"}),
+            ("transcript.final", {**base, "track": "inbound", "seq": 1, "text": "i would like to pay",
+                                  "language": "en"}),
             ("translation.final", {**base, "track": "inbound", "seq": 1, "original": "i would like to pay",
                                    "translated": "quisiera pagar", "source_lang": "en", "target_lang": "es"}),
             ("agent.joined", {"call_id": "c1", "agent_id": "ana", "session_id": "x"}),
@@ -370,6 +371,8 @@ async def test_transcript_labels_speakers_replaces_partials_and_places_translati
         (None, None, "call.ended", "Call ended (stop)."),
     ]
     assert all(x["hidden"] is None for x in lines)
+    # Each line's text is marked with the language it was recognised in (a bilingual call has two).
+    assert await page.eval_on_selector('li[data-track="inbound"] .text', "el => el.lang") == "en"
     hook = await page.evaluate("window.switchboard.transcripts")
     assert [(t["track"], t["seq"], t["final"], t["text"]) for t in hook] == [
         ("inbound", 1, True, "i would like to pay"), ("agent", 1, True, "of course"),

@@ -104,6 +104,7 @@ async def test_english_call_is_transcribed_redacted_translated_and_no_canary_lea
         assert (t["source_lang"], t["target_lang"], t["provider"]) == ("en", "es", "openai")
     assert stream.events[-1].json()["stats"]["redactions"] == 3
     assert stats["translation"]["translated"] == 2 and stats["translation"]["shed"] == 0
+    assert (stats["translation"]["marker_fallbacks"], stats["translation"]["markers_lost"]) == (0, 0)
 
     # Canaries: none in what the SSE client saw, the translator received, the server logged ...
     sse_text = json.dumps([e.data for e in stream.events])
@@ -170,7 +171,7 @@ async def test_spanish_call_on_deepgram_gets_english_translations(tmp_path) -> N
     assert [f["text"] for f in finals] == SPANISH
     translated = [e.json() for e in stream.events if e.event == "translation.final"]
     assert [(t["source_lang"], t["target_lang"], t["translated"]) for t in sorted(translated, key=lambda t: t["seq"])
-            ] == [("es", "en", english(s)) for s in SPANISH]
+            ] == [("es", "en", english(s[0].upper() + s[1:])) for s in SPANISH]  # truecased for the translator
 
 
 async def test_primary_out_of_funds_mid_call_fails_over_to_the_next_provider_without_losing_speech(

@@ -142,6 +142,7 @@
     speaker.textContent = `${speakerOf(entry.track)}:`;
     const text = document.createElement("span");
     text.className = "text";
+    if (entry.language) text.lang = entry.language; // what the track was recognised in (bilingual calls differ)
     text.textContent = entry.text;
     li.append(speaker, " ", text);
     if (!entry.final) {
@@ -180,9 +181,10 @@
     if (known && known.entry.final && !final) return; // a stale partial after its final
     const entry = known ? known.entry : {
       stream_id: payload.stream_id || null, track: payload.track, seq: payload.seq,
-      text: "", final: false, translation: null,
+      text: "", language: null, final: false, translation: null,
     };
     entry.text = payload.text || "";
+    entry.language = payload.language || entry.language || null;
     entry.final = final;
     const li = lineElement(entry);
     if (known) {
@@ -198,7 +200,7 @@
   function addTranslation(payload, translation) {
     let known = lines.get(keyOf(payload));
     if (!known) {
-      upsertLine({ ...payload, text: payload.original || "" }, true);
+      upsertLine({ ...payload, text: payload.original || "", language: payload.source_lang }, true);
       known = lines.get(keyOf(payload));
     }
     known.entry.translation = translation;

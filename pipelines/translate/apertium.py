@@ -23,6 +23,10 @@ What we found by experiment (apertium 3.8.3, apertium-eng-spa 0.8.1, Debian 12, 
 * Newlines inside a text travel as superblanks (``[\\n]``) and come back in place; unknown words
   come back marked (``*Xzqwerty``; ``#`` and ``@`` for generation and transfer gaps): the marks are
   stripped and the word kept.  Pro-drop leaves double spaces ("and I live" -> "y  vivo"); collapsed.
+* Redaction markers (``[REDACTED:phone]``, ``markers``) are sent as superblanks, so they come back
+  untranslated and in place (without that, Apertium answers ``[*REDACTED:teléfono]``).  The answer is
+  checked all the same (``markers.kept``); one that lost or changed a marker raises
+  ``TranslationError`` (never seen: superblanks are carried through every stage).
 * Timings: start-up (spawn of the stages to the first answer, dictionaries loaded) 60-115 ms per
   direction (eng-spa ~80 ms, spa-eng ~60 ms; both in parallel ~130 ms on 2 cores); a
   short sentence then takes 0.5-2.5 ms per call (mean of 50 sequential sentences ~1 ms, printed by
@@ -57,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import SwitchboardError
+from pipelines.translate import markers
 from pipelines.translate.apertium_format import END_MARK, deformat, reformat
 from pipelines.translate.base import Translation, TranslationError, TranslationTimeout, Translator, normalise_lang
 
@@ -155,7 +160,7 @@ class ApertiumTranslator(Translator):
             raise TranslationError("apertium: translator is closed")
         if len(text) > MAX_CHARS:
             raise TranslationError(f"apertium: text of {len(text)} chars is over the {MAX_CHARS} limit")
-        request = deformat(text)
+        request = deformat(text, keep=markers.PLACEHOLDER)
         d = self._dirs[(src, tgt)]
         if d.waiting >= self._max_pending:
             raise TranslationError(f"apertium: {d.mode} is busy ({d.waiting} requests waiting)")
@@ -172,7 +177,11 @@ class ApertiumTranslator(Translator):
             answer = await self._translate_locked(d, request, deadline, deadline_s)
         finally:
             d.lock.release()
-        return Translation(text, reformat(answer), src, tgt, self.name, (time.monotonic() - started) * 1000)
+        translated = reformat(answer)
+        if not markers.kept(text, translated):
+            self.markers_lost += 1
+            raise TranslationError(f"apertium: {d.mode} changed the redaction markers")
+        return Translation(text, translated, src, tgt, self.name, (time.monotonic() - started) * 1000)
 
     async def _translate_locked(self, d: _Direction, request: str, deadline: float, deadline_s: float) -> str:
         for attempt in (1, 2):

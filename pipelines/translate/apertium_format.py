@@ -13,6 +13,8 @@ relies on and buffer their output, so a long-lived ``apertium -z`` never answers
 * turns each run of whitespace other than plain spaces (newlines, tabs) into a superblank
   ``[...]``, which the pipeline carries through untranslated; a blank line also ends a sentence
   (``.[]``), as destxt does;
+* makes each span that ``keep`` matches (redaction markers, ``markers.PLACEHOLDER``) a superblank
+  of its own, so it comes back byte for byte where it was, untranslated;
 * ends the text with ``.[]`` (a sentence end the tagger and transfer need; removed again by
   ``reformat``); NUL bytes, which would split one request into two, become spaces.
 
@@ -41,10 +43,22 @@ def _escape(text: str) -> str:
     return "".join("\\" + ch if ch in RESERVED else ch for ch in text)
 
 
-def deformat(text: str) -> str:
-    """Plain text -> one Apertium stream request (without the trailing NUL)."""
+def deformat(text: str, keep: re.Pattern[str] | None = None) -> str:
+    """Plain text -> one Apertium stream request (without the trailing NUL); spans matching ``keep``
+    travel as superblanks (untranslated)."""
     text = text.replace("\0", " ").strip()
     out: list[str] = []
+    pos = 0
+    for m in keep.finditer(text) if keep is not None else ():
+        _text(text[pos : m.start()], out)
+        out.append("[" + _escape(m.group()) + "]")
+        pos = m.end()
+    _text(text[pos:], out)
+    out.append(END_MARK)
+    return "".join(out)
+
+
+def _text(text: str, out: list[str]) -> None:
     pos = 0
     for m in _WS.finditer(text):
         out.append(_escape(text[pos : m.start()]))
@@ -57,8 +71,6 @@ def deformat(text: str) -> str:
             out.append(run)
         pos = m.end()
     out.append(_escape(text[pos:]))
-    out.append(END_MARK)
-    return "".join(out)
 
 
 def _is_word_char(ch: str) -> bool:

@@ -16,6 +16,8 @@ Contract of ``Translator.translate(text, source_lang, target_lang, deadline_s=..
   a failed request.  A missed deadline is always ``TranslationTimeout`` so the caller can report it.
 * ``deadline_s`` is a relative budget in seconds from the call.  Implementations never sleep or
   wait past it.
+* The answer holds exactly the text's redaction markers (``[REDACTED:phone]``), byte for byte and in
+  order (``markers``), or the call raises ``TranslationError``.
 * Calls may run concurrently; each implementation declares its own bound on waiting work.
 * ``start()`` may pre-start resources (processes, sessions) so the first call is not slower;
   ``aclose()`` releases everything and is idempotent.  Both are usable through ``async with``.
@@ -55,6 +57,10 @@ def normalise_lang(code: str) -> str:
 
 class Translator(abc.ABC):
     name: str
+    # Redaction markers (``markers``): answers that changed one and were redone between the markers, and
+    # answers refused because they still did not hold the text's markers (``/api/stats``).
+    marker_fallbacks: int = 0
+    markers_lost: int = 0
 
     @abc.abstractmethod
     async def translate(self, text: str, source_lang: str, target_lang: str, *, deadline_s: float) -> Translation:

@@ -13,6 +13,14 @@ Contract:
   ``max_retries`` times.  A backoff that would end past the deadline is not slept: the call raises
   ``TranslationTimeout`` at once.  Other statuses (400, 401, 403, 404, 422...) raise
   ``TranslationError`` at once with the provider's message.
+* Redaction markers (``[REDACTED:phone]``, ``markers``): the prompt tells the model to copy them, and
+  ``translate`` checks that the answer holds exactly the text's markers in order.  When it does not
+  (a marker translated, dropped, doubled or moved), the pieces of text between the markers are
+  translated one request each, concurrently, under the same deadline, and joined with the original
+  markers; counted in ``marker_fallbacks``.  If even that answer fails the check (a model that
+  invents a marker), ``TranslationError``, counted in ``markers_lost``.  A text of markers and
+  punctuation alone is not sent.
+  ``stream_translate`` yields the raw deltas, unchecked.
 * Once a 200 stream has begun nothing is retried: an ``error`` event, a malformed chunk, or a stream
   that ends without ``[DONE]`` raise ``TranslationError``.
 * The API key is sent in the ``Authorization`` header only; it is cut out of every message we raise
@@ -32,6 +40,7 @@ from collections.abc import AsyncGenerator
 import aiohttp
 import orjson
 
+from pipelines.translate import markers
 from pipelines.translate import openai_protocol as proto
 from pipelines.translate.base import Translation, TranslationError, TranslationTimeout, Translator
 
@@ -95,11 +104,28 @@ class OpenAICompatTranslator(Translator):
     async def translate(self, text: str, source_lang: str, target_lang: str, *, deadline_s: float) -> Translation:
         started = time.monotonic()
         src, tgt = self.check_pair(source_lang, target_lang)
+        if markers.PLACEHOLDER.search(text) and not any(_wordy(p) for p in markers.split(text)[0]):
+            return Translation(text, text, src, tgt, self.name, 0.0)  # markers and punctuation only
+        translated = await self._complete(text, src, tgt, deadline_s)
+        if not markers.kept(text, translated):
+            self.marker_fallbacks += 1
+            log.warning("openai: the answer changed the redaction markers; translating between them")
+            pieces, found = markers.split(text)
+            left = deadline_s - (time.monotonic() - started)
+            done = await asyncio.gather(*(self._complete(p, src, tgt, left) if _wordy(p) else _same(p)
+                                          for p in pieces))
+            translated = markers.join(list(done), found)
+            if not markers.kept(text, translated):
+                self.markers_lost += 1
+                raise TranslationError("openai: the answer changed the redaction markers, even piece by piece")
+        return Translation(text, translated, src, tgt, self.name, (time.monotonic() - started) * 1000)
+
+    async def _complete(self, text: str, src: str, tgt: str, deadline_s: float) -> str:
         parts: list[str] = []
         async with contextlib.aclosing(self.stream_translate(text, src, tgt, deadline_s=deadline_s)) as deltas:
             async for delta in deltas:
                 parts.append(delta)
-        return Translation(text, "".join(parts).strip(), src, tgt, self.name, (time.monotonic() - started) * 1000)
+        return "".join(parts).strip()
 
     async def stream_translate(
         self, text: str, source_lang: str, target_lang: str, *, deadline_s: float
@@ -199,3 +225,12 @@ class OpenAICompatTranslator(Translator):
             retries += 1
             log.warning("openai: %s; retry %d in %.3f s", proto.redact(problem, self._key), retries, wait)
             await asyncio.sleep(wait)
+
+
+def _wordy(piece: str) -> bool:
+    """Whether a piece between markers holds anything to translate (not just punctuation)."""
+    return any(ch.isalnum() for ch in piece)
+
+
+async def _same(piece: str) -> str:
+    return piece

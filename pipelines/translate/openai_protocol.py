@@ -51,7 +51,8 @@ def system_prompt(source_lang: str, target_lang: str) -> str:
     return (
         f"You are a translation engine. Translate the user's message from {src} to {tgt}. "
         f"Output only the {tgt} translation: no notes, no quotes, no explanations. "
-        "Keep names, numbers and line breaks as they are."
+        "Keep names, numbers and line breaks as they are. "
+        "Copy every marker of the form [REDACTED:...] exactly as written, untranslated, in the same order."
     )
 
 

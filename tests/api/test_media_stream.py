@@ -153,6 +153,44 @@ async def test_sse_subscriber_before_the_call_receives_its_events(server: Server
     assert stream.retry is not None
 
 
+@pytest.mark.parametrize("query", ["?language=fr", "?consumer_language=fr", "?language=en&translate_to=en",
+                                   "?language=en&consumer_language=es&translate_to=en",
+                                   "?language=en&consumer_language=es&translate_to=fr"])
+async def test_languages_the_server_does_not_serve_or_a_contradictory_target_are_refused_before_the_upgrade(
+        server: Server, query: str) -> None:
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        await websockets.connect(server.ws + query, additional_headers={"x-telnyx-streaming-auth-token": TOKEN})
+    assert refused.value.response.status_code == 400
+
+
+@pytest.mark.parametrize("query, inbound", [("?language=en&consumer_language=es", "es"),
+                                            ("?language=en&consumer_language=en", "en"), ("", "en")])
+async def test_a_consumer_language_gives_the_inbound_track_its_own_leg(server: Server, query: str,
+                                                                       inbound: str) -> None:
+    call_id = f"v3:tracks-{inbound}-{len(query)}"
+    async with aiohttp.ClientSession() as http:
+        reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{call_id}/events"))
+        await asyncio.sleep(0.3)
+        ws = await websockets.connect(server.ws + query, additional_headers={"x-telnyx-streaming-auth-token": TOKEN})
+        await ws.send(j(event="connected", version="1.0.0"))
+        await ws.send(start_msg("tracks", call_id))
+        seq = 2
+        for chunk in range(1, 11):
+            for track in ("inbound", "outbound"):
+                await ws.send(j(event="media", sequence_number=str(seq), stream_id="tracks", media={
+                    "track": track, "chunk": str(chunk), "timestamp": str(chunk * 20),
+                    "payload": base64.b64encode(SILENCE).decode()}))
+                seq += 1
+        await close_code_after(ws, j(event="stop", sequence_number=str(seq), stream_id="tracks"))
+        stream = await asyncio.wait_for(reader, 10)
+    started, ended = stream.events[0].json(), stream.events[-1].json()
+    # No translator on this server: nothing is translated either way.
+    assert started["tracks"] == {"inbound": {"language": inbound, "translate_to": None, "stt_provider": "null"},
+                                 "outbound": {"language": "en", "translate_to": None, "stt_provider": "null"}}
+    assert (started["language"], started["translate_to"]) == ("en", None)
+    assert ended["stats"]["frames"] == 20  # both legs' frames, counted once each
+
+
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "receive-loop"])
 async def test_both_delivery_paths_stream_a_call_and_refuse_bad_input(aiohttp_client, monkeypatch, inline) -> None:  # type: ignore[no-untyped-def]
     from api import inline_ws

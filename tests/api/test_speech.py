@@ -9,6 +9,7 @@ from api.settings import Settings
 from api.speech import CallEvents, Policy
 from pipelines.events import SttFailed, TranscriptEvent
 from pipelines.redaction import Redactor
+from pipelines.translation import TranslationJob
 
 RAW = TranscriptEvent("c", "s", "inbound", "my card is 4111 1111 1111 1111", (), 0.9, 1, 0, 900, True)
 
@@ -104,3 +105,29 @@ def test_a_failed_recogniser_or_utterance_keeps_the_partial_then_and_there() -> 
         ("partial", "inbound", "please hold"), ("partial", "agent", "one moment")]
     events.close()
     assert len(stored.rows) == 2
+
+
+class _Jobs:
+    """Stands in for the translation stage: keeps what was submitted."""
+
+    def __init__(self) -> None:
+        self.jobs: list[TranslationJob] = []
+
+    def submit(self, job: TranslationJob) -> None:
+        self.jobs.append(job)
+
+
+def test_finals_go_to_translation_redacted_and_truecased_while_sse_keeps_what_was_recognised() -> None:
+    hub, stage = EventHub(), _Jobs()
+    events = CallEvents(call_id="c", stream_id="s", language="en", target="es", hub=hub, redactor=Redactor(),
+                        sse_redacted=True, provider="pocketsphinx", stage=stage)  # type: ignore[arg-type]
+    events.publish(TranscriptEvent("c", "s", "inbound", "i would like to pay my card is 4111 1111 1111 1111", (),
+                                   0.9, 1, 0, 900, True, "en"))
+    events.publish(TranscriptEvent("c", "s", "inbound", "Hello, i'm Ana", (), 0.9, 2, 0, 900, True, "en"))
+    assert [(j.text, j.source_lang, j.target_lang) for j in stage.jobs] == [
+        ("I would like to pay my card is [REDACTED:card]", "en", "es"), ("Hello, i'm Ana", "en", "es")]
+    channel = hub.get("c")
+    assert channel is not None
+    sse = [orjson.loads(ev.data) for ev in channel.history]
+    assert [(e["text"], e["language"]) for e in sse] == [
+        ("i would like to pay my card is [REDACTED:card]", "en"), ("Hello, i'm Ana", "en")]

@@ -6,9 +6,12 @@ refusals, roles, and another tenant's call answering like an unknown one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -21,10 +24,13 @@ from api.auth import Authenticator, Role
 from api.settings import Settings
 from api.simulator import telnyx_messages
 from api.telnyx_calls import parse_client_state
+from pipelines.translate.markers import markers
 from storage.db import Database
 from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
+from tests.fakes.deepgram import FakeDeepgram
 from tests.fakes.telnyx import FakeTelnyx, delivery
 from tests.servers import Server, free_port
+from tests.speech import utterances_with_pauses
 from tests.sse_client import read_sse
 from tests.telnyx_client import connect
 
@@ -94,7 +100,7 @@ async def test_a_placed_call_rings_answers_and_ends_by_signed_webhooks_with_audi
         assert path == "/v2/calls"
         assert sent["connection_id"] == "conn-1" and sent["to"] == "+15551234567" and sent["from"] == CALLER
         assert sent["command_id"] == str(cid) and parse_client_state(sent["client_state"]) == (a.org_id, cid)
-        assert sent["stream_url"].endswith("/api/media/telnyx?language=en&translate_to=es")
+        assert sent["stream_url"].endswith("/api/media/telnyx?language=en&consumer_language=es&translate_to=es")
         assert sent["stream_track"] == "both_tracks" and sent["stream_bidirectional_mode"] == "rtp"
         assert (sent["record"], sent["record_channels"], sent["record_format"]) == ("record-from-answer", "dual",
                                                                                     "wav")
@@ -322,3 +328,119 @@ async def test_refusals_do_not_call_bad_standing_bad_numbers_provider_errors_and
                                    {"to": "+15551234567", "from": CALLER})
         assert (status, reply["error"]["code"]) == (402, "payment_required")
         assert len(fake.requests) == asked
+
+
+# -- a call translated both ways ---------------------------------------------------------------------
+
+# What the fake Deepgram hears, utterance by utterance across both legs: the consumer speaks first (the
+# inbound track, in Spanish), then the agent (the outbound track, in English; lower case, as a recogniser
+# without formatting writes it, so the translator gets it truecased).
+CONSUMER_SAYS = ["mi tarjeta es 4111 1111 1111 1111 gracias", "mi teléfono es 555-212-3456"]
+AGENT_SAYS = ["i would like to call you at 555-867-5309", "i'm sure we can help you today"]
+# Whole, as tests/test_provider_fanout.py checks its canaries: a partial transcript may show the first
+# digits of a number the redactor cannot know yet to be one ("mi tarjeta es 4111 1111").
+RAW_PII = ["4111 1111 1111 1111", "4111111111111111", "555-212-3456", "5552123456", "555-867-5309", "5558675309"]
+
+
+@contextlib.asynccontextmanager
+async def _bilingual_server(tmp: Path, world: World, deepgram_url: str) -> AsyncIterator[Server]:
+    """The real server with the fake Deepgram for both languages (a chain per language), the real
+    Apertium, and Telnyx pointed at a fake on its own port."""
+    from api.telnyx_signature import public_b64
+
+    port = free_port()
+    cm = world_server(tmp, world, TELNYX_API_KEY="KEY_test_fake", TELNYX_PUBLIC_KEY=public_b64(FAKE_KEY),
+                      TELNYX_CONNECTION_ID="conn-1", SWITCHBOARD_TELNYX_API_URL=f"http://127.0.0.1:{port}",
+                      SWITCHBOARD_CALL_TOKEN_KEY="test-call-token-key",
+                      SWITCHBOARD_STT_CHAIN='{"en": ["deepgram"], "es": ["deepgram"]}', DEEPGRAM_API_KEY="test-key",
+                      SWITCHBOARD_DEEPGRAM_URL=deepgram_url, SWITCHBOARD_TRANSLATION_PROVIDER="apertium")
+    srv = await asyncio.to_thread(cm.__enter__)  # the fakes share this event loop: never block it
+    srv.extra["port"] = port
+    try:
+        yield srv
+    finally:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+@pytest.mark.skipif(shutil.which("apertium") is None or not Path("/usr/share/apertium/modes/eng-spa.mode").exists(),
+                    reason="Debian apertium with the eng-spa pair is not installed")
+async def test_a_translated_call_is_translated_both_ways_with_redaction_markers_intact(
+        tmp_path: Path, world: World, db: Database) -> None:
+    a = world.a
+    dg = FakeDeepgram(CONSUMER_SAYS + AGENT_SAYS, word_ms=60)
+    await dg.start()
+    try:
+        async with _bilingual_server(tmp_path, world, dg.url) as server, _fake(server) as fake, \
+                aiohttp.ClientSession() as http:
+            status, reply = await call(http, server, "POST", "/api/voice/call", a.keys[Role.ADMIN],
+                                       {"to": "+15551234571", "from": CALLER, "language": "en", "translate": True,
+                                        "target_language": "es"})
+            assert status == 201, reply
+            cid, ccid = uuid.UUID(reply["data"]["id"]), reply["data"]["call_id"]
+            assert fake.calls[ccid]["stream_url"].endswith("?language=en&consumer_language=es&translate_to=es")
+            await fake.settle()  # ringing, answered
+            reader = asyncio.create_task(read_sse(http, f"{server.http}/api/calls/{ccid}/events",
+                                                  token=a.keys[Role.VIEWER]))
+            await asyncio.sleep(0.3)
+            consumer = utterances_with_pauses(["hola buenas tardes a todos", "adios muchas gracias"], pause_ms=900)
+            agent = np.concatenate([np.zeros(len(consumer) + 8000, dtype=np.int16),  # after the consumer
+                                    utterances_with_pauses(["please confirm your account number for me",
+                                                            "thank you very much for your time"], pause_ms=900)])
+            code, _ = await fake.stream(ccid, consumer, outbound=agent)
+            assert code == 1000
+            stream = await asyncio.wait_for(reader, 60)
+    finally:
+        await dg.stop()
+
+    events = [(e.event, e.json()) for e in stream.events]
+    started = next(data for name, data in events if name == "call.started")
+    assert started["tracks"] == {
+        "inbound": {"language": "es", "translate_to": "en", "stt_provider": "deepgram"},
+        "outbound": {"language": "en", "translate_to": "es", "stt_provider": "deepgram"}}
+    assert sorted(c.query["language"] for c in dg.connections) == ["en", "es"]  # one session per leg
+    finals = [data for name, data in events if name == "transcript.final"]
+    by_track = {t: [f for f in finals if f["track"] == t] for t in ("inbound", "outbound")}
+    assert [f["text"] for f in by_track["inbound"]] == ["mi tarjeta es [REDACTED:card] gracias",
+                                                         "mi teléfono es [REDACTED:phone]"]
+    assert all(f["language"] == "es" for f in by_track["inbound"])
+    assert [(f["text"], f["language"]) for f in by_track["outbound"]] == [
+        ("i would like to call you at [REDACTED:phone]", "en"), ("i'm sure we can help you today", "en")]
+
+    translations = [data for name, data in events if name == "translation.final"]
+    assert not [data for name, data in events if name == "translation.failed"]
+    es_en = [t for t in translations if (t["source_lang"], t["target_lang"]) == ("es", "en")]
+    en_es = [t for t in translations if (t["source_lang"], t["target_lang"]) == ("en", "es")]
+    assert {t["track"] for t in es_en} == {"inbound"} and {t["track"] for t in en_es} == {"outbound"}
+    assert len(es_en) == len(by_track["inbound"]) and len(en_es) == len(by_track["outbound"])
+    for t in translations:
+        print(f"\n{t['track']} {t['source_lang']}->{t['target_lang']}: {t['original']!r} -> {t['translated']!r}")
+    for t in translations:  # every marker byte for byte and in order, none translated
+        assert markers(t["translated"]) == markers(t["original"]), t
+        assert t["provider"] == "apertium" and "tarjeta]" not in t["translated"] and "teléfono]" not in t["translated"]
+    card = next(t for t in es_en if "[REDACTED:card]" in t["original"])
+    assert card["original"] == "Mi tarjeta es [REDACTED:card] gracias"  # truecased for the translator
+    assert "[REDACTED:card]" in card["translated"] and "card" in card["translated"].replace("[REDACTED:card]", "")
+    phone = next(t for t in en_es if "[REDACTED:phone]" in t["original"])
+    assert phone["original"] == "I would like to call you at [REDACTED:phone]"  # truecased
+    assert phone["translated"].endswith("[REDACTED:phone]") and "gustar" in phone["translated"].lower()
+    sure = next(t for t in en_es if "sure" in t["original"])
+    assert sure["original"] == "I'm sure we can help you today" and "seguro" in sure["translated"].lower()
+
+    sse_text = orjson.dumps([e.data for e in stream.events]).decode()
+    for raw in RAW_PII:
+        assert raw not in sse_text, [(e.event, e.json()["text"]) for e in stream.events if raw in e.data]
+    async with db.tenant(a.org_id) as conn:
+        for _ in range(50):
+            stored = await conn.fetch("SELECT track, language, text FROM transcriptions WHERE call_id = $1", cid)
+            stored_tr = await conn.fetch("SELECT source_lang, target_lang, translated_text FROM translations "
+                                         "WHERE call_id = $1", cid)
+            if len(stored) == len(finals) and len(stored_tr) == len(translations):
+                break
+            await asyncio.sleep(0.1)
+    assert sorted((r["track"], r["language"]) for r in stored) == sorted(
+        (f["track"], f["language"]) for f in finals)
+    assert sorted((r["source_lang"], r["target_lang"]) for r in stored_tr) == sorted(
+        (t["source_lang"], t["target_lang"]) for t in translations)
+    stored_text = orjson.dumps([dict(r) for r in stored] + [dict(r) for r in stored_tr]).decode()
+    for raw in RAW_PII:
+        assert raw not in stored_text, raw

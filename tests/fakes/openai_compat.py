@@ -18,6 +18,9 @@ at once.  Faults are queued and each applies to one request, in order:
 * ``stall_next(n, seconds)``: wait before answering (ended early by ``aclose``)
 * ``error_mid_stream_next(n)``: a ``data: {"error": {...}}`` after the first content delta
 * ``malformed_next(n, kind="json" | "shape")``: a chunk that is not JSON / has no ``choices`` list
+* ``mangle_markers_next(n, how="translate" | "drop" | "swap" | "invent")``: the answer's redaction
+  markers ``[REDACTED:<kind>]`` are translated (``[REDACTED:teléfono]``), dropped, swapped pairwise, or
+  one is added, as a careless model would
 
 Use as ``async with FakeOpenAI(...) as fake: fake.base_url``.
 """
@@ -25,6 +28,7 @@ Use as ``async with FakeOpenAI(...) as fake: fake.base_url``.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -42,11 +46,31 @@ ALLOWED_FIELDS = frozenset(
 
 @dataclass
 class _Fault:
-    kind: str  # "status", "stall", "mid_error", "malformed"
+    kind: str  # "status", "stall", "mid_error", "malformed", "markers"
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     malformed: str = "json"
+    mangle: str = ""
+
+
+_MARKER = re.compile(r"\[REDACTED:(ssn|card|dob|email|phone)\]", re.IGNORECASE)
+_SPANISH_KINDS = {"ssn": "nss", "card": "tarjeta", "dob": "nacimiento", "email": "correo", "phone": "teléfono"}
+
+
+def mangle_markers(answer: str, how: str) -> str:
+    """``answer`` with its redaction markers spoiled the way ``how`` names."""
+    if how == "translate":
+        return _MARKER.sub(lambda m: f"[REDACTED:{_SPANISH_KINDS[m.group(1).lower()]}]", answer)
+    if how == "drop":
+        return " ".join(_MARKER.sub("", answer).split())
+    if how == "swap":
+        found = [m.group() for m in _MARKER.finditer(answer)]
+        swapped = iter(found[1::2] + found[0::2] if len(found) > 1 else found)
+        return _MARKER.sub(lambda m: next(swapped), answer)
+    if how == "invent":
+        return answer + " [REDACTED:ssn]"
+    raise ValueError(how)
 
 
 def _error(
@@ -107,6 +131,9 @@ class FakeOpenAI:
 
     def malformed_next(self, n: int = 1, kind: str = "json") -> None:
         self._faults.extend(_Fault("malformed", malformed=kind) for _ in range(n))
+
+    def mangle_markers_next(self, n: int = 1, how: str = "translate") -> None:
+        self._faults.extend(_Fault("markers", mangle=how) for _ in range(n))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -174,7 +201,10 @@ class FakeOpenAI:
                 except TimeoutError:
                     pass
             user = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
-            return await self._stream(request, body["model"], self.answer_for(user), fault)
+            answer = self.answer_for(user)
+            if fault is not None and fault.kind == "markers":
+                answer = mangle_markers(answer, fault.mangle)
+            return await self._stream(request, body["model"], answer, fault)
         finally:
             self.in_flight -= 1
 

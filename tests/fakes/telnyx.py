@@ -10,8 +10,10 @@
 * ``POST /v2/calls/{id}/actions/hangup``: 422 code 90018 when the call has ended, else 200 and a
   signed ``call.hangup`` with ``hangup_cause: normal_clearing``;
 * ``webhooks = False``: no webhook is sent by itself (Telnyx cannot reach us), only those a test ``send``s;
-* ``stream(ccid, pcm)`` opens the call's media stream to the ``stream_url`` it was given, with its
-  ``stream_auth_token`` in the upgrade header, and plays ``pcm`` (8 kHz, PCMU) in real time, then ``stop``
+* ``stream(ccid, pcm, outbound=None)`` opens the call's media stream to the ``stream_url`` it was
+  given, with its ``stream_auth_token`` in the upgrade header, and plays ``pcm`` (8 kHz, PCMU) on the
+  inbound track (and ``outbound`` on the outbound track, as ``stream_track: both_tracks`` does) in
+  real time, then ``stop``
   (tests/telnyx_client.py speaks the media protocol);
 * ``fail_next(n, status)``: the next ``n`` requests answer ``status`` without effect;
 * recordings (when the call asked ``record`` and the fake has a ``tls`` certificate): after the call's
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import time
 import uuid
@@ -236,11 +239,12 @@ class FakeTelnyx:
             self.deliveries.append((body, headers, r.status))
             return r.status
 
-    async def stream(self, ccid: str, pcm: np.ndarray) -> tuple[int | None, int]:
-        """Play ``pcm`` on the call's media stream as Telnyx would; returns (close code, media messages sent)."""
+    async def stream(self, ccid: str, pcm: np.ndarray, outbound: np.ndarray | None = None) -> tuple[int | None, int]:
+        """Play ``pcm`` (the callee's side; ``outbound``: ours) on the call's media stream as Telnyx would;
+        returns (close code, media messages sent)."""
         call = self.calls[ccid]
         msgs = telnyx_messages(pcm, call_id=ccid, stream_id=f"st-{ccid[-12:]}", encoding="PCMU", sample_rate=8000,
-                               token=None)
+                               token=None, outbound=outbound)
         call["played"] = pcm
         heard = call.setdefault("heard", bytearray())
         codec = get_codec("PCMU", 8000)
@@ -248,11 +252,10 @@ class FakeTelnyx:
         async def listen(ws: websockets.ClientConnection) -> None:
             try:
                 while True:
-                    msg = await asyncio.wait_for(ws.recv(), 15)
-                    data = orjson.loads(msg)
+                    data = orjson.loads(await ws.recv())
                     if data.get("event") == "media":
                         heard.extend(codec.decode(base64.b64decode(data["media"]["payload"])))
-            except (websockets.ConnectionClosed, TimeoutError):
+            except websockets.ConnectionClosed:
                 pass
 
         hung_up = call.setdefault("hung_up", asyncio.Event())
@@ -261,7 +264,7 @@ class FakeTelnyx:
         try:
             async with connect(call["stream_url"], token=call["stream_auth_token"]) as ws:
                 listener = loop.create_task(listen(ws))
-                sender = loop.create_task(send_paced(ws, msgs))
+                sender = loop.create_task(send_paced(ws, msgs, per_frame=1 if outbound is None else 2))
                 stop = loop.create_task(hung_up.wait())
                 await asyncio.wait({sender, stop}, return_when=asyncio.FIRST_COMPLETED)
                 stop.cancel()
@@ -269,7 +272,10 @@ class FakeTelnyx:
                     sender.cancel()
                     await asyncio.gather(sender, return_exceptions=True)
                     await ws.send(msgs[-1])  # stop
-                await listener
+                # The server closes after `stop`.  Bounded from here, not per message: a stream plays
+                # for longer than any wait between messages from the server (which may send nothing).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener, 15)
                 sent = sender.result() if not sender.cancelled() else -1
                 return ws.close_code, sent
         finally:

@@ -18,6 +18,7 @@ from pipelines.translate import apertium
 from pipelines.translate.apertium import ApertiumTranslator
 from pipelines.translate.apertium_format import deformat, reformat
 from pipelines.translate.base import TranslationError, TranslationTimeout
+from pipelines.translate.markers import PLACEHOLDER, markers
 
 MODES = Path("/usr/share/apertium/modes")
 pytestmark = pytest.mark.skipif(
@@ -151,7 +152,7 @@ async def test_a_poisoned_process_fails_the_request_instead_of_answering_empty(
     translator: ApertiumTranslator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Without escaping, "@" makes lt-proc report "Malformed input stream" and answer empty forever.
-    monkeypatch.setattr(apertium, "deformat", lambda text: text + ".[]")
+    monkeypatch.setattr(apertium, "deformat", lambda text, keep=None: text + ".[]")
     with pytest.raises(TranslationError, match="failed twice"):
         await translator.translate("a @ b", "en", "es", deadline_s=5)
     monkeypatch.undo()
@@ -203,6 +204,32 @@ def test_deformat_escapes_reserved_characters_and_wraps_non_space_blanks() -> No
     assert deformat("one\ntwo\tthree") == "one[\n]two[\t]three.[]"
     assert deformat("para\n\nnext") == "para.[][\n\n]next.[]"
     assert deformat("a\0b") == "a b.[]"
+
+
+MARKED = [
+    ("en", "es", "i would like to pay, my number is [REDACTED:phone] thanks"),
+    ("en", "es", "My card is [REDACTED:card] and my email [REDACTED:email]."),
+    ("en", "es", "[REDACTED:ssn] is my social"),
+    ("en", "es", "my date of birth is [REDACTED:dob]. call me at [REDACTED:phone]"),
+    ("es", "en", "Mi número es [REDACTED:phone] y mi tarjeta [REDACTED:card] gracias"),
+    ("es", "en", "Mi número de teléfono es [REDACTED:phone]."),
+]
+
+
+async def test_redaction_markers_come_back_byte_for_byte_in_order_both_ways(translator: ApertiumTranslator) -> None:
+    for src, tgt, text in MARKED:
+        result = await translator.translate(text, src, tgt, deadline_s=5)
+        assert markers(result.translated) == markers(text), (text, result.translated)
+        assert "[*" not in result.translated and "teléfono]" not in result.translated
+    # The words around them are still translated.
+    phone = await translator.translate(MARKED[0][2], "en", "es", deadline_s=5)
+    assert "número" in phone.translated and "gracias" in phone.translated
+    assert translator.markers_lost == 0
+
+
+def test_deformat_sends_kept_spans_as_superblanks() -> None:
+    assert deformat("call [REDACTED:phone] now", keep=PLACEHOLDER) == "call [\\[REDACTED:phone\\]] now.[]"
+    assert reformat("llama [\\[REDACTED:phone\\]] ahora.[]") == "llama [REDACTED:phone] ahora"
 
 
 def test_reformat_strips_marks_and_end_marks() -> None:

@@ -305,3 +305,54 @@ def test_backoff_doubles_from_half_a_second_up_to_eight() -> None:
 def test_redact_removes_the_key_and_bounds_the_message() -> None:
     assert proto.redact("bad key sk-abc", "sk-abc") == "bad key [redacted]"
     assert len(proto.redact("x" * 1000, "k")) == proto.MAX_MESSAGE_CHARS + 3
+
+
+# -- redaction markers -----------------------------------------------------------------------------
+
+MARKED = "my number is [REDACTED:phone] and my card [REDACTED:card]."
+
+
+def _es(text: str) -> str:
+    return f"ES({text})"
+
+
+async def test_the_prompt_asks_for_the_markers_and_a_faithful_answer_is_taken_as_is() -> None:
+    async with FakeOpenAI(api_key=KEY, transform=_es) as fake, \
+            OpenAICompatTranslator(KEY, base_url=fake.base_url) as client:
+        result = await client.translate(MARKED, "en", "es", deadline_s=5)
+    assert result.translated == _es(MARKED) and client.marker_fallbacks == 0
+    assert len(fake.requests) == 1
+    assert "[REDACTED:...] exactly as written" in fake.requests[0]["messages"][0]["content"]
+
+
+@pytest.mark.parametrize("how", ["translate", "drop", "swap"])
+async def test_an_answer_that_spoils_a_marker_is_redone_between_the_markers_with_the_originals(how: str) -> None:
+    async with FakeOpenAI(api_key=KEY, transform=_es) as fake, \
+            OpenAICompatTranslator(KEY, base_url=fake.base_url) as client:
+        fake.mangle_markers_next(1, how)
+        result = await client.translate(MARKED, "en", "es", deadline_s=5)
+    assert result.translated == "ES(my number is) [REDACTED:phone] ES(and my card) [REDACTED:card]."
+    assert client.marker_fallbacks == 1
+    # The whole text once, then each piece with words in it (the final "." is not sent); none has a marker.
+    sent = [r["messages"][-1]["content"] for r in fake.requests]
+    assert sent[0] == MARKED and sorted(sent[1:]) == ["and my card", "my number is"]
+
+
+async def test_a_marker_at_the_start_survives_the_fallback_and_markers_alone_are_not_sent() -> None:
+    async with FakeOpenAI(api_key=KEY, transform=_es) as fake, \
+            OpenAICompatTranslator(KEY, base_url=fake.base_url) as client:
+        fake.mangle_markers_next(1, "translate")
+        start = await client.translate("[REDACTED:ssn] is my social", "en", "es", deadline_s=5)
+        alone = await client.translate("[REDACTED:email].", "en", "es", deadline_s=5)
+    assert start.translated == "[REDACTED:ssn] ES(is my social)"
+    assert alone.translated == "[REDACTED:email]." and len(fake.requests) == 2
+    assert client.marker_fallbacks == 1
+
+
+async def test_a_model_that_invents_markers_even_piece_by_piece_fails_the_translation() -> None:
+    async with FakeOpenAI(api_key=KEY, transform=_es) as fake, \
+            OpenAICompatTranslator(KEY, base_url=fake.base_url) as client:
+        fake.mangle_markers_next(4, "invent")
+        with pytest.raises(TranslationError, match="redaction markers"):
+            await client.translate(MARKED, "en", "es", deadline_s=5)
+    assert (client.marker_fallbacks, client.markers_lost) == (1, 1)

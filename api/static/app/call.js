@@ -84,7 +84,7 @@ function liveView(ctx, callId, detail, state, summary) {
     const li = h("li", { dataset: { track: entry.track, seq: String(entry.seq), final: String(entry.final) },
       "aria-hidden": entry.final ? null : "true" },
       h("span", { class: "speaker", text: `${SPEAKERS[entry.track] || entry.track}:` }), " ",
-      h("span", { class: "text" }, redactedText(entry.text)),
+      h("span", { class: "text", lang: entry.language || null }, redactedText(entry.text)),
       entry.final ? null : [" ", h("span", { class: "speaking", text: "(speaking…)" })]);
     if (entry.translation) li.append(translationElement(entry.translation));
     return li;
@@ -107,6 +107,7 @@ function liveView(ctx, callId, detail, state, summary) {
     }
     const entry = known ? known.entry : { track: p.track, seq: p.seq, text: "", final: false, translation: null };
     entry.text = p.text || "";
+    entry.language = p.language || entry.language || null; // what the track was recognised in
     entry.final = final;
     const li = lineElement(entry);
     if (known) known.li.replaceWith(li);
@@ -116,7 +117,7 @@ function liveView(ctx, callId, detail, state, summary) {
 
   function translate(p, t) {
     const key = `${p.stream_id || ""}|${p.track}|${p.seq}`;
-    if (!lines.has(key)) upsert({ ...p, text: p.original || "" }, true);
+    if (!lines.has(key)) upsert({ ...p, text: p.original || "", language: p.source_lang }, true);
     const known = lines.get(key);
     known.entry.translation = t;
     const li = lineElement(known.entry);
