@@ -85,11 +85,12 @@ class TranscriptEvent(Event):
     def redacted(self, redactor: Redactor) -> tuple[TranscriptEvent, int]:
         """This transcript with PII in its text and timed words redacted, and the number of findings.
 
+        A partial is redacted more strictly (``Redactor.redact_partial``: it may stop mid-number).
         Words inside a finding become one word ``[REDACTED:<kind>]`` spanning them; a word that cannot
         be located in the text while the text has findings is dropped: when in doubt, nothing leaves
         unredacted.
         """
-        result = redactor.redact(self.text)
+        result = redactor.redact(self.text) if self.final else redactor.redact_partial(self.text)
         if not result.findings:
             return self, 0
         words = _redact_words(self.text, self.words, result.findings)

@@ -72,6 +72,7 @@ class Kind(StrEnum):
     DOB = "dob"
     EMAIL = "email"
     PHONE = "phone"
+    NUMBER = "number"  # partials only: 4+ digits not classifiable yet (``Redactor.redact_partial``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +88,10 @@ class Redacted:
     findings: tuple[Finding, ...]
 
 
-_PRIORITY = {Kind.CARD: 0, Kind.SSN: 1, Kind.PHONE: 2, Kind.DOB: 3, Kind.EMAIL: 4}
-PLACEHOLDER = re.compile(r"\[REDACTED:(?:ssn|card|dob|email|phone)\]", re.IGNORECASE)
+_PRIORITY = {Kind.CARD: 0, Kind.SSN: 1, Kind.PHONE: 2, Kind.DOB: 3, Kind.EMAIL: 4, Kind.NUMBER: 5}
+PLACEHOLDER = re.compile(r"\[REDACTED:(?:ssn|card|dob|email|phone|number)\]", re.IGNORECASE)
+# A number still being spoken: four or more digits, single spaces, dots or dashes between them.
+_PARTIAL_DIGITS = re.compile(r"\d(?:[ .\-]?\d){3,}")
 
 # --- context cues (matched on the normalised, ASCII-lower-cased text) ---------------------------
 _SSN_CUE = re.compile(r"\b(?:ssn|s\.? ?s\.? ?n|social|security number|tax id|taxpayer|itin)\b")
@@ -374,17 +377,36 @@ class Redactor:
         return tuple(f for f in _resolve(raw, norm) if f.kind in self.kinds)
 
     def redact(self, text: str) -> Redacted:
-        findings = self.find(text)
-        if not findings:
+        return _apply(text, self.find(text))
+
+    def redact_partial(self, text: str) -> Redacted:
+        """For a partial transcript: ``redact``, and then every run of four or more digits the rules could
+        not classify is masked too (``[REDACTED:number]``).  A partial stops mid-number ("my card is
+        4111 1111"): too short for a card yet, but half of one; it never reaches a translator, so
+        masking a year or an amount for a moment costs nothing."""
+        if not text:
             return Redacted(text, ())
-        pieces: list[str] = []
-        pos = 0
-        for f in findings:
-            pieces.append(text[pos:f.start])
-            pieces.append(f"[REDACTED:{f.kind.value}]")
-            pos = f.end
-        pieces.append(text[pos:])
-        return Redacted("".join(pieces), findings)
+        findings = list(self.find(text))
+        norm = normalize(text, PLACEHOLDER)
+        for m in _PARTIAL_DIGITS.finditer(norm.text):
+            start, end = norm.to_original(m.start(), m.end())
+            if all(end <= k.start or k.end <= start for k in findings):
+                findings.append(Finding(Kind.NUMBER, start, end))
+        return _apply(text, tuple(sorted(findings, key=lambda f: f.start)))
+
+
+def _apply(text: str, findings: tuple[Finding, ...]) -> Redacted:
+    """``text`` with each finding (in order, not overlapping) replaced by its marker."""
+    if not findings:
+        return Redacted(text, ())
+    pieces: list[str] = []
+    pos = 0
+    for f in findings:
+        pieces.append(text[pos:f.start])
+        pieces.append(f"[REDACTED:{f.kind.value}]")
+        pos = f.end
+    pieces.append(text[pos:])
+    return Redacted("".join(pieces), findings)
 
 
 def _resolve(raw: list[tuple[Kind, int, int]], norm: Normalized) -> list[Finding]:

@@ -1,7 +1,7 @@
 """Redaction markers through translation, without I/O: what goes in must come out, byte for byte.
 
 Finals are redacted before they are translated (``pipelines.redaction``): PII is replaced by markers
-``[REDACTED:ssn|card|dob|email|phone]``.  A translator must not touch them: Apertium translates the
+``[REDACTED:ssn|card|dob|email|phone|number]``.  A translator must not touch them: Apertium translates the
 inside of the brackets (``[REDACTED:teléfono]``) and a language model may drop, translate or reorder
 them.  The rule every translator keeps (``Translator.translate``'s contract, ``base.py``):
 

@@ -54,7 +54,7 @@ class _Fault:
     mangle: str = ""
 
 
-_MARKER = re.compile(r"\[REDACTED:(ssn|card|dob|email|phone)\]", re.IGNORECASE)
+_MARKER = re.compile(r"\[REDACTED:(ssn|card|dob|email|phone|number)\]", re.IGNORECASE)
 _SPANISH_KINDS = {"ssn": "nss", "card": "tarjeta", "dob": "nacimiento", "email": "correo", "phone": "teléfono"}
 
 

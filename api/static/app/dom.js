@@ -86,9 +86,9 @@ export function duration(startIso, endIso) {
 
 // Transcript text with redaction markers shown as such: "[REDACTED:card]" becomes a marked span
 // that says what was removed, in words and not by colour alone.
-const MARKER = /\[REDACTED:(ssn|card|dob|email|phone)\]/gi;
+const MARKER = /\[REDACTED:(ssn|card|dob|email|phone|number)\]/gi;
 const KINDS = { ssn: "social security number", card: "card number", dob: "date of birth", email: "e-mail address",
-  phone: "phone number" };
+  phone: "phone number", number: "number" };
 
 export function redactedText(text) {
   const out = [];
