@@ -127,6 +127,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "billing.read": _ADMINS,  # plan, subscription status, usage
     "billing.write": _ADMINS,  # subscribe to a plan
     "calls.place": _STAFF,  # place a call through Telnyx, and hang it up
+    "calls.delete": _ADMINS,  # soft-delete an ended call, and restore it (api.lifecycle)
     # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
     # edit), admins delete them, import them and run campaigns and the voice settings.
     "accounts.read": _ALL,

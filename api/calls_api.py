@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, Field
 
-from api.envelope import not_found
+from api.envelope import ApiError, not_found
+from api.lifecycle import Deletable, restore
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
 
 MAX_DETAIL_ITEMS = 2000
@@ -196,7 +197,37 @@ async def recording_url(req: Req) -> Reply:
                  headers={"Cache-Control": "no-store"})
 
 
+CALL = Deletable("calls", "call", "call", "call", key="call_control_id", columns=CALL_COLUMNS)
+OPEN_STATUSES = ("initiating", "ringing", "active", "ending")
+
+
+async def delete_call(req: Req) -> Reply:
+    """Soft delete: the call, its transcripts, translations and recordings leave every list and read."""
+    assert req.rt.tiers is not None
+    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
+        old = await conn.fetchrow("SELECT id, status FROM calls WHERE call_control_id = $1 AND deleted_at IS NULL "
+                                  "FOR UPDATE", req.params["call_id"])
+        if old is None:
+            raise not_found("call")
+        if old["status"] in OPEN_STATUSES:
+            raise ApiError("conflict", f"the call is still {old['status']}: hang up first")
+        row = await conn.fetchrow(f"UPDATE calls SET deleted_at = now(), updated_at = now() WHERE id = $1 "
+                                  f"RETURNING {CALL_COLUMNS}", old["id"])
+        await req.audit("call.deleted", "call", old["id"], None, {"deleted": True}).apply(conn)
+    return Reply(call_out(row))
+
+
+async def restore_call(req: Req) -> Reply:
+    return Reply(call_out(await restore(req, CALL, req.params["call_id"])))
+
+
 ROUTES = [
+    Route("DELETE", "/api/calls/{call_id}", "delete_call", "Delete an ended call (soft: restorable for 30 days)",
+          "calls", "action", "calls.delete", delete_call, response=CallOut, params=(("call_id", "call_id"),),
+          errors=("not_found", "conflict")),
+    Route("POST", "/api/calls/{call_id}/restore", "restore_call", "Restore a deleted call (within the window)",
+          "calls", "action", "calls.delete", restore_call, response=CallOut, params=(("call_id", "call_id"),),
+          errors=("not_found", "conflict", "gone")),
     Route("GET", "/api/calls", "list_calls", "List calls, newest first", "calls", "action", "calls.read", list_calls,
           query=CallQuery, response=CallOut, paged=True),
     Route("GET", "/api/calls/{call_id}", "get_call", "A call with its transcripts, translations and recordings",

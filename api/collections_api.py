@@ -27,6 +27,7 @@ import asyncpg
 from pydantic import BaseModel, Field, StringConstraints
 
 from api.envelope import ApiError, not_found
+from api.lifecycle import Deletable, restore
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
 
 PHONE = r"^\+[1-9][0-9]{6,14}$"
@@ -280,6 +281,18 @@ async def delete_account(req: Req) -> Reply:
     return Reply(account_out(row))
 
 
+ACCOUNT = Deletable("collection_accounts", "account", "collection_account", "account", columns=ACCOUNT_COLUMNS)
+CAMPAIGN = Deletable("campaigns", "campaign", "campaign", "campaign", columns=CAMPAIGN_COLUMNS)
+
+
+async def restore_account(req: Req) -> Reply:
+    return Reply(account_out(await restore(req, ACCOUNT, req.params["account_id"])))
+
+
+async def restore_campaign(req: Req) -> Reply:
+    return Reply(campaign_out(await restore(req, CAMPAIGN, req.params["campaign_id"])))
+
+
 # -- campaigns ------------------------------------------------------------------------------------
 
 
@@ -424,6 +437,10 @@ ROUTES = [
           errors=("already_exists",)),
     Route("DELETE", "/api/accounts/{account_id}", "delete_account", "Soft-delete a collection account",
           "accounts", "action", "accounts.delete", delete_account, response=AccountOut, params=_ACCOUNT),
+    Route("POST", "/api/accounts/{account_id}/restore", "restore_account",
+          "Restore a deleted collection account (within the restore window)", "accounts", "action",
+          "accounts.delete", restore_account, params=_ACCOUNT, response=AccountOut,
+          errors=("not_found", "conflict", "gone", "already_exists")),
     Route("POST", "/api/campaigns", "create_campaign", "Create a campaign", "campaigns", "action",
           "campaigns.write", create_campaign, body=CampaignCreate, response=CampaignOut, status=201),
     Route("GET", "/api/campaigns", "list_campaigns", "List live campaigns", "campaigns", "action", "campaigns.read",
@@ -435,6 +452,9 @@ ROUTES = [
           params=_CAMPAIGN),
     Route("DELETE", "/api/campaigns/{campaign_id}", "delete_campaign", "Soft-delete a campaign", "campaigns",
           "action", "campaigns.write", delete_campaign, response=CampaignOut, params=_CAMPAIGN),
+    Route("POST", "/api/campaigns/{campaign_id}/restore", "restore_campaign",
+          "Restore a deleted campaign (within the restore window)", "campaigns", "action", "campaigns.write",
+          restore_campaign, params=_CAMPAIGN, response=CampaignOut, errors=("not_found", "conflict", "gone")),
     Route("POST", "/api/campaigns/{campaign_id}/contacts", "add_campaign_contacts", "Add accounts to a campaign",
           "campaigns", "action", "campaigns.write", add_contacts, body=ContactsAdd, response=ContactsAdded,
           params=_CAMPAIGN, max_body=64 << 10),

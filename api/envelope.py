@@ -30,6 +30,7 @@ CODES: dict[str, tuple[int, str]] = {
     "conflict": (409, "the resource's state does not allow this (e.g. the last owner)"),
     "already_exists": (409, "a unique field is taken (e.g. an e-mail address)"),
     "idempotency_in_progress": (409, "a request with this Idempotency-Key is still running; retry later"),
+    "gone": (410, "deleted longer ago than the restore window (30 days): it can no longer be restored"),
     "payload_too_large": (413, "the body is larger than this route takes"),
     "unsupported_media_type": (415, "the body must be application/json"),
     "misdirected_request": (421, "the Host header names a host this server does not serve"),
@@ -41,7 +42,7 @@ CODES: dict[str, tuple[int, str]] = {
 
 # aiohttp's own errors (no route, wrong method, the doors middleware) mapped to codes.
 STATUS_CODES: dict[int, str] = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-                                405: "method_not_allowed", 408: "request_timeout", 409: "conflict",
+                                405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 410: "gone",
                                 413: "payload_too_large", 415: "unsupported_media_type",
                                 421: "misdirected_request", 422: "idempotency_key_reused", 429: "rate_limited",
                                 500: "internal_error", 503: "unavailable"}

@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     sse_write_timeout_s: float = Field(30.0, gt=0)  # an SSE write not draining this long cuts the client
     sse_send_buffer_bytes: int = Field(65536, ge=0)  # SO_SNDBUF of SSE sockets (0: the OS's own)
 
+    # Soft delete (api/lifecycle.py): a deleted account, campaign or call may be restored this long.
+    restore_window_days: int = Field(30, ge=1, le=3650)
     # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
     rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route
     rate_write_per_min: int = Field(120, ge=1)  # POST/PATCH/DELETE per credential and route

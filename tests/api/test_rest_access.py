@@ -73,6 +73,10 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     # The doors beside REST (their attacks: tests/api/test_front_doors.py).  A call's event stream itself
     # is left out here: an allowed caller would wait for the call to start.
     ("POST", "/api/calls/v3:unknown/sse-token", {}, ALL, False),
+    ("DELETE", "/api/calls/v3:unknown", None, ADMINS, False),
+    ("POST", "/api/calls/v3:unknown/restore", {}, ADMINS, False),
+    ("POST", f"/api/accounts/{UNKNOWN}/restore", {}, ADMINS, False),
+    ("POST", f"/api/campaigns/{UNKNOWN}/restore", {}, ADMINS, False),
     ("POST", "/api/webrtc/offer", {}, STAFF, False),
     ("DELETE", f"/api/webrtc/sessions/{UNKNOWN}", None, STAFF, False),
     ("GET", "/api/stats", None, ADMINS, False),
@@ -160,6 +164,10 @@ async def test_tenant_b_reaches_nothing_of_tenant_a_and_gets_the_unknown_ids_404
         ("DELETE", "/api/api-keys/{}", None, a.key_ids[Role.ADMIN], UNKNOWN),
         ("DELETE", "/api/media-tokens/{}", None, a.token_id, UNKNOWN),
         ("GET", "/api/calls/{}", None, a.call_id, "v3:unknown-call"),
+        ("DELETE", "/api/calls/{}", None, a.call_id, "v3:unknown-call"),
+        ("POST", "/api/calls/{}/restore", {}, a.call_id, "v3:unknown-call"),
+        ("POST", "/api/accounts/{}/restore", {}, a.account_id, UNKNOWN),
+        ("POST", "/api/campaigns/{}/restore", {}, a.campaign_id, UNKNOWN),
         ("GET", "/api/calls/{}/recordings/" + str(a.recording_id) + "/url", None, a.call_id, "v3:unknown-call"),
         ("GET", "/api/calls/" + b.call_id + "/recordings/{}/url", None, a.recording_id, UNKNOWN),
         ("GET", "/api/accounts/{}", None, a.account_id, UNKNOWN),

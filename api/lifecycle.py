@@ -1,0 +1,64 @@
+"""Soft delete and restore: one rule for the user-facing resources that have them.
+
+    live --DELETE--> deleted (deleted_at set: gone from lists, reads and links at once)
+    deleted --POST .../restore, within the window--> live (deleted_at cleared)
+    deleted --POST .../restore, after the window--> 410 gone (the retention job purges it)
+    live --POST .../restore--> 409 conflict (nothing to restore)
+
+The window is ``SWITCHBOARD_RESTORE_WINDOW_DAYS`` (30), measured by PostgreSQL's clock from
+``deleted_at``, so every node agrees.  Both ways are audited (``<kind>.deleted``, ``<kind>.restored``)
+by whoever did it.  A restore that would break a uniqueness rule (a live account took the
+``external_ref`` meanwhile) answers 409 ``already_exists`` and changes nothing.  An unknown id and
+another tenant's id look the same (404): every statement runs under the caller's tenant.
+
+Revoked API keys and media tokens are not here: revoking a credential is final by design (a leaked
+secret must stay dead); deactivated users come back with ``PATCH active``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from api.envelope import ApiError, not_found
+from api.rest import Req
+
+
+@dataclass(frozen=True, slots=True)
+class Deletable:
+    table: str
+    action: str  # the audit actions' prefix: <action>.deleted, <action>.restored
+    resource_type: str  # in the audit trail
+    noun: str  # in error messages
+    key: str = "id"  # the column the path names
+    columns: str = "*"  # what a restore returns
+
+
+async def restore(req: Req, what: Deletable, key: Any) -> Any:
+    """Restore the deleted row ``key`` of ``what`` (see the module docstring); returns it."""
+    assert req.rt.tiers is not None
+    days = req.rt.settings.restore_window_days
+    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
+        row = await conn.fetchrow(
+            f"SELECT id, deleted_at, now() - deleted_at > make_interval(days => $2) AS expired "
+            f"FROM {what.table} WHERE {what.key} = $1 FOR UPDATE", key, days)
+        if row is None:
+            raise not_found(what.noun)
+        if row["deleted_at"] is None:
+            raise ApiError("conflict", f"this {what.noun} is not deleted")
+        if row["expired"]:
+            raise ApiError("gone", f"this {what.noun} was deleted more than {days} days ago and can no longer be "
+                                   "restored")
+        try:
+            async with conn.transaction():
+                restored = await conn.fetchrow(
+                    f"UPDATE {what.table} SET deleted_at = NULL, updated_at = now() WHERE id = $1 "
+                    f"RETURNING {what.columns}", row["id"])
+        except asyncpg.UniqueViolationError:
+            raise ApiError("already_exists", f"a live {what.noun} now holds this one's unique fields; change or "
+                                             "delete that one first") from None
+        await req.audit(f"{what.action}.restored", what.resource_type, row["id"],
+                        {"deleted_at": row["deleted_at"].isoformat()}, {"deleted": False}).apply(conn)
+    return restored

@@ -1,0 +1,144 @@
+"""Soft delete and restore (``api/lifecycle.py``) on the real server with storage on: a deleted account,
+campaign or call leaves every list, read and link at once; a restore within the window brings it back
+(day 29), after it answers 410 (day 31; the row's age is set in the database, PostgreSQL's clock being
+the one the rule reads); both ways audited; a live one, an unknown one and another tenant's one answer
+as documented; a restore that would break a uniqueness rule changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from api.auth import Role
+from storage.db import Database
+from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
+from tests.servers import Server
+
+
+@pytest.fixture(scope="module")
+def world(pg_admin_url: str, redis_url: str) -> World:
+    return asyncio.run(build_world(pg_admin_url, redis_url, 15))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[Server]:
+    with world_server(tmp_path_factory.mktemp("lifecycle"), world) as srv:
+        asyncio.run(sign_in_all(srv, world))
+        yield srv
+
+
+async def _age(db: Database, org: uuid.UUID, table: str, key: str, value: object, days: float) -> None:
+    """As if the row had been deleted ``days`` ago."""
+    async with db.tenant(org) as conn:
+        done = await conn.execute(f"UPDATE {table} SET deleted_at = now() - make_interval(secs => $2) "
+                                  f"WHERE {key} = $1", value, days * 86400)
+    assert done == "UPDATE 1"
+
+
+async def _audit(db: Database, org: uuid.UUID, resource_id: str) -> list[str]:
+    async with db.tenant(org) as conn:
+        return [r["action"] for r in await conn.fetch(
+            "SELECT action FROM audit_logs WHERE resource_id = $1 ORDER BY created_at", resource_id)]
+
+
+async def _account(http: aiohttp.ClientSession, server: Server, token: str, ref: str) -> str:
+    status, reply = await call(http, server, "POST", "/api/accounts", token,
+                               {"external_ref": ref, "debtor_name": f"Debtor {ref}", "balance_cents": 100,
+                                "currency": "USD"})
+    assert status == 201, reply
+    return str(reply["data"]["id"])
+
+
+async def test_a_deleted_account_leaves_lists_and_reads_and_comes_back_within_the_window_only(
+        server: Server, world: World, db: Database) -> None:
+    a, b = world.a, world.b
+    admin, agent = a.sessions[Role.ADMIN], a.sessions[Role.AGENT]
+    async with aiohttp.ClientSession() as http:
+        young, old = await _account(http, server, admin, "LC-29"), await _account(http, server, admin, "LC-31")
+        for acct in (young, old):
+            assert (await call(http, server, "DELETE", f"/api/accounts/{acct}", admin))[0] == 200
+        status, listed = await call(http, server, "GET", "/api/accounts?q=LC-", admin)
+        assert status == 200 and listed["data"]["items"] == []
+        assert (await call(http, server, "GET", f"/api/accounts/{young}", admin))[0] == 404
+        # An agent may not restore; another tenant's admin sees an unknown id; a live account: 409.
+        assert (await call(http, server, "POST", f"/api/accounts/{young}/restore", agent, {}))[0] == 403
+        theirs = await call(http, server, "POST", f"/api/accounts/{young}/restore", b.sessions[Role.ADMIN], {})
+        unknown = await call(http, server, "POST", f"/api/accounts/{uuid.uuid4()}/restore",
+                             b.sessions[Role.ADMIN], {})
+        assert theirs == unknown and theirs[0] == 404
+        status, reply = await call(http, server, "POST", f"/api/accounts/{a.account_id}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (409, "conflict")
+
+        await _age(db, a.org_id, "collection_accounts", "id", uuid.UUID(young), 29)
+        await _age(db, a.org_id, "collection_accounts", "id", uuid.UUID(old), 31)
+        status, reply = await call(http, server, "POST", f"/api/accounts/{young}/restore", admin, {})
+        assert status == 200 and reply["data"]["deleted_at"] is None and reply["data"]["external_ref"] == "LC-29"
+        status, reply = await call(http, server, "POST", f"/api/accounts/{old}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (410, "gone")
+        status, listed = await call(http, server, "GET", "/api/accounts?q=LC-", admin)
+        assert [i["id"] for i in listed["data"]["items"]] == [young]
+        assert (await call(http, server, "GET", f"/api/accounts/{young}", agent))[0] == 200
+
+        # A live account took the deleted one's reference meanwhile: the restore changes nothing.
+        taken = await _account(http, server, admin, "LC-DUP")
+        assert (await call(http, server, "DELETE", f"/api/accounts/{taken}", admin))[0] == 200
+        await _account(http, server, admin, "LC-DUP")
+        status, reply = await call(http, server, "POST", f"/api/accounts/{taken}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (409, "already_exists")
+        assert (await call(http, server, "GET", f"/api/accounts/{taken}", admin))[0] == 404
+    assert await _audit(db, a.org_id, young) == ["account.created", "account.deleted", "account.restored"]
+    assert await _audit(db, a.org_id, old) == ["account.created", "account.deleted"]
+
+
+async def test_a_deleted_campaign_and_a_deleted_call_come_back_and_an_open_call_cannot_be_deleted(
+        server: Server, world: World, db: Database) -> None:
+    a = world.a
+    admin = a.sessions[Role.ADMIN]
+    async with aiohttp.ClientSession() as http:
+        status, made = await call(http, server, "POST", "/api/campaigns", admin, {"name": "Lifecycle"})
+        cid = made["data"]["id"]
+        assert (await call(http, server, "DELETE", f"/api/campaigns/{cid}", admin))[0] == 200
+        assert (await call(http, server, "GET", f"/api/campaigns/{cid}", admin))[0] == 404
+        status, reply = await call(http, server, "POST", f"/api/campaigns/{cid}/restore", admin, {})
+        assert status == 200 and reply["data"]["name"] == "Lifecycle" and reply["data"]["deleted_at"] is None
+
+        # An ended call: deleted, gone from the list, its detail and its recording's link; restored.
+        ccid = a.call_id
+        recording = f"/api/calls/{ccid}/recordings/{a.recording_id}/url"
+        assert (await call(http, server, "DELETE", f"/api/calls/{ccid}", a.sessions[Role.AGENT]))[0] == 403
+        status, reply = await call(http, server, "DELETE", f"/api/calls/{ccid}", admin)
+        assert status == 200 and reply["data"]["call_id"] == ccid
+        status, listed = await call(http, server, "GET", "/api/calls", admin)
+        assert ccid not in [c["call_id"] for c in listed["data"]["items"]]
+        assert (await call(http, server, "GET", f"/api/calls/{ccid}", admin))[0] == 404
+        assert (await call(http, server, "GET", recording, admin))[0] == 404
+        assert (await call(http, server, "DELETE", f"/api/calls/{ccid}", admin))[0] == 404  # already deleted
+        status, reply = await call(http, server, "POST", f"/api/calls/{ccid}/restore", admin, {})
+        assert status == 200 and reply["data"]["call_id"] == ccid
+        assert (await call(http, server, "GET", recording, admin))[0] == 200
+        status, detail = await call(http, server, "GET", f"/api/calls/{ccid}", admin)
+        assert status == 200 and detail["data"]["transcripts"]
+
+        # Past the window a call stays deleted; a live call cannot be deleted at all.
+        assert (await call(http, server, "DELETE", f"/api/calls/{ccid}", admin))[0] == 200
+        await _age(db, a.org_id, "calls", "call_control_id", ccid, 30.01)
+        status, reply = await call(http, server, "POST", f"/api/calls/{ccid}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (410, "gone")
+        async with db.tenant(a.org_id) as conn:
+            live = f"v3:live-{uuid.uuid4().hex[:8]}"
+            await conn.execute("INSERT INTO calls (org_id, call_control_id, status) VALUES ($1, $2, 'active')",
+                               a.org_id, live)
+        status, reply = await call(http, server, "DELETE", f"/api/calls/{live}", admin)
+        assert (status, reply["error"]["code"]) == (409, "conflict")
+    trail = await _audit(db, a.org_id, str(await _call_uuid(db, a.org_id, ccid)))
+    assert trail.count("call.deleted") == 2 and trail.count("call.restored") == 1
+    assert await _audit(db, a.org_id, cid) == ["campaign.created", "campaign.deleted", "campaign.restored"]
+
+
+async def _call_uuid(db: Database, org: uuid.UUID, ccid: str) -> uuid.UUID:
+    async with db.tenant(org) as conn:
+        return await conn.fetchval("SELECT id FROM calls WHERE call_control_id = $1", ccid)  # type: ignore[no-any-return]
