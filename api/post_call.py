@@ -164,6 +164,8 @@ class PostCall:
                     pass
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                 log.warning("post_call.unavailable", extra={"error": type(exc).__name__})
+            except Exception:  # never let the worker die: the next round tries again
+                log.exception("post_call.loop_error")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.post_call_interval_s)
             self._wake.clear()
@@ -197,6 +199,9 @@ class PostCall:
             await self._failed(job, str(exc), retry=exc.retry)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             await self._failed(job, f"storage: {type(exc).__name__}", retry=True)
+        except Exception as exc:  # a bug, or a provider error nobody foresaw: the job says so, the worker goes on
+            log.exception("post_call.job_error", extra={"kind": job.kind, "job_id": str(job.id)})
+            await self._failed(job, f"internal: {type(exc).__name__}", retry=True)
         else:
             async with self.db.no_tenant() as conn:
                 await conn.execute("UPDATE call_jobs SET status = 'done', lease_until = NULL, last_error = NULL, "

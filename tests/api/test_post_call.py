@@ -149,3 +149,33 @@ async def test_provider_errors_retry_or_fail_as_documented(world: World, db: Dat
         rows = await conn.fetchval("SELECT count(*) FROM transcriptions WHERE call_id IN ($1, $2)", down, bad)
     assert sorted(r["resource_id"] for r in failed) == sorted([str(down), str(bad)]) and rows == 0
     assert worker.counters.failed == 2 and worker.counters.retried == 1
+
+
+async def test_a_job_that_breaks_unexpectedly_is_reported_and_the_worker_goes_on(
+        world: World, db: Database, tmp_path: Path) -> None:
+    org = world.a.org_id
+    blobs = LocalBlobStore(tmp_path / "blobs", b"k" * 32)
+    await blobs.start()
+    good, _ = await _recording(db, blobs, org)
+    async with db.tenant(org) as conn:
+        await conn.execute("UPDATE call_jobs SET next_attempt_at = now() + interval '1 s' WHERE call_id = $1", good)
+        await enqueue(conn, org, good, "batch_transcribe", f"broken:{uuid.uuid4()}", {"recording_id": "not-a-uuid"})
+    port = free_port()
+    async with FakeAssemblyAIBatch(port, SCRIPT, polls_before_done=0):
+        worker = _worker(db, blobs, tmp_path, port, post_call_attempts=1)
+        worker.work_dir.mkdir(parents=True)
+        worker.start()
+        try:
+            async def settled() -> bool:
+                async with db.no_tenant() as conn:
+                    rows = await conn.fetch("SELECT status, last_error FROM call_jobs WHERE call_id = $1", good)
+                return sorted(r["status"] for r in rows) == ["done", "failed"]
+            async with asyncio.timeout(20):
+                while not await settled():  # noqa: ASYNC110 - polls the table the worker writes
+                    await asyncio.sleep(0.1)
+        finally:
+            await worker.aclose()
+    async with db.no_tenant() as conn:
+        failed = await conn.fetchval("SELECT last_error FROM call_jobs WHERE call_id = $1 AND status = 'failed'", good)
+    assert failed == "internal: ValueError"
+    assert worker.counters.failed >= 1 and worker.counters.done >= 1
