@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     create = orgs.add_parser("create", help="create an organisation, its owner, an admin API key and a media token")
     create.add_argument("--name", required=True, help="display name (1-200 printable characters)")
     create.add_argument("--owner-email", required=True, help="the owner's sign-in address (unique system-wide)")
+    retention = sub.add_parser("retention", help="data retention").add_subparsers(dest="retention_command",
+                                                                                 required=True)
+    ret_run = retention.add_parser("run", help="delete what aged out (idempotent, resumable; prints a JSON report)")
+    ret_run.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    ret_run.add_argument("--batch", type=int, default=None, help="rows per statement (default RETENTION_BATCH)")
     sim = sub.add_parser("simulate-call", help="stream a WAV file to the server exactly as Telnyx does")
     sim.add_argument("wav", nargs="?", default=None,
                      help="WAV file (any rate, mono or first channel); default: a short shipped speech sample")
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "orgs":
         return _orgs_create(args.name, args.owner_email)
+    if args.command == "retention":
+        return _retention_run(dry_run=args.dry_run, batch=args.batch)
     if args.command == "migrate":
         from api.tiers import migrate_only
 
@@ -98,6 +105,37 @@ def main(argv: list[str] | None = None) -> int:
         args.wav or str(SAMPLE_WAV), url=args.url, call_id=args.call_id, encoding=args.encoding,
         sample_rate=args.rate, token=token, api_key=api_key, speed=args.speed, quiet=args.quiet,
     ))
+
+
+def _retention_run(*, dry_run: bool, batch: int | None) -> int:
+    """``switchboard retention run``: the job once, on the storage this configuration names; one JSON line."""
+    import orjson
+
+    from api.tiers import local_blob_store, open_tiers
+    from storage.retention import Retention
+
+    settings = Settings()
+    logs.setup("WARNING")
+
+    async def run() -> dict[str, object]:
+        tiers = await open_tiers(settings, local_blob_store(settings))
+        try:
+            job = Retention(tiers.db, tiers.blobs, window_days=settings.restore_window_days,
+                            batch=batch or settings.retention_batch, actor="cli")
+            report = await job.run(dry_run=dry_run)
+        finally:
+            await tiers.aclose()
+        return {"dry_run": dry_run, "totals": report.totals(),
+                "organizations": {str(o.org_id): o.counts for o in report.orgs if o.counts}}
+
+    try:
+        out = uvloop.run(run())
+    except DataDirInUse as exc:
+        print(f"switchboard: {exc}; the running server applies retention itself every "
+              f"SWITCHBOARD_RETENTION_INTERVAL_S ({settings.retention_interval_s:g} s)", file=sys.stderr)
+        return 1
+    print(orjson.dumps(out).decode())
+    return 0
 
 
 def _orgs_create(name: str, email: str) -> int:

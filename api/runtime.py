@@ -117,6 +117,7 @@ class Runtime:
         self.sweeper: Sweeper | None = Sweeper(s, tiers.db, self.hub) if tiers is not None else None
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the background tasks (on the running loop)."""
@@ -136,8 +137,27 @@ class Runtime:
             self.billing.start()
         if self.post_call is not None:
             self.post_call.start()
+        if self.tiers is not None and self.settings.retention_interval_s > 0:
+            self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop(), name="retention")
         if self.sweeper is not None:
             self.sweeper.start()
+
+    async def _retention_loop(self) -> None:
+        """The retention job every ``retention_interval_s`` (storage/retention.py); any node may run it at
+        the same time as another (idempotent; the second finds less)."""
+        from storage.retention import Retention
+
+        assert self.tiers is not None
+        s = self.settings
+        job = Retention(self.tiers.db, self.tiers.blobs, window_days=s.restore_window_days,
+                        batch=s.retention_batch, actor=f"retention:{s.node_id}"[:64])
+        while True:
+            await asyncio.sleep(s.retention_interval_s)
+            try:
+                report = await job.run()
+                log.info("retention.done", extra=report.totals())
+            except Exception:  # a storage outage or a bug: logged, tried again next interval
+                log.exception("retention.failed")
 
     async def _watch_loop(self) -> None:
         """Sleep 10 ms at a time and record how late the wake-up is: the event loop's own latency."""
@@ -153,6 +173,9 @@ class Runtime:
         from api.media_stream import drain_streams
 
         self.draining = True
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            await asyncio.gather(self._retention_task, return_exceptions=True)
         if self._stall_task is not None:
             self._stall_task.cancel()
         t0 = time.monotonic()
@@ -169,6 +192,9 @@ class Runtime:
     async def aclose(self) -> None:
         """Release everything, in the reverse order of ``open_runtime``.  Idempotent enough for cleanup."""
         self.stats.unwatch_gc()
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            await asyncio.gather(self._retention_task, return_exceptions=True)
         if self._stall_task is not None:
             self._stall_task.cancel()
             await asyncio.gather(self._stall_task, return_exceptions=True)

@@ -148,6 +148,10 @@ class Settings(BaseSettings):
 
     # Soft delete (api/lifecycle.py): a deleted account, campaign or call may be restored this long.
     restore_window_days: int = Field(30, ge=1, le=3650)
+    # Retention (storage/retention.py): the server runs the job this often (0: never; run it from the
+    # deployment's scheduler instead, `switchboard retention run`), its first run one interval after start.
+    retention_interval_s: float = Field(21600.0, ge=0)
+    retention_batch: int = Field(500, ge=1, le=10000)  # rows per statement
     # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
     rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route
     rate_write_per_min: int = Field(120, ge=1)  # POST/PATCH/DELETE per credential and route
