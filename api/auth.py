@@ -128,6 +128,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "billing.write": _ADMINS,  # subscribe to a plan
     "calls.place": _STAFF,  # place a call through Telnyx, and hang it up
     "calls.delete": _ADMINS,  # soft-delete an ended call, and restore it (api.lifecycle)
+    "retention.read": _ADMINS,  # the organisation's retention policy (api.retention_api)
+    "retention.write": _ADMINS,
     # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
     # edit), admins delete them, import them and run campaigns and the voice settings.
     "accounts.read": _ALL,

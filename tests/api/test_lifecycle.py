@@ -142,3 +142,27 @@ async def test_a_deleted_campaign_and_a_deleted_call_come_back_and_an_open_call_
 async def _call_uuid(db: Database, org: uuid.UUID, ccid: str) -> uuid.UUID:
     async with db.tenant(org) as conn:
         return await conn.fetchval("SELECT id FROM calls WHERE call_control_id = $1", ccid)  # type: ignore[no-any-return]
+
+
+async def test_the_retention_policy_is_the_organisations_own_and_never_under_two_years(
+        server: Server, world: World, db: Database) -> None:
+    a, b = world.a, world.b
+    admin = a.sessions[Role.ADMIN]
+    async with aiohttp.ClientSession() as http:
+        status, reply = await call(http, server, "GET", "/api/retention", admin)
+        assert status == 200 and reply["data"] == {"recordings": 730, "calls": None, "transcriptions": None,
+                                                   "translations": None, "restore_window_days": 30}
+        assert (await call(http, server, "GET", "/api/retention", a.sessions[Role.AGENT]))[0] == 403
+        for bad in ({"recordings": 729}, {"calls": 100}, {"transcriptions": 0}, {"audit_logs": 1}):
+            status, reply = await call(http, server, "PUT", "/api/retention", admin, bad)
+            assert (status, reply["error"]["code"]) == (400, "validation_failed"), bad
+        status, reply = await call(http, server, "PUT", "/api/retention", admin,
+                                   {"recordings": 1095, "transcriptions": 365})
+        assert status == 200 and (reply["data"]["recordings"], reply["data"]["transcriptions"]) == (1095, 365)
+        status, other = await call(http, server, "GET", "/api/retention", b.sessions[Role.ADMIN])
+        assert other["data"]["recordings"] == 730 and other["data"]["transcriptions"] is None
+        status, reply = await call(http, server, "PUT", "/api/retention", admin, {})
+        assert status == 200 and reply["data"]["recordings"] == 730  # back to the defaults
+    async with db.tenant(a.org_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM retention_policies") == 0
+        assert await conn.fetchval("SELECT count(*) FROM audit_logs WHERE action = 'retention.updated'") == 2

@@ -77,6 +77,8 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", "/api/calls/v3:unknown/restore", {}, ADMINS, False),
     ("POST", f"/api/accounts/{UNKNOWN}/restore", {}, ADMINS, False),
     ("POST", f"/api/campaigns/{UNKNOWN}/restore", {}, ADMINS, False),
+    ("GET", "/api/retention", None, ADMINS, False),
+    ("PUT", "/api/retention", {"recordings": 1}, ADMINS, False),
     ("POST", "/api/webrtc/offer", {}, STAFF, False),
     ("DELETE", f"/api/webrtc/sessions/{UNKNOWN}", None, STAFF, False),
     ("GET", "/api/stats", None, ADMINS, False),
