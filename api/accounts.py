@@ -160,6 +160,42 @@ async def patch_org(req: Req) -> Reply:
     return Reply(org_out(row))
 
 
+class OrgDelete(Strict):
+    confirm: Annotated[str, StringConstraints(min_length=1, max_length=200)] = Field(
+        description="the organisation's name, exactly: deleting it cannot be undone")
+
+
+class OrgDeleted(BaseModel):
+    id: uuid.UUID
+    deleted_at: datetime
+    wipe: str = Field(description="'started': every row and object of the organisation is being purged")
+
+
+async def delete_org(req: Req) -> Reply:
+    """The tenant wipe's first step (storage/wipe.py has the rest): the organisation is deleted at once
+    (every credential of it refused from now on, its users' sessions revoked), then purged by a job."""
+    body: OrgDelete = req.body
+    tiers = req.rt.tiers
+    assert tiers is not None
+    async with tiers.db.tenant(req.p.org_id) as conn:
+        org = await conn.fetchrow("SELECT name FROM organizations WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+                                  req.p.org_id)
+        if org is None:
+            raise not_found("organisation")
+        if body.confirm != org["name"]:
+            raise ApiError("validation_failed", "confirm must be the organisation's name, exactly",
+                           [{"field": "confirm", "message": "does not match", "type": "confirm"}])
+        deleted_at = await conn.fetchval("UPDATE organizations SET deleted_at = now(), updated_at = now() "
+                                         "WHERE id = $1 RETURNING deleted_at", req.p.org_id)
+        users = [r["id"] for r in await conn.fetch("SELECT id FROM users")]
+        await req.audit("org.deleted", "organization", req.p.org_id, None, {"deleted": True}).apply(conn)
+    for user_id in users:
+        await tiers.warm.revoke_user_sessions(str(user_id))
+    req.rt.policies.forget(req.p.org_id)
+    req.rt.start_wipe()
+    return Reply({"id": str(req.p.org_id), "deleted_at": deleted_at.isoformat(), "wipe": "started"}, status=202)
+
+
 # -- users ----------------------------------------------------------------------------------------
 
 
@@ -273,6 +309,11 @@ ROUTES = [
           "org.update", patch_org, body=OrgPatch, response=OrgOut,
           description="settings: only stt_chain, translate_to and sse_redacted; a null value removes the "
                       "organisation's choice (the node's setting applies)"),
+    Route("DELETE", "/api/org", "delete_org", "Delete the organisation and wipe all its data", "org", "action",
+          "org.delete", delete_org, body=OrgDelete, response=OrgDeleted, status=202, max_body=1024,
+          description="Owners only, with the organisation's name as confirmation.  Every credential stops at "
+                      "once; every row and cold-tier object of the organisation is then purged in the "
+                      "background (resumable).  The audit trail and a scrubbed organisation row remain."),
     Route("POST", "/api/users", "create_user", "Add a user", "users", "action", "users.write", create_user_route,
           body=UserCreate, response=UserCreated, status=201, errors=("already_exists",)),
     Route("GET", "/api/users", "list_users", "List users", "users", "action", "users.read", list_users,

@@ -111,6 +111,7 @@ _STAFF = frozenset({Role.OWNER, Role.ADMIN, Role.AGENT})
 PERMISSIONS: dict[str, frozenset[Role]] = {
     "org.read": _ALL,
     "org.update": _ADMINS,
+    "org.delete": frozenset({Role.OWNER}),  # and wipe everything of it (api.accounts.delete_org)
     "users.read": _ADMINS,
     "users.write": _ADMINS,  # only an owner may grant or take away the owner role (api.accounts)
     "api_keys.read": _ADMINS,

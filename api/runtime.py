@@ -118,6 +118,7 @@ class Runtime:
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
+        self._wipe_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the background tasks (on the running loop)."""
@@ -137,10 +138,29 @@ class Runtime:
             self.billing.start()
         if self.post_call is not None:
             self.post_call.start()
+        self.start_wipe()  # organisations deleted before a restart finish wiping now
         if self.tiers is not None and self.settings.retention_interval_s > 0:
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop(), name="retention")
         if self.sweeper is not None:
             self.sweeper.start()
+
+    def start_wipe(self) -> None:
+        """Purge the deleted organisations (storage/wipe.py) in the background; at most one run at a
+        time on this node (a second request finds the first's run going).  A run cut short by a
+        shutdown resumes at the next start or retention round."""
+        if self.tiers is None or (self._wipe_task is not None and not self._wipe_task.done()):
+            return
+        self._wipe_task = asyncio.get_running_loop().create_task(self._wipe(), name="tenant-wipe")
+
+    async def _wipe(self) -> None:
+        from storage.wipe import Wipe
+
+        assert self.tiers is not None
+        try:
+            await Wipe(self.tiers.db, self.tiers.blobs, batch=self.settings.retention_batch,
+                       actor=f"wipe:{self.settings.node_id}"[:64]).run()
+        except Exception:  # storage down, or a bug: logged; the next start or retention round resumes
+            log.exception("wipe.failed")
 
     async def _retention_loop(self) -> None:
         """The retention job every ``retention_interval_s`` (storage/retention.py); any node may run it at
@@ -154,6 +174,7 @@ class Runtime:
         while True:
             await asyncio.sleep(s.retention_interval_s)
             try:
+                self.start_wipe()  # organisations deleted before a restart, or whose wipe failed
                 report = await job.run()
                 log.info("retention.done", extra=report.totals())
             except Exception:  # a storage outage or a bug: logged, tried again next interval
@@ -173,9 +194,10 @@ class Runtime:
         from api.media_stream import drain_streams
 
         self.draining = True
-        if self._retention_task is not None:
-            self._retention_task.cancel()
-            await asyncio.gather(self._retention_task, return_exceptions=True)
+        for task in (self._retention_task, self._wipe_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._stall_task is not None:
             self._stall_task.cancel()
         t0 = time.monotonic()
