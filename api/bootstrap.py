@@ -165,8 +165,9 @@ async def create_org_with_owner(conn: asyncpg.Connection, name: str, email: str,
 
 
 @contextlib.asynccontextmanager
-async def admin_connection(s: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A migrator's (superuser's) connection to a migrated database: see the module docstring."""
+async def admin_url(s: Settings) -> AsyncIterator[str]:
+    """A migrator's (superuser's) URL of a migrated database, the server running or not: see the module
+    docstring.  An embedded server started for it is stopped on exit."""
     from api.tiers import _admin_url, _shutdown  # the one way the embedded server is started
     from storage.db import migrate, with_database
 
@@ -184,14 +185,21 @@ async def admin_connection(s: Settings) -> AsyncIterator[asyncpg.Connection]:
             url = await _admin_url(s, started)
         password = s.database_app_password.get_secret_value() if s.database_app_password else None
         await migrate(url, app_password=password)  # nothing to do when the server migrated at start-up
+        yield url
+    finally:
+        await _shutdown(started)
+        lock.release()
+
+
+@contextlib.asynccontextmanager
+async def admin_connection(s: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A migrator's (superuser's) connection to a migrated database: see the module docstring."""
+    async with admin_url(s) as url:
         conn = await asyncpg.connect(url)
         try:
             yield conn
         finally:
             await conn.close()
-    finally:
-        await _shutdown(started)
-        lock.release()
 
 
 def running_embedded_uri(pg_dir: Path) -> str:

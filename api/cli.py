@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ret_run = retention.add_parser("run", help="delete what aged out (idempotent, resumable; prints a JSON report)")
     ret_run.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     ret_run.add_argument("--batch", type=int, default=None, help="rows per statement (default RETENTION_BATCH)")
+    bak = sub.add_parser("backup", help="pg_dump the database into the cold tier (keeps the newest --keep)")
+    bak.add_argument("--keep", type=int, default=7, help="backups kept in the cold tier (default 7)")
+    res = sub.add_parser("restore", help="pg_restore a backup from the cold tier into a database")
+    res.add_argument("key", help="the backup's key, as `switchboard backup` printed it (backups/...dump)")
+    res.add_argument("--database-url", required=True, help="the database to restore into (its contents are "
+                                                           "replaced by the backup's)")
     sim = sub.add_parser("simulate-call", help="stream a WAV file to the server exactly as Telnyx does")
     sim.add_argument("wav", nargs="?", default=None,
                      help="WAV file (any rate, mono or first channel); default: a short shipped speech sample")
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "orgs":
         return _orgs_create(args.name, args.owner_email)
+    if args.command in ("backup", "restore"):
+        return _backup_or_restore(args)
     if args.command == "retention":
         return _retention_run(dry_run=args.dry_run, batch=args.batch)
     if args.command == "migrate":
@@ -105,6 +113,39 @@ def main(argv: list[str] | None = None) -> int:
         args.wav or str(SAMPLE_WAV), url=args.url, call_id=args.call_id, encoding=args.encoding,
         sample_rate=args.rate, token=token, api_key=api_key, speed=args.speed, quiet=args.quiet,
     ))
+
+
+def _backup_or_restore(args: argparse.Namespace) -> int:
+    """``switchboard backup`` (one JSON line: key, bytes, sha256, removed) and ``switchboard restore``."""
+    import orjson
+
+    from api.bootstrap import admin_url
+    from api.tiers import cold_tier
+    from storage.backup import BackupError, backup, restore
+
+    settings = Settings()
+    logs.setup("WARNING")
+
+    async def run() -> dict[str, object]:
+        blobs = cold_tier(settings)
+        await blobs.start()
+        try:
+            if args.command == "restore":
+                await restore(args.key, blobs, args.database_url)
+                return {"restored": args.key}
+            async with admin_url(settings) as url:
+                done = await backup(url, blobs, keep=args.keep)
+            return {"key": done.key, "bytes": done.bytes, "sha256": done.sha256, "removed": list(done.removed)}
+        finally:
+            await blobs.aclose()
+
+    try:
+        out = uvloop.run(run())
+    except (BackupError, ValueError) as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(out).decode())
+    return 0
 
 
 def _retention_run(*, dry_run: bool, batch: int | None) -> int:

@@ -85,6 +85,21 @@ def local_blob_store(s: Settings) -> LocalBlobStore | None:
     return LocalBlobStore(s.data_dir.resolve() / "blobs", key, base_url=s.public_base_url)
 
 
+def s3_blob_store(s: Settings) -> S3BlobStore:
+    return S3BlobStore(
+        s.s3_endpoint_url, s.s3_bucket,
+        s.s3_access_key_id.get_secret_value() if s.s3_access_key_id else None,
+        s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None,
+        region=s.s3_region,
+    )
+
+
+def cold_tier(s: Settings) -> BlobStore:
+    """The cold tier this configuration names, for a command run beside the server (not started)."""
+    local = local_blob_store(s)
+    return local if local is not None else s3_blob_store(s)
+
+
 async def open_tiers(settings: Settings, local: LocalBlobStore | None) -> Tiers:
     """Open every tier; ``local`` is ``local_blob_store(settings)``'s result.
 
@@ -167,12 +182,7 @@ async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -
     bus = EventBus(warm.redis)
 
     # Cold tier
-    blobs: BlobStore = local if local is not None else S3BlobStore(
-        s.s3_endpoint_url, s.s3_bucket,
-        s.s3_access_key_id.get_secret_value() if s.s3_access_key_id else None,
-        s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None,
-        region=s.s3_region,
-    )
+    blobs: BlobStore = local if local is not None else s3_blob_store(s)
     await blobs.start()
     log.info("tiers.open", extra={"embedded": [type(x).__name__ for x in started],
                                   "cold_tier": type(blobs).__name__})

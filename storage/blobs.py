@@ -116,6 +116,8 @@ class BlobStore(Protocol):
 
     async def get_file(self, key: str, path: Path) -> int: ...
 
+    async def list_keys(self, prefix: str, limit: int = 10_000) -> list[str]: ...
+
     async def delete(self, key: str) -> None: ...
 
     async def presign_get(self, key: str, expires_s: int = 300) -> str: ...
@@ -256,6 +258,18 @@ class S3BlobStore:
             raise
         return size
 
+    async def list_keys(self, prefix: str, limit: int = 10_000) -> list[str]:
+        """Keys under ``prefix`` (a whole-segment prefix ending in '/'), sorted, at most ``limit``."""
+        client = self._require(prefix.rstrip("/") or "x")
+        keys: list[str] = []
+        async with self._errors("ListObjectsV2"):
+            paginator = client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+                if len(keys) >= limit:
+                    break
+        return sorted(keys)[:limit]
+
     async def delete(self, key: str) -> None:
         client = self._require(key)
         async with self._errors("DeleteObject"):
@@ -363,6 +377,18 @@ class LocalBlobStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
         return (await asyncio.to_thread(os.stat, path)).st_size
+
+    async def list_keys(self, prefix: str, limit: int = 10_000) -> list[str]:
+        base = self.path_for(prefix.rstrip("/"))
+
+        def walk() -> list[str]:
+            if not base.is_dir():
+                return []
+            found = sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                           if p.is_file() and not p.name.startswith("."))  # not an atomic write's temp file
+            return found[:limit]
+
+        return await asyncio.to_thread(walk)
 
     async def delete(self, key: str) -> None:
         path = self.path_for(key)
