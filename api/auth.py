@@ -131,6 +131,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "calls.delete": _ADMINS,  # soft-delete an ended call, and restore it (api.lifecycle)
     "retention.read": _ADMINS,  # the organisation's retention policy (api.retention_api)
     "retention.write": _ADMINS,
+    "erasure.run": _ADMINS,  # erase one person's data (api.erasure_api)
     # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
     # edit), admins delete them, import them and run campaigns and the voice settings.
     "accounts.read": _ALL,

@@ -207,6 +207,15 @@ class EventHub:
             ch.ended_at = time.monotonic()
         return True
 
+    def forget_history(self, call_id: str) -> int:
+        """Drop the replay history of ``call_id`` on this node (an erasure); returns how many events went."""
+        ch = self._channels.get(call_id)
+        if ch is None:
+            return 0
+        n = len(ch.history)
+        ch.history.clear()
+        return n
+
     def start(self, call_id: str) -> CallChannel:
         ch = self.channel(call_id)
         ch.ended_at = None

@@ -385,6 +385,10 @@ class EventBus:
     def _key(self, call_id: str) -> str:
         return f"{self._p}ev:{_text('call_id', call_id)}"
 
+    async def purge(self, call_id: str) -> bool:
+        """Delete the call's stream (an erasure: its events may quote the person); True if it existed."""
+        return bool(await self._r.delete(self._key(call_id)))
+
     async def publish(self, call_id: str, event: str, payload: dict[str, Any] | bytes, *,
                       ref: int | None = None) -> str:
         """Append one event (payload as a dict, or already JSON-encoded); returns its stream id

@@ -78,6 +78,7 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", f"/api/accounts/{UNKNOWN}/restore", {}, ADMINS, False),
     ("POST", f"/api/campaigns/{UNKNOWN}/restore", {}, ADMINS, False),
     ("GET", "/api/retention", None, ADMINS, False),
+    ("POST", "/api/erasures", {}, ADMINS, False),
     ("DELETE", "/api/org", {"confirm": "not the organisation's name"}, {"owner"}, False),
     ("PUT", "/api/retention", {"recordings": 1}, ADMINS, False),
     ("POST", "/api/webrtc/offer", {}, STAFF, False),
