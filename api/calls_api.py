@@ -99,7 +99,17 @@ class AgentOut(BaseModel):
     display_name: str
 
 
+class SummaryOut(BaseModel):
+    text: str = Field(description="quotes of the call's redacted lines")
+    score: dict[str, Any] = Field(description="disclosure_spoken, promise_to_pay {amount, date} | null, dispute, "
+                                              "callback_requested, consumer_lines, agent_lines")
+    provider: str
+    source: Literal["live", "batch"]
+    updated_at: datetime
+
+
 class CallDetail(CallOut):
+    summary: SummaryOut | None = Field(description="after the call (a few seconds), from its redacted transcript")
     stats: dict[str, Any]
     agent: AgentOut | None
     transcripts: list[TranscriptOut]
@@ -168,9 +178,12 @@ async def get_call(req: Req) -> Reply:
         recordings = await conn.fetch(
             "SELECT id, content_type, bytes, duration_ms, channels, sample_rate, source, created_at FROM recordings "
             "WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at LIMIT $2", call["id"], n)
+        summary = await conn.fetchrow("SELECT summary AS text, score, provider, source, updated_at "
+                                      "FROM call_summaries WHERE call_id = $1", call["id"])
         agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1", call["agent_id"])
                  if call["agent_id"] is not None else None)
     detail = {**call_out(call), "stats": dict(call["stats"] or {}),
+              "summary": SummaryOut.model_validate(dict(summary)).model_dump(mode="json") if summary else None,
               "agent": AgentOut.model_validate(dict(agent)).model_dump(mode="json") if agent else None,
               "transcripts": _dump(TranscriptOut, transcripts), "translations": _dump(TranslationOut, translations),
               "recordings": _dump(RecordingOut, recordings),

@@ -110,6 +110,7 @@ async def erase(req: Req) -> Reply:
             report["transcriptions"] = _count(await conn.execute(
                 "DELETE FROM transcriptions WHERE call_id = ANY($1)", ids))
             await conn.execute("DELETE FROM call_jobs WHERE org_id = $1 AND call_id = ANY($2)", org, ids)
+            await conn.execute("DELETE FROM call_summaries WHERE call_id = ANY($1)", ids)
             await conn.execute("UPDATE calls SET to_number = NULL, from_number = NULL, account_id = NULL, "
                                "updated_at = now() WHERE id = ANY($1)", ids)
         for c in calls:

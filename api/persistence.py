@@ -42,6 +42,7 @@ from storage.records import (
     CallEnded,
     CallStarted,
     RecordingStored,
+    SummaryDue,
     TranscriptStored,
     TranslationStored,
 )
@@ -189,6 +190,7 @@ class Persistence:
             call.recorder.stop()
             stats = {**stats, "recording_truncated_ms": call.recorder.truncated_ms}
         w.submit(CallEnded(call.org_id, call.call_control_id, status, reason, datetime.now(UTC), stats))
+        w.submit(SummaryDue(call.org_id, call.call_control_id))
         w.submit(AuditEntry(call.org_id, "call.ended", "call", str(call.call_id), actor_type="system",
                             old_value={"status": "active"}, new_value={"status": status, "reason": reason[:200]}))
         if call.recorder is not None:

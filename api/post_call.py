@@ -193,6 +193,8 @@ class PostCall:
                 await self._fetch(job)
             elif job.kind == "batch_transcribe":
                 await self._transcribe(job)
+            elif job.kind == "summarize":
+                await self._summarize(job)
             else:
                 raise JobFailed(f"unknown job kind {job.kind}", retry=False)
         except JobFailed as exc:
@@ -330,9 +332,32 @@ class PostCall:
                              new_value={"recording_id": str(rid), "provider": provider, "utterances": len(rows),
                                         "redactions": redactions,
                                         "seconds": round(time.monotonic() - started, 1)}).apply(conn)
+            await enqueue(conn, job.org_id, job.call_id, "summarize", f"summary:{rid}", {"source": "batch"})
         self.counters.transcribed_rows += len(rows)
         log.info("post_call.transcribed", extra={"call_id": str(job.call_id), "provider": provider,
                                                   "utterances": len(rows)})
+
+    # -- summarize --------------------------------------------------------------------------------
+
+    async def _summarize(self, job: Job) -> None:
+        """The call's summary and score from its redacted lines (pipelines/summary.py): the lines
+        transcribed from the recording when there are, else the live ones."""
+        from pipelines.summary import summarize
+
+        async with self.db.tenant(job.org_id) as conn:
+            rows = await conn.fetch(
+                "SELECT track, text, kind FROM transcriptions WHERE call_id = $1 AND deleted_at IS NULL "
+                "ORDER BY coalesce(start_ms, 0), created_at, seq LIMIT 5000", job.call_id)
+            batch = [(r["track"], r["text"]) for r in rows if r["kind"] == "batch"]
+            live = [(r["track"], r["text"]) for r in rows if r["kind"] != "batch"]
+            lines, source = (batch, "batch") if batch else (live, "live")
+            summary = summarize(lines)
+            await conn.execute(
+                "INSERT INTO call_summaries (call_id, org_id, summary, score, provider, source) "
+                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (call_id) DO UPDATE SET summary = $3, score = $4, "
+                "provider = $5, source = $6, updated_at = now() "
+                "WHERE call_summaries.source = 'live' OR $6 = 'batch'",
+                job.call_id, job.org_id, summary.text[:4000], summary.score, summary.provider, source)
 
     async def _assemblyai(self, path: Path, language: str) -> list[tuple[str, int, Transcript, str]]:
         import aiohttp

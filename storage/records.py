@@ -81,6 +81,21 @@ class CallEnded:
         await conn.execute(CALL_USAGE_SQL, self.org_id, self.call_control_id, METER_EVENT_NAME)
 
 
+@dataclass(frozen=True, slots=True)
+class SummaryDue:
+    """The call ended on the media path: its summary is due (a post-call 'summarize' job, once)."""
+
+    org_id: uuid.UUID
+    call_control_id: str
+
+    async def apply(self, conn: asyncpg.Connection) -> None:
+        await conn.execute(
+            "INSERT INTO call_jobs (org_id, call_id, kind, dedupe_key, payload) "
+            "SELECT $1, c.id, 'summarize', 'summary-live:' || c.id::text, '{\"source\": \"live\"}'::jsonb "
+            "FROM calls c WHERE c.org_id = $1 AND c.call_control_id = $2 ON CONFLICT (dedupe_key) DO NOTHING",
+            self.org_id, self.call_control_id)
+
+
 METER_EVENT_NAME = "call_minutes"
 # A call's minutes (started to ended, rounded up), counted once per call: call_usage is keyed by the call,
 # so a second end adds nothing, neither to usage_stats nor to the outbox.  When the organisation has a
@@ -263,7 +278,8 @@ class CallAgent:
         )
 
 
-Record = CallStarted | CallEnded | TranscriptStored | RecordingStored | AuditEntry | TranslationStored | CallAgent
+Record = (CallStarted | CallEnded | TranscriptStored | RecordingStored | AuditEntry | TranslationStored | CallAgent
+          | SummaryDue)
 
 
 async def ensure_organization(conn: asyncpg.Connection, org_id: uuid.UUID, name: str, slug: str) -> None:

@@ -160,6 +160,14 @@ async def test_an_agent_calls_an_account_and_gets_states_finals_recording_and_ba
         assert listed["data"]["items"][0]["account_id"] == acct["data"]["id"]
         status, detail = await call(http, server, "GET", f"/api/calls/{ccid}", agent)
         assert status == 200, detail
+        # The summary: from the live lines at once, then from the recording's.
+        async def summarized() -> object:
+            status, d = await call(http, server, "GET", f"/api/calls/{ccid}", agent)
+            summary = d["data"]["summary"]
+            return summary if summary and summary["source"] == "batch" else None
+        summary = await _until(summarized, 30)
+        assert summary["score"]["consumer_lines"] >= 2 and summary["provider"] == "rules"
+        status, detail = await call(http, server, "GET", f"/api/calls/{ccid}", agent)
         kinds = {t.get("kind") for t in detail["data"]["transcripts"]}
         assert {"final", "batch"} <= kinds, kinds
         assert any(r["id"] == str(rec["id"]) for r in detail["data"]["recordings"])

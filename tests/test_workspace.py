@@ -212,11 +212,13 @@ async def test_an_agent_finds_an_account_calls_it_follows_it_live_and_reads_what
         # After the call: the recording Telnyx saved and its transcript arrive within moments.
         play = page.get_by_role("button", name=re.compile("Play the carrier's recording"))
         for _ in range(60):
-            if await play.count() and await page.locator("#batch-transcript li").count():
+            if (await play.count() and await page.locator("#batch-transcript li").count()
+                    and await page.locator("#call-score").count()):
                 break
             await asyncio.sleep(1)
             await page.reload()
             await expect(page.locator("#summary-status")).to_have_text("completed")
+        await expect(page.locator("#call-score")).to_contain_text("Promise to pay")
         await play.click()
         player = page.locator("#summary audio")
         await expect(player).to_have_attribute("src", re.compile(r"/recordings/.*sig="))

@@ -66,7 +66,7 @@ def _worker(db: Database, blobs: LocalBlobStore, tmp: Path, port: int, **over: o
 async def _job(db: Database, call_id: uuid.UUID) -> dict:  # type: ignore[type-arg]
     async with db.no_tenant() as conn:
         return dict(await conn.fetchrow("SELECT status, attempts, last_error, next_attempt_at > now() AS later "
-                                        "FROM call_jobs WHERE call_id = $1", call_id))
+                                        "FROM call_jobs WHERE call_id = $1 AND kind = 'batch_transcribe'", call_id))
 
 
 async def test_a_recording_is_transcribed_by_channel_redacted_and_stored_once(
@@ -87,6 +87,7 @@ async def test_a_recording_is_transcribed_by_channel_redacted_and_stored_once(
                 await conn.execute("UPDATE call_jobs SET status = 'running', lease_until = now() - interval '1 s' "
                                    "WHERE call_id = $1", call_id)
             assert await worker.run_once() is True
+            assert await worker.run_once() is True  # the summary the transcription made due
             assert await worker.run_once() is False  # nothing else due
         finally:
             await worker.aclose()
@@ -107,6 +108,10 @@ async def test_a_recording_is_transcribed_by_channel_redacted_and_stored_once(
     assert all(r["kind"] == "batch" and r["provider"] == "assemblyai-batch" and r["redacted"] for r in rows)
     assert {r["stream_id"] for r in rows} == {f"batch:{rid}"}
     assert audits == 2  # each run audits; the rows are stored once
+    async with db.tenant(org) as conn:
+        summary = await conn.fetchrow("SELECT summary, score, source FROM call_summaries WHERE call_id = $1", call_id)
+    assert summary["source"] == "batch" and "i can pay today" in summary["summary"] and "4111" not in summary["summary"]
+    assert summary["score"]["promise_to_pay"] == {"amount": None, "date": "today"}
 
 
 async def test_provider_errors_retry_or_fail_as_documented(world: World, db: Database, tmp_path: Path) -> None:
@@ -168,7 +173,8 @@ async def test_a_job_that_breaks_unexpectedly_is_reported_and_the_worker_goes_on
         try:
             async def settled() -> bool:
                 async with db.no_tenant() as conn:
-                    rows = await conn.fetch("SELECT status, last_error FROM call_jobs WHERE call_id = $1", good)
+                    rows = await conn.fetch("SELECT status, last_error FROM call_jobs WHERE call_id = $1 "
+                                            "AND kind = 'batch_transcribe'", good)
                 return sorted(r["status"] for r in rows) == ["done", "failed"]
             async with asyncio.timeout(20):
                 while not await settled():  # noqa: ASYNC110 - polls the table the worker writes
@@ -176,6 +182,7 @@ async def test_a_job_that_breaks_unexpectedly_is_reported_and_the_worker_goes_on
         finally:
             await worker.aclose()
     async with db.no_tenant() as conn:
-        failed = await conn.fetchval("SELECT last_error FROM call_jobs WHERE call_id = $1 AND status = 'failed'", good)
+        failed = await conn.fetchval("SELECT last_error FROM call_jobs WHERE call_id = $1 AND status = 'failed' "
+                                     "AND kind = 'batch_transcribe'", good)
     assert failed == "internal: ValueError"
     assert worker.counters.failed >= 1 and worker.counters.done >= 1

@@ -368,6 +368,24 @@ async function renderSummary(ctx, callId, section, known = null) {
       h("dt", { text: "Duration" }), h("dd", { text: duration(d.started_at, d.ended_at) }),
       h("dt", { text: "Agent" }), h("dd", { text: d.agent ? d.agent.display_name : "—" })));
 
+  section.append(h("h3", { text: "What was said" }));
+  if (d.summary) {
+    const sc = d.summary.score || {};
+    const promise = sc.promise_to_pay;
+    const yes = (v) => (v ? "yes" : "no");
+    section.append(h("p", { id: "call-summary-text" }, redactedText(d.summary.text)),
+      h("dl", { class: "facts", id: "call-score" },
+        h("dt", { text: "Disclosure spoken" }), h("dd", { text: yes(sc.disclosure_spoken) }),
+        h("dt", { text: "Promise to pay" }), h("dd", { text: promise
+          ? [promise.amount || "amount not said", promise.date || "date not said"].join(", ") : "no" }),
+        h("dt", { text: "Dispute raised" }), h("dd", { text: yes(sc.dispute) }),
+        h("dt", { text: "Callback requested" }), h("dd", { text: yes(sc.callback_requested) })),
+      h("p", { class: "hint", text: `From the ${d.summary.source === "batch" ? "recording's" : "live"} transcript, `
+        + `by ${d.summary.provider === "rules" ? "rules (no AI provider)" : d.summary.provider}.` }));
+  } else {
+    section.append(h("p", { id: "no-summary", text: "Not yet: the summary is written a few seconds after the call." }));
+  }
+
   section.append(h("h3", { text: "Recordings" }));
   if (!d.recordings.length) {
     section.append(h("p", { id: "no-recordings", text: OPEN.has(d.status) ? "Not yet." :
