@@ -132,6 +132,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "retention.read": _ADMINS,  # the organisation's retention policy (api.retention_api)
     "retention.write": _ADMINS,
     "erasure.run": _ADMINS,  # erase one person's data (api.erasure_api)
+    "evidence.read": _ADMINS,  # sealed evidence bundles of calls (api.evidence)
+    "evidence.write": _ADMINS,
     # The collections domain (api.collections_api, api.account_import): agents work accounts (create,
     # edit), admins delete them, import them and run campaigns and the voice settings.
     "accounts.read": _ALL,

@@ -32,6 +32,7 @@ from api import (
     collections_api,
     credentials_api,
     erasure_api,
+    evidence,
     retention_api,
     voice_api,
 )
@@ -91,7 +92,7 @@ EXTERNAL = [
 REST_ROUTES: list[Route] = [*auth_api.ROUTES, *accounts.ROUTES, *credentials_api.ROUTES, *calls_api.ROUTES,
                             *audit_api.ROUTES, *billing_api.ROUTES, *account_import.ROUTES, *collections_api.ROUTES,
                             *voice_api.ROUTES, *retention_api.ROUTES,
-                            *erasure_api.ROUTES]
+                            *erasure_api.ROUTES, *evidence.ROUTES]
 DOC_ROUTES = [
     _doc("GET", "/api/openapi.json", "openapi", "This document", "docs", "public", None, {200: "OpenAPI 3.1"}),
     _doc("GET", "/api/docs", "docs", "The API reference page (renders this document)", "docs", "public", None,

@@ -79,6 +79,10 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", f"/api/campaigns/{UNKNOWN}/restore", {}, ADMINS, False),
     ("GET", "/api/retention", None, ADMINS, False),
     ("POST", "/api/erasures", {}, ADMINS, False),
+    ("POST", "/api/calls/v3:unknown/evidence", {}, ADMINS, False),
+    ("GET", "/api/calls/v3:unknown/evidence", None, ADMINS, False),
+    ("GET", f"/api/calls/v3:unknown/evidence/{UNKNOWN}/verify", None, ADMINS, False),
+    ("GET", f"/api/calls/v3:unknown/evidence/{UNKNOWN}/url", None, ADMINS, False),
     ("DELETE", "/api/org", {"confirm": "not the organisation's name"}, {"owner"}, False),
     ("PUT", "/api/retention", {"recordings": 1}, ADMINS, False),
     ("POST", "/api/webrtc/offer", {}, STAFF, False),
@@ -249,7 +253,8 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
             url = (path.replace("{call_id}", "v3:x").replace("{name}", "docs.js").replace("{key}", "a.wav")
                    .replace("{user_id}", UNKNOWN).replace("{key_id}", UNKNOWN).replace("{token_id}", UNKNOWN)
                    .replace("{recording_id}", UNKNOWN).replace("{session_id}", UNKNOWN)
-                   .replace("{account_id}", UNKNOWN).replace("{campaign_id}", UNKNOWN).replace("{import_id}", UNKNOWN))
+                   .replace("{account_id}", UNKNOWN).replace("{campaign_id}", UNKNOWN).replace("{import_id}", UNKNOWN)
+                   .replace("{bundle_id}", UNKNOWN))
             body = b"external_ref\n" if path == "/api/accounts/import" else {} if method in BODIED else None
             status, reply = await call(http, server, method, url, None, body)
             if (method, path) in {("POST", "/api/webhooks/stripe"), ("POST", "/api/webhooks/telnyx")}:
