@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ret_run = retention.add_parser("run", help="delete what aged out (idempotent, resumable; prints a JSON report)")
     ret_run.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     ret_run.add_argument("--batch", type=int, default=None, help="rows per statement (default RETENTION_BATCH)")
+    sub.add_parser("rotate-keys", help="re-encrypt restricted fields under the active key "
+                                       "(SWITCHBOARD_ENCRYPTION_KEY_ID)")
     bak = sub.add_parser("backup", help="pg_dump the database into the cold tier (keeps the newest --keep)")
     bak.add_argument("--keep", type=int, default=7, help="backups kept in the cold tier (default 7)")
     res = sub.add_parser("restore", help="pg_restore a backup from the cold tier into a database")
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "orgs":
         return _orgs_create(args.name, args.owner_email)
+    if args.command == "rotate-keys":
+        return _rotate_keys()
     if args.command in ("backup", "restore"):
         return _backup_or_restore(args)
     if args.command == "retention":
@@ -113,6 +117,32 @@ def main(argv: list[str] | None = None) -> int:
         args.wav or str(SAMPLE_WAV), url=args.url, call_id=args.call_id, encoding=args.encoding,
         sample_rate=args.rate, token=token, api_key=api_key, speed=args.speed, quiet=args.quiet,
     ))
+
+
+def _rotate_keys() -> int:
+    """``switchboard rotate-keys``: one JSON line ``{"rotated", "failed"}``."""
+    import orjson
+
+    from api.restricted_api import keyring_for, rotate
+    from api.tiers import local_blob_store, open_tiers
+
+    settings = Settings()
+    logs.setup("WARNING")
+
+    async def run() -> dict[str, int]:
+        tiers = await open_tiers(settings, local_blob_store(settings))
+        try:
+            return await rotate(tiers.db, keyring_for(settings), batch=settings.retention_batch)
+        finally:
+            await tiers.aclose()
+
+    try:
+        out = uvloop.run(run())
+    except DataDirInUse as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(out).decode())
+    return 0 if not out["failed"] else 2
 
 
 def _backup_or_restore(args: argparse.Namespace) -> int:

@@ -121,7 +121,8 @@ async def erase(req: Req) -> Reply:
     async with tiers.db.tenant(org) as conn:
         for row in account_rows:
             await conn.execute(
-                "UPDATE collection_accounts SET debtor_name = '[erased]', phones = '{}', "
+                "UPDATE collection_accounts SET debtor_name = '[erased]', phones = '{}', restricted = NULL, "
+                "restricted_key_id = NULL, "
                 "external_ref = 'erased-' || replace(id::text, '-', ''), deleted_at = coalesce(deleted_at, now()), "
                 "updated_at = now() WHERE id = $1", row["id"])
             await conn.execute("DELETE FROM campaign_contacts WHERE account_id = $1", row["id"])

@@ -33,6 +33,7 @@ from api import (
     credentials_api,
     erasure_api,
     evidence,
+    restricted_api,
     retention_api,
     voice_api,
 )
@@ -92,7 +93,8 @@ EXTERNAL = [
 REST_ROUTES: list[Route] = [*auth_api.ROUTES, *accounts.ROUTES, *credentials_api.ROUTES, *calls_api.ROUTES,
                             *audit_api.ROUTES, *billing_api.ROUTES, *account_import.ROUTES, *collections_api.ROUTES,
                             *voice_api.ROUTES, *retention_api.ROUTES,
-                            *erasure_api.ROUTES, *evidence.ROUTES]
+                            *erasure_api.ROUTES, *evidence.ROUTES,
+                            *restricted_api.ROUTES]
 DOC_ROUTES = [
     _doc("GET", "/api/openapi.json", "openapi", "This document", "docs", "public", None, {200: "OpenAPI 3.1"}),
     _doc("GET", "/api/docs", "docs", "The API reference page (renders this document)", "docs", "public", None,

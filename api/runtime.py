@@ -21,6 +21,7 @@ from engine.quota import PerKeyQuota
 from engine.segmenter import SegmenterConfig
 from pipelines.redaction import Redactor
 from pipelines.translation import TranslationStage
+from storage.crypto import Keyring
 
 if TYPE_CHECKING:
     from api.media_stream import MediaStream
@@ -108,6 +109,11 @@ class Runtime:
             self.relay = BusRelay(tiers.bus, self.hub, self.calls.__contains__, max_calls=s.relay_max_calls)
         self.agents = AgentSessions(self)  # WebRTC sessions of agent browsers
         self.billing: Billing | None = Billing(s, tiers.db) if tiers is not None else None
+        self.keyring: Keyring | None = None  # encryption at rest (storage/crypto.py)
+        if tiers is not None:
+            from api.restricted_api import keyring_for
+
+            self.keyring = keyring_for(s)
         self.post_call: PostCall | None = None  # Telnyx's recordings fetched and transcribed (api/post_call.py)
         if tiers is not None:
             self.post_call = PostCall(s, tiers.db, tiers.blobs, self.redactor, s.data_dir.resolve() / "post-call",

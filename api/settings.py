@@ -189,6 +189,9 @@ class Settings(BaseSettings):
         "SWITCHBOARD_S3_SECRET_ACCESS_KEY", "S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"))
     # Key for the embedded store's signed download URLs; unset = random per process (URLs die with it).
     blob_signing_key: SecretStr | None = None
+    # Encryption at rest (storage/crypto.py): {"<key id>": "<base64 of 32 bytes>"}, and the active id.
+    encryption_keys: SecretStr | None = None
+    encryption_key_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,32}$")
     public_base_url: str = ""  # prefix of signed download URLs ("" = relative to this server)
     writer_max_items: int = Field(20_000, ge=100)  # records buffered while PostgreSQL is slow or down
     writer_batch: int = Field(200, ge=1)

@@ -79,6 +79,8 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", f"/api/campaigns/{UNKNOWN}/restore", {}, ADMINS, False),
     ("GET", "/api/retention", None, ADMINS, False),
     ("POST", "/api/erasures", {}, ADMINS, False),
+    ("PUT", f"/api/accounts/{UNKNOWN}/restricted", {}, STAFF, False),
+    ("GET", f"/api/accounts/{UNKNOWN}/restricted", None, ALL, False),
     ("POST", "/api/calls/v3:unknown/evidence", {}, ADMINS, False),
     ("GET", "/api/calls/v3:unknown/evidence", None, ADMINS, False),
     ("GET", f"/api/calls/v3:unknown/evidence/{UNKNOWN}/verify", None, ADMINS, False),
