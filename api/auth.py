@@ -133,6 +133,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "retention.write": _ADMINS,
     "erasure.run": _ADMINS,  # erase one person's data (api.erasure_api)
     "restricted.reveal": _ADMINS,  # an account's restricted fields in clear (api.restricted_api)
+    "exports.read": _ADMINS,  # report exports (api.exports)
+    "exports.write": _ADMINS,
     "evidence.read": _ADMINS,  # sealed evidence bundles of calls (api.evidence)
     "evidence.write": _ADMINS,
     # The collections domain (api.collections_api, api.account_import): agents work accounts (create,

@@ -33,6 +33,7 @@ from api import (
     credentials_api,
     erasure_api,
     evidence,
+    exports,
     restricted_api,
     retention_api,
     voice_api,
@@ -94,7 +95,7 @@ REST_ROUTES: list[Route] = [*auth_api.ROUTES, *accounts.ROUTES, *credentials_api
                             *audit_api.ROUTES, *billing_api.ROUTES, *account_import.ROUTES, *collections_api.ROUTES,
                             *voice_api.ROUTES, *retention_api.ROUTES,
                             *erasure_api.ROUTES, *evidence.ROUTES,
-                            *restricted_api.ROUTES]
+                            *restricted_api.ROUTES, *exports.ROUTES]
 DOC_ROUTES = [
     _doc("GET", "/api/openapi.json", "openapi", "This document", "docs", "public", None, {200: "OpenAPI 3.1"}),
     _doc("GET", "/api/docs", "docs", "The API reference page (renders this document)", "docs", "public", None,

@@ -125,6 +125,7 @@ class Runtime:
         self._stall_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
         self._wipe_task: asyncio.Task[None] | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the background tasks (on the running loop)."""
@@ -145,10 +146,26 @@ class Runtime:
         if self.post_call is not None:
             self.post_call.start()
         self.start_wipe()  # organisations deleted before a restart finish wiping now
+        if self.tiers is not None:
+            self._cleanup_task = asyncio.get_running_loop().create_task(self._startup_cleanup(), name="cleanup")
         if self.tiers is not None and self.settings.retention_interval_s > 0:
             self._retention_task = asyncio.get_running_loop().create_task(self._retention_loop(), name="retention")
         if self.sweeper is not None:
             self.sweeper.start()
+
+    async def _startup_cleanup(self) -> None:
+        """What this node's last run left half-done that no other mechanism finishes: its exports."""
+        from api.exports import fail_interrupted
+
+        assert self.tiers is not None
+        try:
+            async with self.tiers.db.no_tenant() as conn:
+                orgs = [r[0] for r in await conn.fetch("SELECT * FROM retention_orgs()")]
+            n = await fail_interrupted(self.tiers.db, self.settings.node_id, orgs)
+            if n:
+                log.warning("exports.interrupted", extra={"failed": n})
+        except Exception:  # storage down at start: the jobs stay as they are, reported next start
+            log.exception("startup_cleanup.failed")
 
     def start_wipe(self) -> None:
         """Purge the deleted organisations (storage/wipe.py) in the background; at most one run at a
@@ -200,7 +217,7 @@ class Runtime:
         from api.media_stream import drain_streams
 
         self.draining = True
-        for task in (self._retention_task, self._wipe_task):
+        for task in (self._retention_task, self._wipe_task, self._cleanup_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -35,7 +35,8 @@ STEPS: tuple[tuple[str, str | None], ...] = (
     ("calls", "calls"), ("recordings", "own"), ("collection_accounts", None), ("campaigns", None),
     ("import_jobs", None), ("voice_configs", None), ("api_keys", None), ("media_tokens", None),
     ("payments", None), ("subscriptions", None), ("usage_stats", None), ("call_usage", None),
-    ("retention_policies", None), ("billing_outbox", None), ("call_jobs", None), ("users", None),
+    ("retention_policies", None), ("billing_outbox", None), ("call_jobs", None), ("export_jobs", "own"),
+    ("users", None),
 )
 # Tables without an id column: deleted by ctid.
 _NO_ID = {"usage_stats", "retention_policies", "voice_configs", "call_usage"}
@@ -90,7 +91,7 @@ class Wipe:
                                     f"WHERE org_id = $1 LIMIT $2", org, self.batch)
             keys = [r["k"] for r in rows]
             if objects == "own":
-                blobs = [r["storage_key"] for r in rows]
+                blobs = [r["storage_key"] for r in rows if r["storage_key"]]  # an unfinished export has none
             elif objects == "calls" and keys:
                 blobs = [r["storage_key"] for r in await conn.fetch(
                     "SELECT storage_key FROM recordings WHERE call_id = ANY($1)", keys)]

@@ -79,6 +79,9 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("POST", f"/api/campaigns/{UNKNOWN}/restore", {}, ADMINS, False),
     ("GET", "/api/retention", None, ADMINS, False),
     ("POST", "/api/erasures", {}, ADMINS, False),
+    ("POST", "/api/exports", {}, ADMINS, False),
+    ("GET", f"/api/exports/{UNKNOWN}", None, ADMINS, False),
+    ("GET", f"/api/exports/{UNKNOWN}/url", None, ADMINS, False),
     ("PUT", f"/api/accounts/{UNKNOWN}/restricted", {}, STAFF, False),
     ("GET", f"/api/accounts/{UNKNOWN}/restricted", None, ALL, False),
     ("POST", "/api/calls/v3:unknown/evidence", {}, ADMINS, False),
@@ -256,7 +259,7 @@ async def test_without_a_credential_only_the_public_doors_answer(server: Server)
                    .replace("{user_id}", UNKNOWN).replace("{key_id}", UNKNOWN).replace("{token_id}", UNKNOWN)
                    .replace("{recording_id}", UNKNOWN).replace("{session_id}", UNKNOWN)
                    .replace("{account_id}", UNKNOWN).replace("{campaign_id}", UNKNOWN).replace("{import_id}", UNKNOWN)
-                   .replace("{bundle_id}", UNKNOWN))
+                   .replace("{bundle_id}", UNKNOWN).replace("{export_id}", UNKNOWN))
             body = b"external_ref\n" if path == "/api/accounts/import" else {} if method in BODIED else None
             status, reply = await call(http, server, method, url, None, body)
             if (method, path) in {("POST", "/api/webhooks/stripe"), ("POST", "/api/webhooks/telnyx")}:
