@@ -11,7 +11,8 @@ What goes where, a table (one organisation: the caller's; every statement under 
       post-call jobs             (their payloads hold recording URLs)              deleted
       Redis Streams              each call's event stream                          deleted
       SSE history                each call's replay history on this node           cleared
-    the account                  name, numbers, reference                          replaced; soft-deleted
+    the account                  name, numbers, reference, restricted fields       replaced; soft-deleted
+    sealed evidence bundles      (a legal hold outranks erasure)                   kept, counted
     campaign contacts            the account's                                     deleted
 
     a user's: name and address replaced, deactivated and deleted, password removed, sessions revoked.
@@ -61,6 +62,8 @@ class ErasureOut(BaseModel):
     sse_events: int = Field(description="events dropped from this node's replay history")
     accounts: int
     users: int
+    evidence_kept: int = Field(description="sealed evidence bundles of the person's calls, kept: a legal hold "
+                                           "outranks erasure (GDPR art. 17(3)(e)); they expire at retain_until")
 
 
 def _count(status: str) -> int:
@@ -118,6 +121,10 @@ async def erase(req: Req) -> Reply:
             report["event_streams"] += int(await tiers.bus.purge(key))
             report["sse_events"] += req.rt.hub.forget_history(key)
     report["calls"] = len(ids)
+    if ids:
+        async with tiers.db.tenant(org) as conn:
+            report["evidence_kept"] = await conn.fetchval(
+                "SELECT count(*) FROM evidence_bundles WHERE call_id = ANY($1)", ids)
     async with tiers.db.tenant(org) as conn:
         for row in account_rows:
             await conn.execute(

@@ -143,7 +143,7 @@ async def test_a_debtors_erasure_leaves_their_canaries_in_no_place_and_reports_w
                                    {"account_id": account})
         assert status == 200, reply
         assert reply["data"] == {"calls": 2, "recordings": 1, "objects": 1, "transcriptions": 2, "translations": 2,
-                                 "event_streams": 1, "sse_events": 0, "accounts": 1, "users": 0}
+                                 "event_streams": 1, "sse_events": 0, "accounts": 1, "users": 0, "evidence_kept": 0}
         # The other person's call keeps its words; the erased calls are still listed, without numbers.
         status, other = await call(http, server, "GET", f"/api/calls/{planted['other']['call_control_id']}",  # type: ignore[index]
                                    a.sessions[Role.ADMIN])
