@@ -23,6 +23,7 @@ from pydantic import AwareDatetime, BaseModel, Field
 from api.envelope import ApiError, not_found
 from api.lifecycle import Deletable, restore
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
+from storage.archive import read_archive
 
 MAX_DETAIL_ITEMS = 2000
 Status = Literal["initiating", "ringing", "active", "ending", "completed", "failed", "no_answer", "busy"]
@@ -109,6 +110,7 @@ class SummaryOut(BaseModel):
 
 
 class CallDetail(CallOut):
+    archived: bool = Field(description="its transcripts and translations are read from the cold tier")
     summary: SummaryOut | None = Field(description="after the call (a few seconds), from its redacted transcript")
     stats: dict[str, Any]
     agent: AgentOut | None
@@ -162,7 +164,7 @@ async def get_call(req: Req) -> Reply:
     assert req.rt.tiers is not None
     n = MAX_DETAIL_ITEMS + 1
     async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
-        call = await conn.fetchrow(f"SELECT {CALL_COLUMNS}, stats FROM calls WHERE call_control_id = $1 "
+        call = await conn.fetchrow(f"SELECT {CALL_COLUMNS}, stats, archive_key FROM calls WHERE call_control_id = $1 "
                                    "AND deleted_at IS NULL", req.params["call_id"])
         if call is None:
             raise not_found("call")
@@ -182,7 +184,11 @@ async def get_call(req: Req) -> Reply:
                                       "FROM call_summaries WHERE call_id = $1", call["id"])
         agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1", call["agent_id"])
                  if call["agent_id"] is not None else None)
-    detail = {**call_out(call), "stats": dict(call["stats"] or {}),
+    if call["archive_key"]:  # its lines moved to the cold tier (storage/archive.py)
+        kept, translated = await read_archive(req.rt.tiers.blobs, call["archive_key"])
+        transcripts = sorted(kept, key=lambda t: (t.get("kind") == "batch", t["created_at"], t["seq"]))[:n]
+        translations = translated[:n]
+    detail = {**call_out(call), "stats": dict(call["stats"] or {}), "archived": bool(call["archive_key"]),
               "summary": SummaryOut.model_validate(dict(summary)).model_dump(mode="json") if summary else None,
               "agent": AgentOut.model_validate(dict(agent)).model_dump(mode="json") if agent else None,
               "transcripts": _dump(TranscriptOut, transcripts), "translations": _dump(TranslationOut, translations),

@@ -192,7 +192,8 @@ def _retention_run(*, dry_run: bool, batch: int | None) -> int:
         tiers = await open_tiers(settings, local_blob_store(settings))
         try:
             job = Retention(tiers.db, tiers.blobs, window_days=settings.restore_window_days,
-                            batch=batch or settings.retention_batch, actor="cli")
+                            batch=batch or settings.retention_batch, actor="cli",
+                            archive_after_days=settings.archive_after_days)
             report = await job.run(dry_run=dry_run)
         finally:
             await tiers.aclose()

@@ -102,7 +102,8 @@ async def erase(req: Req) -> Reply:
     if ids:
         async with tiers.db.tenant(org) as conn:
             keys = [r["storage_key"] for r in await conn.fetch(
-                "SELECT storage_key FROM recordings WHERE call_id = ANY($1)", ids)]
+                "SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
+                "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL", ids)]
         for key in keys:  # objects before their rows: a failure here leaves rows to erase on a retry
             await tiers.blobs.delete(key)
         report["objects"] = len(keys)
@@ -115,7 +116,7 @@ async def erase(req: Req) -> Reply:
             await conn.execute("DELETE FROM call_jobs WHERE org_id = $1 AND call_id = ANY($2)", org, ids)
             await conn.execute("DELETE FROM call_summaries WHERE call_id = ANY($1)", ids)
             await conn.execute("UPDATE calls SET to_number = NULL, from_number = NULL, account_id = NULL, "
-                               "updated_at = now() WHERE id = ANY($1)", ids)
+                               "archive_key = NULL, updated_at = now() WHERE id = ANY($1)", ids)
         for c in calls:
             key = call_key(org, c["call_control_id"])
             report["event_streams"] += int(await tiers.bus.purge(key))

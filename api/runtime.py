@@ -193,7 +193,8 @@ class Runtime:
         assert self.tiers is not None
         s = self.settings
         job = Retention(self.tiers.db, self.tiers.blobs, window_days=s.restore_window_days,
-                        batch=s.retention_batch, actor=f"retention:{s.node_id}"[:64])
+                        batch=s.retention_batch, actor=f"retention:{s.node_id}"[:64],
+                        archive_after_days=s.archive_after_days)
         while True:
             await asyncio.sleep(s.retention_interval_s)
             try:

@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     # deployment's scheduler instead, `switchboard retention run`), its first run one interval after start.
     retention_interval_s: float = Field(21600.0, ge=0)
     retention_batch: int = Field(500, ge=1, le=10000)  # rows per statement
+    # Hot to cold (storage/archive.py): calls ended this long ago keep their transcripts and translations
+    # in the cold tier only (an organisation's 'archive' policy overrides; 0: never).
+    archive_after_days: int = Field(90, ge=0)
     evidence_retain_days: int = Field(2555, ge=730)  # an evidence bundle's retain_until (7 years by default)
     # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
     rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route

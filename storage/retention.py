@@ -103,7 +103,8 @@ RULES = (  # in this order: calls first, so their recordings go with them
 
 class Retention:
     def __init__(self, db: Database, blobs: BlobStore, *, window_days: int, batch: int = 500,
-                 actor: str = "retention") -> None:
+                 actor: str = "retention", archive_after_days: int = 0) -> None:
+        self.archive_after_days = archive_after_days
         if batch < 1:
             raise ValueError("batch must be at least 1")
         self.db = db
@@ -139,12 +140,36 @@ class Retention:
             n_days = days[rule.name]
             if n_days is not None:
                 rep.add(rule.name, await self._apply(org, rule, n_days, dry_run))
+        archive_days = policy.get("archive", self.archive_after_days)
+        if archive_days:
+            rep.add("calls_archived", await self._archive(org, archive_days, dry_run))
         if rep.counts and not dry_run:
             async with self.db.tenant(org) as conn:
                 await AuditEntry(org, "retention.purged", "organization", str(org), actor_type="system",
                                  actor_id=self.actor, new_value=dict(rep.counts)).apply(conn)
             log.info("retention.purged", extra={"org_id": str(org), **rep.counts})
         return rep
+
+    async def _archive(self, org: uuid.UUID, n_days: int, dry_run: bool) -> int:
+        """Calls ended ``n_days`` ago whose lines are still hot: moved to the cold tier (storage/archive.py)."""
+        from storage.archive import archive_call
+
+        due = ("FROM calls c WHERE c.archived_at IS NULL AND c.deleted_at IS NULL AND "
+               "c.ended_at < now() - make_interval(days => $1) AND EXISTS "
+               "(SELECT 1 FROM transcriptions t WHERE t.call_id = c.id)")
+        if dry_run:
+            async with self.db.tenant(org) as conn:
+                return int(await conn.fetchval(f"SELECT count(*) {due}", n_days))
+        total = 0
+        while True:
+            async with self.db.tenant(org) as conn:
+                ids = [r["id"] for r in await conn.fetch(f"SELECT c.id {due} ORDER BY c.ended_at LIMIT $2",
+                                                         n_days, self.batch)]
+                for call_id in ids:
+                    await archive_call(conn, self.blobs, org, call_id)
+            total += len(ids)
+            if len(ids) < self.batch:
+                return total
 
     async def _apply(self, org: uuid.UUID, rule: Rule, n_days: int, dry_run: bool) -> int:
         if dry_run:
@@ -159,7 +184,8 @@ class Retention:
                     keys = [r["storage_key"] for r in rows]
                 elif rule.objects == "calls" and ids:
                     keys = [r["storage_key"] for r in await conn.fetch(
-                        "SELECT storage_key FROM recordings WHERE call_id = ANY($1)", ids)]
+                        "SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
+                        "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL", ids)]
                 else:
                     keys = []
             for key in keys:  # objects first: a stop here leaves rows to finish, never a lost object's row

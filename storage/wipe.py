@@ -94,7 +94,8 @@ class Wipe:
                 blobs = [r["storage_key"] for r in rows if r["storage_key"]]  # an unfinished export has none
             elif objects == "calls" and keys:
                 blobs = [r["storage_key"] for r in await conn.fetch(
-                    "SELECT storage_key FROM recordings WHERE call_id = ANY($1)", keys)]
+                    "SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
+                    "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL", keys)]
             else:
                 blobs = []
         for b in blobs:

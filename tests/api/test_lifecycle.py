@@ -166,3 +166,44 @@ async def test_the_retention_policy_is_the_organisations_own_and_never_under_two
     async with db.tenant(a.org_id) as conn:
         assert await conn.fetchval("SELECT count(*) FROM retention_policies") == 0
         assert await conn.fetchval("SELECT count(*) FROM audit_logs WHERE action = 'retention.updated'") == 2
+
+
+async def test_old_calls_lines_move_to_the_cold_tier_and_read_back_the_same(
+        server: Server, world: World, db: Database, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from storage.blobs import LocalBlobStore
+    from storage.retention import Retention
+
+    a = world.a
+    ccid = f"v3:archive-{uuid.uuid4().hex[:8]}"
+    async with db.tenant(a.org_id) as conn:
+        cid = await conn.fetchval("INSERT INTO calls (org_id, call_control_id, status, ended_at) VALUES "
+                                  "($1, $2, 'completed', now() - interval '100 days') RETURNING id", a.org_id, ccid)
+        for seq, text in enumerate(("hello there", "I can pay on Friday", "thank you"), 1):
+            tid = await conn.fetchval("INSERT INTO transcriptions (org_id, call_id, track, seq, text, start_ms) "
+                                      "VALUES ($1, $2, 'inbound', $3, $4, $5) RETURNING id",
+                                      a.org_id, cid, seq, text, seq * 1000)
+            await conn.execute("INSERT INTO translations (org_id, call_id, transcription_id, source_lang, target_lang, "
+                               "original_text, translated_text) VALUES ($1, $2, $3, 'en', 'es', $4, $4)",
+                               a.org_id, cid, tid, text)
+    admin = a.sessions[Role.ADMIN]
+    async with aiohttp.ClientSession() as http:
+        status, before = await call(http, server, "GET", f"/api/calls/{ccid}", admin)
+        assert status == 200 and before["data"]["archived"] is False and len(before["data"]["transcripts"]) == 3
+        root = server.log_path.parent / "data" / "blobs"
+        blobs = LocalBlobStore(root, b"k" * 32)
+        await blobs.start()
+        job = Retention(db, blobs, window_days=30, archive_after_days=90)
+        dry = await job.run_org(a.org_id, dry_run=True)
+        assert dry.counts.get("calls_archived") == 1
+        done = await job.run_org(a.org_id)
+        assert done.counts.get("calls_archived") == 1
+        assert (await job.run_org(a.org_id)).counts.get("calls_archived") is None  # once
+        status, after = await call(http, server, "GET", f"/api/calls/{ccid}", admin)
+    assert status == 200 and after["data"]["archived"] is True
+    for part in ("transcripts", "translations"):
+        assert [(t["id"], t.get("text") or t.get("translated_text")) for t in after["data"][part]] == [
+            (t["id"], t.get("text") or t.get("translated_text")) for t in before["data"][part]]
+    async with db.tenant(a.org_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM transcriptions WHERE call_id = $1", cid) == 0
+        key = await conn.fetchval("SELECT archive_key FROM calls WHERE id = $1", cid)
+    assert key == f"archive/{a.org_id}/{cid}.jsonl.gz" and (root / key).read_bytes()[:2] == b"\x1f\x8b"
