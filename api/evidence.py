@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 
 from api.envelope import ApiError, not_found
 from api.rest import Reply, Req, Route
+from storage.archive import read_archive
 
 MAX_RECORDING_BYTES = 1 << 30
 SPEAKERS = {"inbound": "Consumer", "outbound": "Agent line", "agent": "Agent"}
@@ -184,7 +185,7 @@ async def create_bundle(req: Req) -> Reply:
     org, ccid = req.p.org_id, req.params["call_id"]
     async with tiers.db.tenant(org) as conn:
         call = await conn.fetchrow(
-            "SELECT id, call_control_id, status, started_at, ended_at, end_reason FROM calls "
+            "SELECT id, call_control_id, status, started_at, ended_at, end_reason, archive_key FROM calls "
             "WHERE call_control_id = $1 AND deleted_at IS NULL", ccid)
         if call is None:
             raise not_found("call")
@@ -204,6 +205,10 @@ async def create_bundle(req: Req) -> Reply:
             "FROM audit_logs WHERE resource_id IN ($1, $2) OR new_value->>'call_id' = $1 ORDER BY created_at",
             str(call["id"]), ccid)
         summary = await conn.fetchrow("SELECT summary, score FROM call_summaries WHERE call_id = $1", call["id"])
+    if call["archive_key"]:  # its lines are in the cold tier (storage/archive.py)
+        kept, translated = await read_archive(tiers.blobs, call["archive_key"])
+        lines = sorted(kept, key=lambda r: (r.get("kind") == "batch", r.get("start_ms") or 0, r["seq"]))
+        translations = translated
     if sum(r["bytes"] for r in recs) > MAX_RECORDING_BYTES:
         raise ApiError("conflict", "the call's recordings are too large for one bundle")
     if ccid in _building:

@@ -345,9 +345,15 @@ class PostCall:
         from pipelines.summary import summarize
 
         async with self.db.tenant(job.org_id) as conn:
-            rows = await conn.fetch(
+            rows: list[Any] = await conn.fetch(
                 "SELECT track, text, kind FROM transcriptions WHERE call_id = $1 AND deleted_at IS NULL "
                 "ORDER BY coalesce(start_ms, 0), created_at, seq LIMIT 5000", job.call_id)
+            archive = await conn.fetchval("SELECT archive_key FROM calls WHERE id = $1", job.call_id)
+        if archive:  # its lines are in the cold tier (storage/archive.py)
+            from storage.archive import read_archive
+
+            rows = (await read_archive(self.blobs, archive))[0][:5000]
+        async with self.db.tenant(job.org_id) as conn:
             batch = [(r["track"], r["text"]) for r in rows if r["kind"] == "batch"]
             live = [(r["track"], r["text"]) for r in rows if r["kind"] != "batch"]
             lines, source = (batch, "batch") if batch else (live, "live")

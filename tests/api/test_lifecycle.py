@@ -199,6 +199,17 @@ async def test_old_calls_lines_move_to_the_cold_tier_and_read_back_the_same(
         assert done.counts.get("calls_archived") == 1
         assert (await job.run_org(a.org_id)).counts.get("calls_archived") is None  # once
         status, after = await call(http, server, "GET", f"/api/calls/{ccid}", admin)
+        status_e, sealed = await call(http, server, "POST", f"/api/calls/{ccid}/evidence", admin, {})
+        assert status_e == 201, sealed
+        status_e, link = await call(http, server, "GET", f"/api/calls/{ccid}/evidence/{sealed['data']['id']}/url",
+                                    admin)
+        async with http.get(server.http + link["data"]["url"]) as r:
+            bundle = await r.read()
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(bundle)) as z:  # the sealed bundle holds the archived lines
+        assert "I can pay on Friday" in z.read("transcript.txt").decode()
     assert status == 200 and after["data"]["archived"] is True
     for part in ("transcripts", "translations"):
         assert [(t["id"], t.get("text") or t.get("translated_text")) for t in after["data"][part]] == [
