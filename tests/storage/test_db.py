@@ -201,5 +201,8 @@ async def test_a_campaign_contact_cannot_join_another_tenants_account_and_accoun
     async with db.tenant(a) as conn:
         await conn.execute("INSERT INTO collection_accounts (org_id, external_ref, debtor_name, phones, balance_cents, "
                            "currency) VALUES ($1, 'A-1', 'A', '{+15550001234,+447700900123}', 0, 'EUR')", a)
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await conn.execute("DELETE FROM collection_accounts")  # soft delete only (deleted_at)
+        # The API soft-deletes (deleted_at); since 0010 the retention job purges for good, as the app role
+        # under the tenant like every statement: a DELETE as tenant A never reaches B's rows (RLS).
+        await conn.execute("DELETE FROM collection_accounts")
+    async with db.tenant(b) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM collection_accounts") == 1
