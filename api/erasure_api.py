@@ -35,6 +35,7 @@ from api.call_session import call_key
 from api.collections_api import PHONE
 from api.envelope import ApiError, not_found
 from api.rest import Reply, Req, Route, Strict
+from storage.db import CALL_OBJECTS_SQL, rows_affected
 
 MAX_CALLS = 10_000
 OPEN = ("initiating", "ringing", "active", "ending")
@@ -64,10 +65,6 @@ class ErasureOut(BaseModel):
     users: int
     evidence_kept: int = Field(description="sealed evidence bundles of the person's calls, kept: a legal hold "
                                            "outranks erasure (GDPR art. 17(3)(e)); they expire at retain_until")
-
-
-def _count(status: str) -> int:
-    return int(status.rsplit(" ", 1)[-1])
 
 
 async def erase(req: Req) -> Reply:
@@ -101,18 +98,13 @@ async def erase(req: Req) -> Reply:
     ids = [c["id"] for c in calls]
     if ids:
         async with tiers.db.tenant(org) as conn:
-            keys = [r["storage_key"] for r in await conn.fetch(
-                "SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
-                "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL", ids)]
+            keys = [r["storage_key"] for r in await conn.fetch(CALL_OBJECTS_SQL, ids)]
         for key in keys:  # objects before their rows: a failure here leaves rows to erase on a retry
             await tiers.blobs.delete(key)
         report["objects"] = len(keys)
         async with tiers.db.tenant(org) as conn:
-            report["recordings"] = _count(await conn.execute("DELETE FROM recordings WHERE call_id = ANY($1)", ids))
-            report["translations"] = _count(await conn.execute("DELETE FROM translations WHERE call_id = ANY($1)",
-                                                               ids))
-            report["transcriptions"] = _count(await conn.execute(
-                "DELETE FROM transcriptions WHERE call_id = ANY($1)", ids))
+            for table in ("recordings", "translations", "transcriptions"):
+                report[table] = rows_affected(await conn.execute(f"DELETE FROM {table} WHERE call_id = ANY($1)", ids))
             await conn.execute("DELETE FROM call_jobs WHERE org_id = $1 AND call_id = ANY($2)", org, ids)
             await conn.execute("DELETE FROM call_summaries WHERE call_id = ANY($1)", ids)
             await conn.execute("UPDATE calls SET to_number = NULL, from_number = NULL, account_id = NULL, "

@@ -30,6 +30,7 @@ from pydantic import AwareDatetime, BaseModel, Field
 
 from api.envelope import ApiError, not_found
 from api.rest import Reply, Req, Route, Strict
+from storage.db import rows_affected
 
 log = logging.getLogger("switchboard.exports")
 
@@ -217,7 +218,7 @@ async def fail_interrupted(db: Any, node_id: str, orgs: list[uuid.UUID]) -> int:
             done = await conn.execute("UPDATE export_jobs SET status = 'failed', error = 'interrupted: request it "
                                       "again', finished_at = now(), updated_at = now() WHERE status IN ('queued', "
                                       "'running') AND node_id = $1", node_id)
-            n += int(done.rsplit(" ", 1)[-1])
+            n += rows_affected(done)
     return n
 
 

@@ -21,7 +21,7 @@ from api.envelope import ApiError, not_found
 from api.rest import Reply, Req, Route, Strict
 from api.settings import Settings
 from storage.crypto import DecryptError, Keyring, aad
-from storage.db import Database
+from storage.db import Database, live_orgs
 
 TABLE = "collection_accounts"
 
@@ -110,9 +110,7 @@ async def get_restricted(req: Req) -> Reply:
 async def rotate(db: Database, keyring: Keyring, *, batch: int = 500) -> dict[str, int]:
     """Re-seal every restricted value under an older key with the active one; returns counts."""
     done = failed = 0
-    async with db.no_tenant() as conn:
-        orgs = [r[0] for r in await conn.fetch("SELECT * FROM retention_orgs()")]
-    for org in orgs:
+    for org in await live_orgs(db):
         skip: list[uuid.UUID] = []  # values no key in the ring opens: reported, left as they are
         while True:
             async with db.tenant(org) as conn:

@@ -156,12 +156,11 @@ class Runtime:
     async def _startup_cleanup(self) -> None:
         """What this node's last run left half-done that no other mechanism finishes: its exports."""
         from api.exports import fail_interrupted
+        from storage.db import live_orgs
 
         assert self.tiers is not None
         try:
-            async with self.tiers.db.no_tenant() as conn:
-                orgs = [r[0] for r in await conn.fetch("SELECT * FROM retention_orgs()")]
-            n = await fail_interrupted(self.tiers.db, self.settings.node_id, orgs)
+            n = await fail_interrupted(self.tiers.db, self.settings.node_id, await live_orgs(self.tiers.db))
             if n:
                 log.warning("exports.interrupted", extra={"failed": n})
         except Exception:  # storage down at start: the jobs stay as they are, reported next start

@@ -40,6 +40,23 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 _DB_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+def rows_affected(status: str) -> int:
+    """The row count of a command tag such as ``DELETE 3`` or ``UPDATE 1``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def live_orgs(db: Database) -> list[uuid.UUID]:
+    """Every live organisation's id, for the jobs that run across tenants (``retention_orgs()``, 0010)."""
+    async with db.no_tenant() as conn:
+        return [r[0] for r in await conn.fetch("SELECT * FROM retention_orgs()")]
+
+
+# The cold-tier objects a call owns (its recordings, its archived lines): what a purge, a wipe or an
+# erasure deletes before the call's rows.  $1: the calls' ids.
+CALL_OBJECTS_SQL = ("SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
+                    "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL")
+
+
 class MigrationError(StorageError, RuntimeError):
     """A migration failed, or an applied migration's text no longer matches its checksum."""
 

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from storage.blobs import BlobStore
-from storage.db import Database
+from storage.db import CALL_OBJECTS_SQL, Database, live_orgs, rows_affected
 from storage.records import AuditEntry
 
 log = logging.getLogger("switchboard.retention")
@@ -115,9 +115,7 @@ class Retention:
 
     async def run(self, *, dry_run: bool = False) -> RetentionReport:
         report = RetentionReport(dry_run)
-        async with self.db.no_tenant() as conn:
-            orgs = [r[0] for r in await conn.fetch("SELECT * FROM retention_orgs()")]
-        for org in orgs:
+        for org in await live_orgs(self.db):
             report.orgs.append(await self.run_org(org, dry_run=dry_run))
         return report
 
@@ -183,21 +181,15 @@ class Retention:
                 if rule.objects == "own":
                     keys = [r["storage_key"] for r in rows]
                 elif rule.objects == "calls" and ids:
-                    keys = [r["storage_key"] for r in await conn.fetch(
-                        "SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
-                        "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL", ids)]
+                    keys = [r["storage_key"] for r in await conn.fetch(CALL_OBJECTS_SQL, ids)]
                 else:
                     keys = []
             for key in keys:  # objects first: a stop here leaves rows to finish, never a lost object's row
                 await self.blobs.delete(key)
             if ids:
                 async with self.db.tenant(org) as conn:
-                    total += _deleted(await conn.execute(rule.delete(), ids))
+                    total += rows_affected(await conn.execute(rule.delete(), ids))
             if len(ids) < self.batch:
                 return total
 
-
-def _deleted(status: str) -> int:
-    """The row count of a ``DELETE n`` command tag."""
-    return int(status.rsplit(" ", 1)[-1])
 

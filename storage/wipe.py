@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from storage.blobs import BlobStore
-from storage.db import Database
+from storage.db import CALL_OBJECTS_SQL, Database, rows_affected
 from storage.records import AuditEntry
 
 log = logging.getLogger("switchboard.wipe")
@@ -93,9 +93,7 @@ class Wipe:
             if objects == "own":
                 blobs = [r["storage_key"] for r in rows if r["storage_key"]]  # an unfinished export has none
             elif objects == "calls" and keys:
-                blobs = [r["storage_key"] for r in await conn.fetch(
-                    "SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
-                    "SELECT archive_key FROM calls WHERE id = ANY($1) AND archive_key IS NOT NULL", keys)]
+                blobs = [r["storage_key"] for r in await conn.fetch(CALL_OBJECTS_SQL, keys)]
             else:
                 blobs = []
         for b in blobs:
@@ -104,4 +102,4 @@ class Wipe:
             return 0, len(blobs)
         async with self.db.tenant(org) as conn:
             status = await conn.execute(f"DELETE FROM {table} WHERE org_id = $1 AND {key} = ANY($2)", org, keys)
-        return int(status.rsplit(" ", 1)[-1]), len(blobs)
+        return rows_affected(status), len(blobs)

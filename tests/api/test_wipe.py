@@ -18,6 +18,7 @@ from storage.blobs import LocalBlobStore
 from storage.db import Database
 from storage.wipe import STEPS, Wipe
 from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
+from tests.fakes.blobs import FailingBlobs
 from tests.servers import Server
 
 TENANT_TABLES = [t for t, _ in STEPS] + ["transcriptions", "translations", "campaign_contacts"]
@@ -35,18 +36,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, world: World) -> Iterator[S
         asyncio.run(sign_in_all(srv, world))
         srv.extra["blobs"] = tmp / "data" / "blobs"
         yield srv
-
-
-class FailingBlobs(LocalBlobStore):
-    def __init__(self, root: Path, ok: int) -> None:
-        super().__init__(root, b"k" * 32)
-        self.ok = ok
-
-    async def delete(self, key: str) -> None:
-        if self.ok <= 0:
-            raise OSError("cold tier unreachable")
-        self.ok -= 1
-        await super().delete(key)
 
 
 async def _counts(db: Database, org: uuid.UUID) -> dict[str, int]:

@@ -18,22 +18,9 @@ from storage.accounts import create_organization, set_tenant
 from storage.blobs import LocalBlobStore
 from storage.db import Database
 from storage.retention import Retention
+from tests.fakes.blobs import FailingBlobs
 
 DAY = 86400
-
-
-class FailingBlobs(LocalBlobStore):
-    """The cold tier failing after ``ok`` deletes (a network fault in the middle of a run)."""
-
-    def __init__(self, root: Path, ok: int) -> None:
-        super().__init__(root, b"k" * 32)
-        self.ok = ok
-
-    async def delete(self, key: str) -> None:
-        if self.ok <= 0:
-            raise OSError("cold tier unreachable")
-        self.ok -= 1
-        await super().delete(key)
 
 
 async def _world(admin: asyncpg.Connection, blobs: LocalBlobStore) -> dict[str, object]:
