@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, Field
 
 from api.envelope import ApiError, not_found
-from api.lifecycle import Deletable, restore
+from api.lifecycle import Deletable, restore, soft_delete
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
 from storage.archive import read_archive
 
@@ -222,18 +222,11 @@ OPEN_STATUSES = ("initiating", "ringing", "active", "ending")
 
 async def delete_call(req: Req) -> Reply:
     """Soft delete: the call, its transcripts, translations and recordings leave every list and read."""
-    assert req.rt.tiers is not None
-    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
-        old = await conn.fetchrow("SELECT id, status FROM calls WHERE call_control_id = $1 AND deleted_at IS NULL "
-                                  "FOR UPDATE", req.params["call_id"])
-        if old is None:
-            raise not_found("call")
+    def still_open(old: Any) -> None:
         if old["status"] in OPEN_STATUSES:
             raise ApiError("conflict", f"the call is still {old['status']}: hang up first")
-        row = await conn.fetchrow(f"UPDATE calls SET deleted_at = now(), updated_at = now() WHERE id = $1 "
-                                  f"RETURNING {CALL_COLUMNS}", old["id"])
-        await req.audit("call.deleted", "call", old["id"], None, {"deleted": True}).apply(conn)
-    return Reply(call_out(row))
+
+    return Reply(call_out(await soft_delete(req, CALL, req.params["call_id"], refuse=still_open)))
 
 
 async def restore_call(req: Req) -> Reply:

@@ -27,7 +27,7 @@ import asyncpg
 from pydantic import BaseModel, Field, StringConstraints
 
 from api.envelope import ApiError, not_found
-from api.lifecycle import Deletable, restore
+from api.lifecycle import Deletable, restore, soft_delete
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
 
 PHONE = r"^\+[1-9][0-9]{6,14}$"
@@ -271,13 +271,8 @@ async def patch_account(req: Req) -> Reply:
 
 
 async def delete_account(req: Req) -> Reply:
-    assert req.rt.tiers is not None
-    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
-        old = await _live_account(conn, req.params["account_id"], lock=True)
-        row = await conn.fetchrow(f"UPDATE collection_accounts SET deleted_at = now(), updated_at = now() "
-                                  f"WHERE id = $1 RETURNING {ACCOUNT_COLUMNS}", old["id"])
-        await req.audit("account.deleted", "collection_account", old["id"], {"external_ref": old["external_ref"]},
-                        {"deleted": True}).apply(conn)
+    row = await soft_delete(req, ACCOUNT, req.params["account_id"],
+                            old_value=lambda old: {"external_ref": old["external_ref"]})
     return Reply(account_out(row))
 
 
@@ -354,13 +349,7 @@ async def patch_campaign(req: Req) -> Reply:
 
 
 async def delete_campaign(req: Req) -> Reply:
-    assert req.rt.tiers is not None
-    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
-        old = await _live_campaign(conn, req.params["campaign_id"], lock=True)
-        await conn.execute("UPDATE campaigns SET deleted_at = now(), updated_at = now() WHERE id = $1", old["id"])
-        row = await conn.fetchrow(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = $1", old["id"])
-        await req.audit("campaign.deleted", "campaign", old["id"], None, {"deleted": True}).apply(conn)
-    return Reply(campaign_out(row))
+    return Reply(campaign_out(await soft_delete(req, CAMPAIGN, req.params["campaign_id"])))
 
 
 async def add_contacts(req: Req) -> Reply:

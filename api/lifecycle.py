@@ -1,6 +1,6 @@
 """Soft delete and restore: one rule for the user-facing resources that have them.
 
-    live --DELETE--> deleted (deleted_at set: gone from lists, reads and links at once)
+    live --DELETE--> deleted (deleted_at set: gone from lists, reads and links at once; soft_delete)
     deleted --POST .../restore, within the window--> live (deleted_at cleared)
     deleted --POST .../restore, after the window--> 410 gone (the retention job purges it)
     live --POST .../restore--> 409 conflict (nothing to restore)
@@ -17,6 +17,7 @@ secret must stay dead); deactivated users come back with ``PATCH active``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,25 @@ class Deletable:
     noun: str  # in error messages
     key: str = "id"  # the column the path names
     columns: str = "*"  # what a restore returns
+
+
+async def soft_delete(req: Req, what: Deletable, key: Any, *, refuse: Callable[[Any], None] | None = None,
+                      old_value: Callable[[Any], dict[str, Any]] | None = None) -> Any:
+    """Delete the live row ``key`` of ``what`` (set ``deleted_at``); returns it.  ``refuse(row)`` may
+    raise to keep a row that must not go yet; ``old_value(row)`` is the audit entry's old value."""
+    assert req.rt.tiers is not None
+    async with req.rt.tiers.db.tenant(req.p.org_id) as conn:
+        row = await conn.fetchrow(f"SELECT * FROM {what.table} WHERE {what.key} = $1 AND deleted_at IS NULL "
+                                  "FOR UPDATE", key)
+        if row is None:
+            raise not_found(what.noun)
+        if refuse is not None:
+            refuse(row)
+        deleted = await conn.fetchrow(f"UPDATE {what.table} SET deleted_at = now(), updated_at = now() "
+                                      f"WHERE id = $1 RETURNING {what.columns}", row["id"])
+        await req.audit(f"{what.action}.deleted", what.resource_type, row["id"],
+                        old_value(row) if old_value else None, {"deleted": True}).apply(conn)
+    return deleted
 
 
 async def restore(req: Req, what: Deletable, key: Any) -> Any:
