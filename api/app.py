@@ -51,7 +51,7 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
         if s.persist:
             tiers = await open_tiers(s, local_blob_store(s))
             opened.push_async_callback(tiers.aclose)
-            persistence = Persistence(tiers, spool_dir=s.data_dir.resolve() / "spool",
+            persistence = Persistence(tiers, spool_dir=s.own_dir / "spool",
                                       recording=s.recording_enabled, recording_max_s=s.recording_max_s,
                                       uploads=s.recording_uploads, node_id=s.node_id)
             opened.push_async_callback(persistence.drain, 30.0)
@@ -133,6 +133,8 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
     gc_stats = gc.get_stats()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
+        # Which process answered: with `serve --workers N` each answers for itself (api/workers.py).
+        "node": {"node_id": rt.settings.node_id, "worker": rt.settings.worker_index, "pid": os.getpid()},
         "streams_active": len(rt.calls),
         "streams_pending": rt.admission.total,
         "streams_refused": rt.admission.refused,

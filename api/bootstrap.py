@@ -52,7 +52,7 @@ from storage.accounts import create_api_key, create_media_token, create_organiza
 from storage.lifeline import DataDirInUse, DataDirLock
 
 if TYPE_CHECKING:
-    from api.tiers import Tiers
+    from storage.db import Database
 
 DEMO_NAME = "Demo organisation"
 DEMO_EMAIL = "demo@switchboard.local"
@@ -257,19 +257,19 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-async def ensure_demo(s: Settings, tiers: Tiers) -> Demo:
+async def ensure_demo(s: Settings, db: Database) -> Demo:
     """The demo organisation: the one saved in ``demo.json`` if its user still exists, else a new one
     (saved there).  Runs on the server's application pool."""
     path = demo_path(s)
     saved = await asyncio.to_thread(read_demo, s)
-    async with tiers.db.no_tenant() as conn:
+    async with db.no_tenant() as conn:
         exists = await conn.fetchval("SELECT user_id FROM auth_login_lookup($1)", DEMO_EMAIL)
     if saved is not None and exists == saved.user_id:
         return Demo(saved, False, path)
     if exists is not None:
         return Demo(None, False, path)
     org_id = uuid.uuid4()
-    async with tiers.db.tenant(org_id) as conn, conn.transaction():
+    async with db.tenant(org_id) as conn, conn.transaction():
         created = await create_org_with_owner(conn, DEMO_NAME, DEMO_EMAIL, actor_id="demo", org_id=org_id)
         await _demo_accounts(conn, org_id)
     await asyncio.to_thread(_write_private, path, created.to_json())

@@ -37,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
     serve.add_argument("--demo", action="store_true",
                        help="create a demo organisation on the first start and print how to sign in")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="server processes on the one port (default SWITCHBOARD_WORKERS, else one per core)")
+    # How `serve --workers` starts each worker (api/workers.py); not for hand use.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     sub.add_parser("migrate", help="create the app role and apply pending database migrations")
     orgs = sub.add_parser("orgs", help="organisations").add_subparsers(dest="orgs_command", required=True)
     create = orgs.add_parser("create", help="create an organisation, its owner, an admin API key and a media token")
@@ -73,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers),
+                                       ("worker_index", args.worker_index)) if v is not None}
         settings = Settings(**overrides)
         logs.setup(settings.log_level)
         try:
-            uvloop.run(_serve(settings, demo=args.demo))
+            if settings.workers > 1 and settings.worker_index is None:
+                from api.workers import serve_workers
+
+                return uvloop.run(serve_workers(settings, demo=args.demo))
+            uvloop.run(_serve(settings, demo=args.demo, ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd))
         except DataDirInUse as exc:
             print(f"switchboard: {exc}", file=sys.stderr)
             return 1
@@ -247,7 +258,10 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-async def _serve(settings: Settings, *, demo: bool = False) -> None:
+async def _serve(settings: Settings, *, demo: bool = False, ready_fd: int | None = None,
+                 lifeline_fd: int | None = None) -> None:
+    """One server process: alone, or worker ``settings.worker_index`` of ``serve --workers``, which then
+    gives the pipe to say "ready" on and the pipe whose EOF means the parent is gone (api/workers.py)."""
     from api.app import make_app, open_runtime
     from api.bootstrap import Demo, demo_banner, ensure_demo
     from api.connections import CONNECTION_GUARD, ConnectionGuard
@@ -259,7 +273,7 @@ async def _serve(settings: Settings, *, demo: bool = False) -> None:
     demo_org: Demo | None = None
     if demo and rt.tiers is not None:
         try:
-            demo_org = await ensure_demo(settings, rt.tiers)
+            demo_org = await ensure_demo(settings, rt.tiers.db)
         except BaseException:
             await rt.aclose()
             raise
@@ -272,7 +286,8 @@ async def _serve(settings: Settings, *, demo: bool = False) -> None:
     await runner.setup()
     assert runner.server is not None
     guard.install(runner.server)  # before the site accepts anything
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+    worker = settings.worker_index is not None
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_port=worker or None)
     await site.start()
     # Start-up (storage clients, warm decoders) made many long-lived objects: out of the collector's reach too.
     gc.collect()
@@ -287,6 +302,15 @@ async def _serve(settings: Settings, *, demo: bool = False) -> None:
     # any clean-up; stop as on Ctrl-C instead.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    if lifeline_fd is not None:
+        def parent_gone() -> None:
+            loop.remove_reader(lifeline_fd)
+            logging.getLogger("switchboard").error("worker.parent_gone", extra={"worker": settings.worker_index})
+            stop.set()
+        loop.add_reader(lifeline_fd, parent_gone)  # readable only at EOF: nothing is ever written to it
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
     try:
         await stop.wait()
     finally:

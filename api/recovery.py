@@ -39,19 +39,25 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from redis.exceptions import RedisError
+
+from api.call_session import call_key
 from api.persistence import Persistence, RecordingMeta
 from engine.backoff import Backoff
 from pipelines import spool_recovery
+from pipelines.events import CallEnded as CallEndedEvent
 from pipelines.spool_recovery import Leftover, find_leftovers
 from storage.records import (
     AuditEntry,
     CallEnded,
     CallStarted,
+    ClosedCall,
     RecordingStored,
     call_exists,
     close_calls_of_restarted_node,
 )
 from storage.sweeps import sweep_interrupted_imports
+from storage.warm import EventBus
 from storage.writer import TRANSIENT
 
 log = logging.getLogger("switchboard.recovery")
@@ -79,12 +85,33 @@ async def recover_on_start(persistence: Persistence, node_id: str, batch: int = 
                                                      "call_id": call.call_control_id,
                                                      "previous_status": call.previous_status})
     persistence.calls_closed_on_start = len(closed)
+    if closed and persistence.tiers.bus is not None:
+        persistence.run_in_background(_tell_viewers(persistence.tiers.bus, closed), "recovery-viewers")
     leftovers = await asyncio.to_thread(find_leftovers, persistence.spool_dir)
     if closed or leftovers:
         log.warning("recovery.start", extra={"node_id": node_id, "calls_closed": len(closed),
                                              "spool_leftovers": len(leftovers)})
     if leftovers:
         persistence.run_in_background(_recover_all(persistence, leftovers), "recording-recovery")
+
+
+async def _tell_viewers(bus: EventBus, closed: list[ClosedCall]) -> None:
+    """Each closed call's ``call.ended`` on its Redis Stream, numbered after the last event the dead
+    run published there: viewers on other nodes (api.relay) see the call end with its reason instead
+    of waiting for an end that never comes, and a viewer reconnecting with Last-Event-ID gets it once.
+    Best effort with a deadline per call: the database already says how the call ended."""
+    for call in closed:
+        key = call_key(call.org_id, call.call_control_id)
+        ended = CallEndedEvent(call.call_control_id, "", "node_restart",
+                          "the process that was handling the call stopped before the call ended", "failed", {})
+        try:
+            async with asyncio.timeout(5):
+                ref = await bus.last_ref(key)
+                await bus.publish(key, ended.name, ended.payload(), ref=ref + 1)
+                await bus.end(key)
+        except (OSError, RedisError, TimeoutError) as exc:
+            log.warning("recovery.viewers_not_told", extra={"call_id": call.call_control_id,
+                                                            "error": type(exc).__name__})
 
 
 async def _recover_all(p: Persistence, leftovers: list[Leftover]) -> None:

@@ -116,7 +116,7 @@ class Runtime:
             self.keyring = keyring_for(s)
         self.post_call: PostCall | None = None  # Telnyx's recordings fetched and transcribed (api/post_call.py)
         if tiers is not None:
-            self.post_call = PostCall(s, tiers.db, tiers.blobs, self.redactor, s.data_dir.resolve() / "post-call",
+            self.post_call = PostCall(s, tiers.db, tiers.blobs, self.redactor, s.own_dir / "post-call",
                                       self.phrases)
         self.telnyx: TelnyxCalls | None = (TelnyxCalls(s, tiers.db, self.hub, self.post_call)
                                            if tiers is not None else None)

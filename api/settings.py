@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     log_level: str = "INFO"
+    # `serve` runs this many server processes on the one port (api/workers.py); 1 = this process alone.
+    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    # Set by `serve --workers` on each of its workers (never by hand): this process is worker i of a
+    # parent that holds the data directory; see own_dir and lock_dir.
+    worker_index: int | None = Field(None, ge=0, le=255)
 
     # Telnyx media streams
     # The bootstrap organisation's first media token (Telnyx's stream_auth_token), for deployments
@@ -289,6 +294,23 @@ class Settings(BaseSettings):
         if not v.isprintable() or v != v.strip():
             raise ValueError("node_id must be printable, without leading or trailing blanks")
         return v
+
+    @property
+    def own_dir(self) -> Path:
+        """This process's own files (spool, post-call work): the data directory, or, for worker i >= 1
+        of ``serve --workers``, ``<data_dir>/workers/w<i>``.  Worker 0 keeps the data directory's own
+        places, so a one-process run and worker 0 are the same node (same node_id, same spool)."""
+        if not self.worker_index:
+            return self.data_dir.resolve()
+        return self.data_dir.resolve() / "workers" / f"w{self.worker_index}"
+
+    @property
+    def lock_dir(self) -> Path:
+        """Where this process's ``DataDirLock`` lives: the data directory, or, for a worker (whose
+        parent holds that one), ``<data_dir>/workers/w<i>``: one live process per worker slot."""
+        if self.worker_index is None:
+            return self.data_dir.resolve()
+        return self.data_dir.resolve() / "workers" / f"w{self.worker_index}"
 
     def segmenter(self) -> SegmenterConfig:
         return SegmenterConfig(

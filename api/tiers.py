@@ -105,7 +105,7 @@ async def open_tiers(settings: Settings, local: LocalBlobStore | None) -> Tiers:
 
     Raises ``storage.lifeline.DataDirInUse`` when another running server holds the data directory.
     """
-    lock = DataDirLock(settings.data_dir.resolve())
+    lock = DataDirLock(settings.lock_dir)
     await asyncio.to_thread(lock.acquire)
     started: list[Any] = []
     try:

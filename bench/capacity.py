@@ -257,6 +257,7 @@ def server(baseline: bool, port: int):  # type: ignore[no-untyped-def]
            "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
            "SWITCHBOARD_PERSIST": "true" if PERSIST else "false",
            "SWITCHBOARD_TELNYX_STREAM_TOKEN": MEDIA_TOKEN, "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
+           "SWITCHBOARD_WORKERS": "1",  # one process pinned to one core: the per-core figure
            "SWITCHBOARD_DATA_DIR": tempfile.mkdtemp(prefix="switchboard-bench-")}  # fresh tiers per run
     taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
     proc = subprocess.Popen(taskset + cmd, env=env)

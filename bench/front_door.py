@@ -38,7 +38,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _server(data_dir: Path, port: int) -> Iterator[dict[str, str]]:
     env = {**os.environ, "SWITCHBOARD_STT_PROVIDER": "null", "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
-           "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_DATA_DIR": str(data_dir),
+           "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_DATA_DIR": str(data_dir), "SWITCHBOARD_WORKERS": "1",
            "SWITCHBOARD_RATE_READ_PER_MIN": "10000000", "SWITCHBOARD_LOGIN_PER_ACCOUNT_PER_MIN": "100000"}
     proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--demo", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL)

@@ -446,6 +446,13 @@ class EventBus:
         result: Any = await self._r.xread(streams, count=count, block=block_ms)
         return [(calls[key], _bus_event(eid, fields)) for key, entries in result or [] for eid, fields in entries]
 
+    async def last_ref(self, call_id: str) -> int:
+        """The publisher's id of the newest retained event (0 if none): a node finishing another's call
+        (api.recovery) numbers its ``call.ended`` after it, so Last-Event-ID keeps working."""
+        entries: Any = await self._r.xrevrange(self._key(call_id), "+", "-", count=1)
+        ref = entries[0][1].get(b"ref") if entries else None
+        return int(ref) if ref is not None else 0
+
     async def end(self, call_id: str) -> None:
         """The call is over: the stream stays readable for ``ended_ttl_s``, then expires."""
         await self._r.expire(self._key(call_id), self._ended_ttl)

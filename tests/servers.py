@@ -65,7 +65,9 @@ def running_server(tmp: Path, *, new_session: bool = False, **env: str) -> Itera
                 "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
                 "SWITCHBOARD_TELNYX_STREAM_TOKEN": MEDIA_TOKEN, "SWITCHBOARD_BOOTSTRAP_API_KEY": API_KEY,
                 "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
-                "SWITCHBOARD_DATA_DIR": str(tmp / "data"), **env}
+                "SWITCHBOARD_DATA_DIR": str(tmp / "data"),
+                "SWITCHBOARD_WORKERS": "1",  # one process unless a test asks for more (tests/test_workers.py)
+                **env}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
