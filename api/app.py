@@ -95,6 +95,7 @@ def make_app(rt: Runtime) -> web.Application:
     if s.stats_enabled:
         app.router.add_get("/api/stats", functools.partial(stats, rt))
         app.router.add_post("/api/stats/reset", functools.partial(stats_reset, rt))
+        app.router.add_get("/metrics", functools.partial(metrics, rt))
 
     async def start(app: web.Application) -> None:
         rt.start()
@@ -173,6 +174,15 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
 
 
 @body_limit(1024)  # takes none, but a client that sends {} is not refused
+async def metrics(rt: Runtime, request: web.Request) -> web.Response:
+    """Prometheus exposition (api/metrics.py), for the metrics token or an admin; with several workers,
+    every worker's, labelled ``worker``."""
+    await _stats_allowed(rt, request, "stats.read")
+    from api.metrics import CONTENT_TYPE
+
+    return web.Response(body=await rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def stats_reset(rt: Runtime, request: web.Request) -> web.Response:
     await _stats_allowed(rt, request, "stats.reset")
     rt.stats.frame_lag.reset()

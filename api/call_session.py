@@ -82,7 +82,9 @@ def speech_leg(rt: Runtime, key: str, call_id: str, stream_id: str, language: st
         sse_redacted=policy.sse_redacted, provider=provider.name, stage=rt.translation,
         persistence=rt.persistence, record=record)
     pipeline = CallPipeline(call_id=call_id, stream_id=stream_id, provider=provider, publish=events.publish,
-                            segmenter=rt.segmenter, phrases=rt.phrases, language=language)
+                            segmenter=rt.segmenter, phrases=rt.phrases, language=language,
+                            on_final_latency=rt.final_latency.record)
+    rt.pipeline_totals.track(pipeline)
     return events, pipeline
 
 
@@ -291,7 +293,8 @@ class CallSession:
             if rt.persistence is not None and self.record is not None:
                 rt.persistence.call_ended(self.record, reason=reason, failed=state is CallState.FAILED,
                                           stats={**stats, "end_detail": detail} if detail else stats)
-            rt.calls.release(self)
+            rt.stream_losses.add(p.late, p.lost)
+            rt.calls.release(self)  # the same step as the line above: /metrics never counts a call twice
             self._finished.set()
             log.info("call.ended", extra={"stream_id": self.stream_id, "call_id": self.call_id,
                                           "reason": reason, "detail": detail, **stats})

@@ -295,6 +295,11 @@ class BusForwarder:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bus-forwarder")
 
+    @property
+    def pending(self) -> int:
+        """Events waiting for Redis."""
+        return len(self._buf)
+
     def tap(self, call_id: str, ev: HubEvent) -> None:
         if ev.droppable:
             return

@@ -46,6 +46,11 @@ class BusRelay:
         self.relayed = 0
         self.errors = 0
 
+    @property
+    def watched(self) -> int:
+        """Other nodes' calls watched for SSE clients here."""
+        return len(self._watchers)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bus-relay")
 

@@ -87,6 +87,12 @@ class Runtime:
         self.segmenter: SegmenterConfig = s.segmenter()
         self.phrases: tuple[str, ...] = s.phrases()
         self.stats = Stats()
+        # GET /metrics (api/metrics.py): speech pipelines' counters, recognisers' time to final, lost frames.
+        from api.metrics import Exposition, FinalLatency, PipelineTotals, StreamLosses
+
+        self.pipeline_totals = PipelineTotals()
+        self.final_latency = FinalLatency()
+        self.stream_losses = StreamLosses()
         self.auth = Authenticator(s, tiers)  # every door's identity check
         self.sse_held = PerKeyQuota(s.sse_max_per_principal)  # open event streams per user or API key
         self.client_address = ClientAddress.build(s.trusted_proxies).of  # the peer, or whom a trusted proxy names
@@ -126,12 +132,14 @@ class Runtime:
         self._retention_task: asyncio.Task[None] | None = None
         self._wipe_task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
+        self.metrics = Exposition(self)
 
     def start(self) -> None:
         """Start the background tasks (on the running loop)."""
         self.stats.watch_gc()
         self._stall_task = asyncio.get_running_loop().create_task(self._watch_loop(), name="loop-stall-watch")
         self.watch.start()
+        self.metrics.start()
         if self.tiers is not None:
             s = self.settings
             self.tiers.supervise(s.supervise_interval_s, s.supervise_backoff_max_s)
@@ -237,6 +245,7 @@ class Runtime:
     async def aclose(self) -> None:
         """Release everything, in the reverse order of ``open_runtime``.  Idempotent enough for cleanup."""
         self.stats.unwatch_gc()
+        await self.metrics.aclose()
         if self._retention_task is not None:
             self._retention_task.cancel()
             await asyncio.gather(self._retention_task, return_exceptions=True)

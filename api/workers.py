@@ -52,11 +52,13 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from api.settings import Settings
@@ -108,8 +110,10 @@ class WorkerPool:
 
     MAX_EXITS_KEPT = 20
 
-    def __init__(self, n: int, *, host: str, port: int, env: dict[str, str], extra_args: list[str]) -> None:
+    def __init__(self, n: int, *, host: str, port: int, env: dict[str, str], extra_args: list[str],
+                 metrics_dir: Path | None = None) -> None:
         self.slots = [Slot(i) for i in range(n)]
+        self._metrics_dir = metrics_dir  # workers' metrics snapshots (api/metrics.py): a dead one's removed
         self._host, self._port = host, port
         self._env = env
         self._extra = extra_args
@@ -173,6 +177,8 @@ class WorkerPool:
             code = await slot.proc.wait()
             if self._stopping:
                 return
+            if self._metrics_dir is not None:  # its last figures are not the node's any more
+                (self._metrics_dir / f"w{slot.index}.prom").unlink(missing_ok=True)
             slot.exits = [*slot.exits, code][-self.MAX_EXITS_KEPT:]
             ran_s = time.monotonic() - slot.ready_at if ready and slot.ready_at is not None else 0.0
             if ran_s >= STABLE_S:
@@ -291,7 +297,9 @@ async def serve_workers(s: Settings, *, demo: bool) -> int:
         reserved = reserve_port(s.host, s.port)
         port = reserved.getsockname()[1]
         env = worker_env(s, database_url=database_url, redis_url=redis_url)
-        pool = WorkerPool(s.workers, host=s.host, port=port, env=env, extra_args=[])
+        metrics_dir = s.data_dir.resolve() / "metrics"
+        await asyncio.to_thread(shutil.rmtree, metrics_dir, True)  # a previous run's workers' figures
+        pool = WorkerPool(s.workers, host=s.host, port=port, env=env, extra_args=[], metrics_dir=metrics_dir)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

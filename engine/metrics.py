@@ -12,6 +12,7 @@ class LagHistogram:
         self.limit_ms = limit_ms
         self._buckets = [0] * (limit_ms + 1)
         self.count = 0
+        self.sum_ms = 0.0
         self.max_ms = 0.0
 
     def record(self, lag_ms: float) -> None:
@@ -22,6 +23,7 @@ class LagHistogram:
             i = self.limit_ms
         self._buckets[i] += 1
         self.count += 1
+        self.sum_ms += lag_ms
         if lag_ms > self.max_ms:
             self.max_ms = lag_ms
 
@@ -37,9 +39,14 @@ class LagHistogram:
                 return float(ms + 1)
         return float(self.limit_ms + 1)
 
+    def buckets(self) -> list[int]:
+        """Counts per 1 ms bucket (index i: [i, i+1) ms; the last: ``limit_ms`` and above).  A copy."""
+        return list(self._buckets)
+
     def reset(self) -> None:
         self._buckets = [0] * (self.limit_ms + 1)
         self.count = 0
+        self.sum_ms = 0.0
         self.max_ms = 0.0
 
     def summary(self) -> dict[str, float]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ log = logging.getLogger("switchboard.call")
 Publish = Callable[[Event], None]
 """Takes a typed event (``pipelines.events``); must not block."""
 
+ENDED_KEPT = 16  # utterance ends awaiting their finals, per track (older ones fall off: not measured)
 
 @dataclass(slots=True)
 class CallStats:
@@ -65,6 +67,8 @@ class _Track:
         self.behind = 0  # frames refused in a row by a recogniser that fell behind (0 = keeping up)
         # Frames (or finalize markers, None) waiting while the session opens.
         self.backlog: deque[AudioFrame | None] = deque(maxlen=backlog)
+        # When each utterance still owed a final ended (monotonic s), oldest first: finals come in order.
+        self.ended_at: deque[float] = deque(maxlen=ENDED_KEPT)
 
 
 class CallPipeline:
@@ -79,6 +83,7 @@ class CallPipeline:
         phrases: tuple[str, ...] = (),
         language: str = "en",
         open_backlog_ms: int = 5000,
+        on_final_latency: Callable[[str, float], None] | None = None,
     ) -> None:
         self.call_id = call_id
         self.stream_id = stream_id
@@ -92,6 +97,9 @@ class CallPipeline:
         self._tracks: dict[Track, _Track] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        # (provider name, seconds from the end of an utterance to its final): api.metrics' time to final.
+        self._on_final_latency = on_final_latency
+        self.on_closed: Callable[[CallPipeline], None] | None = None  # once, when aclose is done
 
     def feed(self, track: Track, pcm: bytes, sample_rate: int, timestamp_ms: int) -> None:
         """Take decoded PCM (a whole number of 20 ms frames) of one track.  Never blocks."""
@@ -128,7 +136,11 @@ class CallPipeline:
         sessions = [t.session for t in self._tracks.values() if t.session is not None]
         for t in self._tracks.values():
             t.session = None
-        await asyncio.gather(*(s.aclose(drain_timeout) for s in sessions))
+        try:
+            await asyncio.gather(*(s.aclose(drain_timeout) for s in sessions))
+        finally:
+            if self.on_closed is not None:
+                self.on_closed(self)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -180,6 +192,8 @@ class CallPipeline:
     def _on_utterance_failed(self, t: _Track, seq: int, reason: str) -> None:
         """One utterance got no final (the session logged why): say so; the session goes on."""
         self.stats.stt_failed_utterances += 1
+        if t.ended_at:
+            t.ended_at.popleft()
         self._publish(SttFailed(self.call_id, self.stream_id, t.track.value, reason[:200], seq))
 
     def _on_segments(self, t: _Track, events: Any) -> None:
@@ -188,6 +202,7 @@ class CallPipeline:
                 self.stats.speech_frames += 1
                 self._push(t, ev.frame)
             elif isinstance(ev, UtteranceEnded):
+                t.ended_at.append(time.monotonic())
                 if t.session is not None:
                     t.session.finalize()
                 elif not t.failed:
@@ -232,6 +247,10 @@ class CallPipeline:
     def _on_transcript(self, t: _Track, tr: Transcript) -> None:
         if tr.is_final:
             self.stats.finals += 1
+            if t.ended_at:
+                ended = t.ended_at.popleft()
+                if self._on_final_latency is not None:
+                    self._on_final_latency(self._provider.name, time.monotonic() - ended)
         else:
             self.stats.partials += 1
         self._publish(TranscriptEvent(self.call_id, self.stream_id, t.track.value, tr.text, tr.words, tr.confidence,

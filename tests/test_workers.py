@@ -222,3 +222,32 @@ async def test_sigterm_stops_every_worker_and_exits_cleanly(workers: Server) -> 
     assert not any(_alive(p) for p in pids)
     assert any(line.get("event") == "workers.stopping" for line in workers.logs())
     assert not any(line.get("event") == "worker.died" for line in workers.logs())
+
+
+async def test_one_scrape_of_the_port_shows_every_worker(workers: Server) -> None:
+    """/metrics on either worker: both workers' families, labelled, and a call counted once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sock, owner = await on_worker(workers.port, lambda n: True)
+    pcm = utterances_with_pauses(SENTENCES[:1], pause_ms=900, rate=8000)
+    messages = telnyx_messages(pcm, call_id="v3:metered", stream_id="s-metered", encoding="PCMU",
+                               sample_rate=8000, token=None)
+    async with connect(workers.ws, sock=sock) as ws:
+        await send_paced(ws, messages)
+        await ws.wait_closed()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15  # a sibling's figures are at most 2 s old
+    for index in (0, 1):  # ask each worker: each must answer for both
+        while True:
+            conn, _ = await on_worker(workers.port, lambda n, i=index: n["worker"] == i)
+            await _request(conn, "/metrics")  # as the admin API key (the metrics token works as well)
+            status, _, body = await _response(conn)
+            conn.close()
+            assert status == 200
+            streams = {s.labels["worker"]: s.value for fam in text_string_to_metric_families(body.decode())
+                       for s in fam.samples if s.name == "switchboard_streams_total"}
+            if streams == {str(owner["worker"]): 1.0, str(1 - owner["worker"]): 0.0}:
+                break
+            assert loop.time() < deadline, streams
+            await asyncio.sleep(0.5)
