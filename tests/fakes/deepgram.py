@@ -20,8 +20,10 @@ audio bytes: close with a code, or abort TCP) and ``stall_after`` (stop reading)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -33,10 +35,17 @@ class FakeDeepgram(ScriptedWsFake):
     path = "/v1/listen"
 
     def __init__(self, script: list[str], *, api_key: str = "test-key", word_ms: int = 400,
-                 segment_words: int = 2, idle_timeout: float = 10.0) -> None:
+                 segment_words: int = 2, idle_timeout: float = 10.0, final_delay_s: float = 0.0,
+                 final_text: Callable[[], str] | None = None, on_final: Callable[[str], None] | None = None) -> None:
         super().__init__(script, api_key=api_key, word_ms=word_ms)
         self.segment_words = segment_words
         self.idle_timeout = idle_timeout
+        # For bench/latency.py: Finalize is answered final_delay_s later (the connection's later messages
+        # wait meanwhile, as behind a busy recogniser); final_text, when given, is what that final says
+        # (the whole utterance, one segment); on_final gets it just before it is sent.
+        self.final_delay_s = final_delay_s
+        self.final_text = final_text
+        self.on_final = on_final
         self.utterances = 0  # utterances finalized so far, over all connections: indexes the script
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -79,8 +88,18 @@ class FakeDeepgram(ScriptedWsFake):
                 conn.messages.append(data)
                 if data.get("type") in ("Finalize", "CloseStream") and len(conn.audio) > utt_start:
                     end = len(conn.audio) / self._bytes_per_ms
-                    await ws.send_json(self._results(self._words(), committed, revealed, utt_start, end, True,
-                                                     data["type"] == "Finalize"))
+                    if self.final_text is not None:
+                        said = self.final_text().split()
+                        committed, revealed = 0, len(said)
+                    else:
+                        said = self._words()
+                    results = self._results(said, committed, revealed, utt_start, end, True,
+                                            data["type"] == "Finalize")
+                    if self.final_delay_s:
+                        await asyncio.sleep(self.final_delay_s)
+                    if self.on_final is not None:
+                        self.on_final(results["channel"]["alternatives"][0]["transcript"])
+                    await ws.send_json(results)
                     self.utterances += 1
                     utt_start, committed, revealed = len(conn.audio), 0, 0
                 if data.get("type") == "CloseStream":
