@@ -112,6 +112,8 @@ def _pdf(call: dict[str, Any], summary: dict[str, Any] | None, files: dict[str, 
         pdf.multi_cell(0, 5, latin(summary["summary"]), new_x="LMARGIN", new_y="NEXT")
         pdf.multi_cell(0, 5, latin("Score: " + orjson.dumps(summary["score"]).decode()), new_x="LMARGIN",
                        new_y="NEXT")
+        by = f"a model ({summary['model']})" if summary.get("engine") == "llm" else "the offline rules"
+        pdf.cell(0, 5, latin(f"Written by {by} from the redacted transcript."), new_x="LMARGIN", new_y="NEXT")
     else:
         pdf.cell(0, 5, "No summary was written for this call.", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(3)
@@ -204,7 +206,8 @@ async def create_bundle(req: Req) -> Reply:
             "SELECT created_at, actor_type, actor_id, action, resource_type, resource_id, old_value, new_value "
             "FROM audit_logs WHERE resource_id IN ($1, $2) OR new_value->>'call_id' = $1 ORDER BY created_at",
             str(call["id"]), ccid)
-        summary = await conn.fetchrow("SELECT summary, score FROM call_summaries WHERE call_id = $1", call["id"])
+        summary = await conn.fetchrow("SELECT summary, score, engine, model FROM call_summaries WHERE call_id = $1",
+                                      call["id"])
     if call["archive_key"]:  # its lines are in the cold tier (storage/archive.py)
         kept, translated = await read_archive(tiers.blobs, call["archive_key"])
         lines = sorted(kept, key=lambda r: (r.get("kind") == "batch", r.get("start_ms") or 0, r["seq"]))

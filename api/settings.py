@@ -263,6 +263,14 @@ class Settings(BaseSettings):
     post_call_attempts: int = Field(6, ge=1, le=50)  # then the job is failed (reported, audited)
     post_call_interval_s: float = Field(5.0, gt=0)  # the job table is polled this often (and when woken)
     post_call_lease_s: float = Field(2400.0, gt=0)  # a running job not finished by then is taken again
+    # The call's summary and score (pipelines/summary_engine.py): "auto" = the OpenAI-compatible model
+    # (openai_base_url, GROQ_API_KEY / OPENAI_API_KEY) when a key is set, else the offline rules; "llm"
+    # without a key refuses to start.  Only redacted text is sent; any failure stores the offline result.
+    summary: Literal["auto", "offline", "llm"] = "auto"  # SWITCHBOARD_SUMMARY: the engine
+    summary_model: str | None = Field(None, min_length=1, max_length=100)  # unset: openai_model
+    summary_timeout_s: float = Field(30.0, gt=0, le=600)  # one call's whole exchange, retries and waits included
+    summary_max_retries: int = Field(2, ge=0, le=10)  # after 408/409/429/5xx or a failed connection
+    summary_retry_after_max_s: float = Field(10.0, ge=0, le=60)  # a longer Retry-After: the offline result
 
     # The sweeper (api/sweeper.py): placed calls left open by silent webhooks, imports left by a dead node.
     sweep_interval_s: float = Field(30.0, gt=0, le=3600)  # a sweep this often on every node (and one at start)
