@@ -26,6 +26,7 @@ from aiohttp import web
 
 from api import logs
 from api.settings import Settings
+from storage.blobs import BlobConfigError
 from storage.lifeline import DataDirInUse
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(settings.log_level)
         try:
             uvloop.run(_serve(settings, demo=args.demo))
-        except DataDirInUse as exc:
+        except (DataDirInUse, BlobConfigError) as exc:  # a configuration the tiers cannot serve: say so, no trace
             print(f"switchboard: {exc}", file=sys.stderr)
             return 1
         return 0

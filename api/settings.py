@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.segmenter import SegmenterConfig
@@ -190,6 +190,13 @@ class Settings(BaseSettings):
         "SWITCHBOARD_S3_ACCESS_KEY_ID", "S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"))
     s3_secret_access_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
         "SWITCHBOARD_S3_SECRET_ACCESS_KEY", "S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"))
+    # S3 server-side encryption of every object (storage/blobs.py): "auto" = AES256 (SSE-S3) when the store
+    # takes it and says so, else none (warned); "AES256" / "aws:kms" = that, or refuse to start; "off".
+    s3_sse: Literal["auto", "off", "AES256", "aws:kms"] = "auto"
+    s3_sse_kms_key_id: str | None = Field(None, min_length=1, max_length=2048)  # aws:kms only; unset: the default key
+    # Evidence bundles locked in the store until their retain_until (S3 Object Lock): "governance" or
+    # "compliance" need a bucket with Object Lock (a missing one is created with it; one without: no start).
+    s3_object_lock: Literal["off", "governance", "compliance"] = "off"
     # Key for the embedded store's signed download URLs; unset = random per process (URLs die with it).
     blob_signing_key: SecretStr | None = None
     # Encryption at rest (storage/crypto.py): {"<key id>": "<base64 of 32 bytes>"}, and the active id.
@@ -289,6 +296,13 @@ class Settings(BaseSettings):
     def _api_key_form(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and (not v.get_secret_value().startswith("sbk_") or len(v.get_secret_value()) < 24):
             raise ValueError("bootstrap_api_key must start with 'sbk_' and be at least 24 characters")
+        return v
+
+    @field_validator("s3_sse_kms_key_id")
+    @classmethod
+    def _kms_key_with_kms(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("s3_sse") != "aws:kms":
+            raise ValueError("s3_sse_kms_key_id is for SWITCHBOARD_S3_SSE=aws:kms only")
         return v
 
     @field_validator("node_id")
