@@ -25,8 +25,9 @@ offline result, marked with the reason (``Summary.fallback``) and counted in ``f
 
 Transport (one ``POST {base_url}/chat/completions`` per call, ``stream: false``): retryable statuses
 and connection failures are retried up to ``max_retries`` times, waiting what the server names in
-``retry-after-ms``/``retry-after`` when it is at most ``retry_after_max_s`` (else 0.5 s x 2^n, capped
-at 8 s, jittered: the translator's policy, ``openai_protocol.backoff_s``).  A 200 body larger than
+``retry-after-ms``/``retry-after`` (a date already past: no wait; longer than ``retry_after_max_s``:
+no retry, ``unavailable``), or when it names nothing readable 0.5 s x 2^n, capped at 8 s, jittered
+(the translator's policy, ``openai_protocol.backoff_s``).  A 200 body larger than
 ``MAX_RESPONSE_BYTES`` is malformed.  The key is sent in ``Authorization`` only and cut out of every
 message logged; ``Summary.fallback`` holds the reason and a rule or a status, never provider text.
 
@@ -203,11 +204,11 @@ class LlmEngine:
                     "status": status, "error": wire.redact(wire.error_body_message(error_body), self._key)})
                 if not wire.is_retryable(status):
                     raise proto.Rejected("refused", problem)
-                wait = wire.retry_after_s(answer_headers)
-                asked = "retry-after" in answer_headers or "retry-after-ms" in answer_headers
-                if (wait is None and asked) or (wait is not None and wait > self.retry_after_max_s):
+                asked = wire.requested_wait_s(answer_headers)
+                if asked is not None and asked > self.retry_after_max_s:
                     # Sooner than asked would be refused again; later than the cap holds the job up.
                     raise proto.Rejected("unavailable", f"{problem}, Retry-After beyond {self.retry_after_max_s:g} s")
+                wait = None if asked is None else max(asked, 0.0)  # a date already past: at once
             if retries >= self.max_retries:
                 raise proto.Rejected("unavailable", f"{problem} on all {retries + 1} attempts")
             if wait is None:

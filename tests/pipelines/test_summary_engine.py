@@ -135,6 +135,16 @@ async def test_a_retry_after_beyond_the_cap_is_not_waited_for(fake: FakeOpenAI) 
     assert s.engine == "offline" and s.fallback == "unavailable: HTTP 429, Retry-After beyond 2 s"
 
 
+async def test_an_unreadable_or_past_retry_after_means_the_backoff_or_at_once(fake: FakeOpenAI) -> None:
+    fake.fail_next(1, 429, retry_after="soon")
+    fake.fail_next(1, 503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT")
+    e = engine(fake)
+    s = await run(e)
+    assert s.engine == "llm" and fake.attempts == 3
+    gaps = [b - a for a, b in zip(fake.request_times, fake.request_times[1:], strict=False)]
+    assert 0.3 <= gaps[0] < 1.0 and gaps[1] < 0.3  # the first backoff (0.375-0.5 s), then no wait
+
+
 async def test_retries_are_bounded_then_the_offline_summary(fake: FakeOpenAI) -> None:
     fake.fail_next(5, 503, retry_after_ms="10")
     e = engine(fake, max_retries=2)
