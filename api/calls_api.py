@@ -101,10 +101,14 @@ class AgentOut(BaseModel):
 
 
 class SummaryOut(BaseModel):
-    text: str = Field(description="quotes of the call's redacted lines")
+    text: str = Field(description="offline: quotes of the call's redacted lines; llm: the model's summary of "
+                                  "them, redacted again")
     score: dict[str, Any] = Field(description="disclosure_spoken, promise_to_pay {amount, date} | null, dispute, "
                                               "callback_requested, consumer_lines, agent_lines")
     provider: str
+    engine: Literal["offline", "llm"] = Field(description="who wrote it: the offline rules or a model")
+    model: str | None = Field(description="the model that wrote it (engine llm)")
+    fallback: str | None = Field(description="why a model's answer was not used and the offline rules wrote it")
     source: Literal["live", "batch"]
     updated_at: datetime
 
@@ -180,8 +184,8 @@ async def get_call(req: Req) -> Reply:
         recordings = await conn.fetch(
             "SELECT id, content_type, bytes, duration_ms, channels, sample_rate, source, created_at FROM recordings "
             "WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at LIMIT $2", call["id"], n)
-        summary = await conn.fetchrow("SELECT summary AS text, score, provider, source, updated_at "
-                                      "FROM call_summaries WHERE call_id = $1", call["id"])
+        summary = await conn.fetchrow("SELECT summary AS text, score, provider, engine, model, fallback, source, "
+                                      "updated_at FROM call_summaries WHERE call_id = $1", call["id"])
         agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1", call["agent_id"])
                  if call["agent_id"] is not None else None)
     if call["archive_key"]:  # its lines moved to the cold tier (storage/archive.py)

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from api import logs
 from api.settings import Settings
+from storage.blobs import BlobConfigError
 from storage.lifeline import DataDirInUse
 
 
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 return uvloop.run(serve_workers(settings, demo=args.demo))
             uvloop.run(_serve(settings, demo=args.demo, ready_fd=args.ready_fd, lifeline_fd=args.lifeline_fd))
-        except DataDirInUse as exc:
+        except (DataDirInUse, BlobConfigError) as exc:  # a configuration the tiers cannot serve: say so, no trace
             print(f"switchboard: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -18,8 +18,12 @@ manifest, and no file outside it.  Any change to the stored object is reported, 
 
 Write-once: nothing in the application writes an evidence key twice (bundle ids are fresh) or deletes
 one (retention, erasure and the tenant wipe leave ``evidence/``); ``retain_until`` is recorded
-(``SWITCHBOARD_EVIDENCE_RETAIN_DAYS``).  The S3 server used here (SeaweedFS) is not asked for Object
-Lock; on AWS, a bucket default retention in COMPLIANCE mode adds the storage-side guarantee.
+(``SWITCHBOARD_EVIDENCE_RETAIN_DAYS``).  The store is told too: the bundle is put write-once
+(``If-None-Match: *``: an existing key is never replaced) and, with ``SWITCHBOARD_S3_OBJECT_LOCK``
+governance or compliance, with S3 Object Lock until ``retain_until``, so the store refuses to delete
+that version before then, whatever credentials the application holds (compliance; governance yields
+to a principal allowed to bypass it).  The server refuses to start when the lock is asked for and the
+bucket has none (storage/blobs.py).  The local store keeps only the no-overwrite rule.
 
 Bounds: at most ``MAX_RECORDING_BYTES`` of recordings per bundle (else 409), built in a temporary
 directory, one bundle per call at a time (a second request meanwhile: 409).
@@ -112,6 +116,8 @@ def _pdf(call: dict[str, Any], summary: dict[str, Any] | None, files: dict[str, 
         pdf.multi_cell(0, 5, latin(summary["summary"]), new_x="LMARGIN", new_y="NEXT")
         pdf.multi_cell(0, 5, latin("Score: " + orjson.dumps(summary["score"]).decode()), new_x="LMARGIN",
                        new_y="NEXT")
+        by = f"a model ({summary['model']})" if summary.get("engine") == "llm" else "the offline rules"
+        pdf.cell(0, 5, latin(f"Written by {by} from the redacted transcript."), new_x="LMARGIN", new_y="NEXT")
     else:
         pdf.cell(0, 5, "No summary was written for this call.", new_x="LMARGIN", new_y="NEXT")
     pdf.ln(3)
@@ -204,7 +210,8 @@ async def create_bundle(req: Req) -> Reply:
             "SELECT created_at, actor_type, actor_id, action, resource_type, resource_id, old_value, new_value "
             "FROM audit_logs WHERE resource_id IN ($1, $2) OR new_value->>'call_id' = $1 ORDER BY created_at",
             str(call["id"]), ccid)
-        summary = await conn.fetchrow("SELECT summary, score FROM call_summaries WHERE call_id = $1", call["id"])
+        summary = await conn.fetchrow("SELECT summary, score, engine, model FROM call_summaries WHERE call_id = $1",
+                                      call["id"])
     if call["archive_key"]:  # its lines are in the cold tier (storage/archive.py)
         kept, translated = await read_archive(tiers.blobs, call["archive_key"])
         lines = sorted(kept, key=lambda r: (r.get("kind") == "batch", r.get("start_ms") or 0, r["seq"]))
@@ -242,8 +249,10 @@ async def create_bundle(req: Req) -> Reply:
                 _build, work, facts, texts, paths, dict(summary) if summary else None)
             data = await asyncio.to_thread(zip_path.read_bytes)
             key = f"evidence/{org}/{call['id']}/{bundle_id}.zip"
-            await tiers.blobs.put_file(key, zip_path, "application/zip")
-        retain = created + timedelta(days=req.rt.settings.evidence_retain_days)
+            retain = created + timedelta(days=req.rt.settings.evidence_retain_days)
+            # Write-once: never replaces a key, and with SWITCHBOARD_S3_OBJECT_LOCK the store itself
+            # refuses to delete this version before retain_until (storage/blobs.py).
+            await tiers.blobs.put_file(key, zip_path, "application/zip", retain_until=retain)
         async with tiers.db.tenant(org) as conn:
             row = await conn.fetchrow(
                 "INSERT INTO evidence_bundles (id, org_id, call_id, call_control_id, storage_key, bytes, sha256, "

@@ -7,7 +7,11 @@ The jobs (table ``call_jobs``, migration 0007), one row each::
                       call.recording.saved     into the cold tier                   audit recording.stored, and a
                                                                                     batch_transcribe job
     batch_transcribe  a recording_fetch        cold tier -> recogniser -> redact     transcriptions (kind batch),
-                                                                                    audit call.transcribed
+                                                                                    audit call.transcribed, and a
+                                                                                    summarize job
+    summarize         the call's end (storage  redacted lines -> the summary engine  call_summaries (engine offline
+                      /records.py), a          (SWITCHBOARD_SUMMARY: offline rules   or llm, the model, the
+                      batch_transcribe         or an OpenAI-compatible model)        fallback reason)
 
 Each is written in the transaction that decided it, and writes its results in one transaction.
 
@@ -59,6 +63,7 @@ from pipelines.events import TranscriptEvent
 from pipelines.redaction import Redactor
 from pipelines.stt.assemblyai_batch import AssemblyAIBatch, BatchError, BatchUtterance
 from pipelines.stt.base import SttProvider, Transcript, Word
+from pipelines.summary_engine import SummaryEngine, make_engine
 from storage.blobs import BlobStore
 from storage.db import Database
 from storage.records import AuditEntry
@@ -127,6 +132,7 @@ class PostCall:
         self._tasks: list[asyncio.Task[None]] = []
         self._batch_stt: SttProvider | None = None
         self._http: Any = None
+        self.summarizer: SummaryEngine = make_engine(settings, redactor)  # ValueError: llm without a key
 
     def start(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -148,12 +154,13 @@ class PostCall:
             await self._batch_stt.aclose()
         if self._http is not None:
             await self._http.close()
+        await self.summarizer.aclose()
 
     def stats(self) -> dict[str, Any]:
         c, f = self.counters, self.fetcher.counters
         return {"jobs_done": c.done, "jobs_retried": c.retried, "jobs_failed": c.failed,
                 "batch_rows": c.transcribed_rows, "recordings_fetched": f.fetched, "fetch_refused": dict(f.refused),
-                "fetch_failed": f.failed, "fetch_connections": f.connections}
+                "fetch_failed": f.failed, "fetch_connections": f.connections, **self.summarizer.stats()}
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -340,30 +347,34 @@ class PostCall:
     # -- summarize --------------------------------------------------------------------------------
 
     async def _summarize(self, job: Job) -> None:
-        """The call's summary and score from its redacted lines (pipelines/summary.py): the lines
-        transcribed from the recording when there are, else the live ones."""
-        from pipelines.summary import summarize
-
+        """The call's summary and score from its redacted lines: the lines transcribed from the recording
+        when there are, else the live ones; by the engine ``summary`` names (pipelines/summary_engine.py,
+        which redacts them again and falls back to the offline rules on any model failure).  The model
+        is asked outside any transaction: no connection is held while it thinks."""
         async with self.db.tenant(job.org_id) as conn:
             rows: list[Any] = await conn.fetch(
                 "SELECT track, text, kind FROM transcriptions WHERE call_id = $1 AND deleted_at IS NULL "
                 "ORDER BY coalesce(start_ms, 0), created_at, seq LIMIT 5000", job.call_id)
-            archive = await conn.fetchval("SELECT archive_key FROM calls WHERE id = $1", job.call_id)
-        if archive:  # its lines are in the cold tier (storage/archive.py)
+            call = await conn.fetchrow("SELECT archive_key, coalesce(started_at, created_at) AS at FROM calls "
+                                       "WHERE id = $1", job.call_id)
+        if call is None:
+            raise JobFailed("the call is gone", retry=False)
+        if call["archive_key"]:  # its lines are in the cold tier (storage/archive.py)
             from storage.archive import read_archive
 
-            rows = (await read_archive(self.blobs, archive))[0][:5000]
+            rows = (await read_archive(self.blobs, call["archive_key"]))[0][:5000]
+        batch = [(r["track"], r["text"]) for r in rows if r["kind"] == "batch"]
+        live = [(r["track"], r["text"]) for r in rows if r["kind"] != "batch"]
+        lines, source = (batch, "batch") if batch else (live, "live")
+        summary = await self.summarizer.summarize(lines, call_date=call["at"].astimezone(UTC).date())
         async with self.db.tenant(job.org_id) as conn:
-            batch = [(r["track"], r["text"]) for r in rows if r["kind"] == "batch"]
-            live = [(r["track"], r["text"]) for r in rows if r["kind"] != "batch"]
-            lines, source = (batch, "batch") if batch else (live, "live")
-            summary = summarize(lines)
             await conn.execute(
-                "INSERT INTO call_summaries (call_id, org_id, summary, score, provider, source) "
-                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (call_id) DO UPDATE SET summary = $3, score = $4, "
-                "provider = $5, source = $6, updated_at = now() "
-                "WHERE call_summaries.source = 'live' OR $6 = 'batch'",
-                job.call_id, job.org_id, summary.text[:4000], summary.score, summary.provider, source)
+                "INSERT INTO call_summaries (call_id, org_id, summary, score, provider, source, engine, model, "
+                "fallback) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (call_id) DO UPDATE SET "
+                "summary = $3, score = $4, provider = $5, source = $6, engine = $7, model = $8, fallback = $9, "
+                "updated_at = now() WHERE call_summaries.source = 'live' OR $6 = 'batch'",
+                job.call_id, job.org_id, summary.text[:4000], summary.score, summary.provider, source,
+                summary.engine, summary.model, summary.fallback)
 
     async def _assemblyai(self, path: Path, language: str) -> list[tuple[str, int, Transcript, str]]:
         import aiohttp

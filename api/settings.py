@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.segmenter import SegmenterConfig
@@ -195,6 +195,13 @@ class Settings(BaseSettings):
         "SWITCHBOARD_S3_ACCESS_KEY_ID", "S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"))
     s3_secret_access_key: SecretStr | None = Field(None, validation_alias=AliasChoices(
         "SWITCHBOARD_S3_SECRET_ACCESS_KEY", "S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"))
+    # S3 server-side encryption of every object (storage/blobs.py): "auto" = AES256 (SSE-S3) when the store
+    # takes it and says so, else none (warned); "AES256" / "aws:kms" = that, or refuse to start; "off".
+    s3_sse: Literal["auto", "off", "AES256", "aws:kms"] = "auto"
+    s3_sse_kms_key_id: str | None = Field(None, min_length=1, max_length=2048)  # aws:kms only; unset: the default key
+    # Evidence bundles locked in the store until their retain_until (S3 Object Lock): "governance" or
+    # "compliance" need a bucket with Object Lock (a missing one is created with it; one without: no start).
+    s3_object_lock: Literal["off", "governance", "compliance"] = "off"
     # Key for the embedded store's signed download URLs; unset = random per process (URLs die with it).
     blob_signing_key: SecretStr | None = None
     # Encryption at rest (storage/crypto.py): {"<key id>": "<base64 of 32 bytes>"}, and the active id.
@@ -268,6 +275,14 @@ class Settings(BaseSettings):
     post_call_attempts: int = Field(6, ge=1, le=50)  # then the job is failed (reported, audited)
     post_call_interval_s: float = Field(5.0, gt=0)  # the job table is polled this often (and when woken)
     post_call_lease_s: float = Field(2400.0, gt=0)  # a running job not finished by then is taken again
+    # The call's summary and score (pipelines/summary_engine.py): "auto" = the OpenAI-compatible model
+    # (openai_base_url, GROQ_API_KEY / OPENAI_API_KEY) when a key is set, else the offline rules; "llm"
+    # without a key refuses to start.  Only redacted text is sent; any failure stores the offline result.
+    summary: Literal["auto", "offline", "llm"] = "auto"  # SWITCHBOARD_SUMMARY: the engine
+    summary_model: str | None = Field(None, min_length=1, max_length=100)  # unset: openai_model
+    summary_timeout_s: float = Field(30.0, gt=0, le=600)  # one call's whole exchange, retries and waits included
+    summary_max_retries: int = Field(2, ge=0, le=10)  # after 408/409/429/5xx or a failed connection
+    summary_retry_after_max_s: float = Field(10.0, ge=0, le=60)  # a longer Retry-After: the offline result
 
     # The sweeper (api/sweeper.py): placed calls left open by silent webhooks, imports left by a dead node.
     sweep_interval_s: float = Field(30.0, gt=0, le=3600)  # a sweep this often on every node (and one at start)
@@ -286,6 +301,13 @@ class Settings(BaseSettings):
     def _api_key_form(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None and (not v.get_secret_value().startswith("sbk_") or len(v.get_secret_value()) < 24):
             raise ValueError("bootstrap_api_key must start with 'sbk_' and be at least 24 characters")
+        return v
+
+    @field_validator("s3_sse_kms_key_id")
+    @classmethod
+    def _kms_key_with_kms(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("s3_sse") != "aws:kms":
+            raise ValueError("s3_sse_kms_key_id is for SWITCHBOARD_S3_SSE=aws:kms only")
         return v
 
     @field_validator("node_id")

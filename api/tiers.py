@@ -90,7 +90,7 @@ def s3_blob_store(s: Settings) -> S3BlobStore:
         s.s3_endpoint_url, s.s3_bucket,
         s.s3_access_key_id.get_secret_value() if s.s3_access_key_id else None,
         s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None,
-        region=s.s3_region,
+        region=s.s3_region, sse=s.s3_sse, sse_kms_key_id=s.s3_sse_kms_key_id, object_lock=s.s3_object_lock,
     )
 
 

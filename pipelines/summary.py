@@ -2,6 +2,7 @@
 
 Input: the call's lines, ``(track, text)`` in order, already redacted (``[REDACTED:<kind>]``); ``inbound``
 is the consumer, ``outbound``/``agent`` our side.  Output: ``Summary(text, score)``.  No I/O.
+The model-made summary (``pipelines.summary_engine``) falls back to this one.
 
 The score, a table of rules (matched on lower-cased text, word-bounded)::
 
@@ -48,6 +49,9 @@ class Summary:
     text: str
     score: dict[str, Any] = field(default_factory=dict)
     provider: str = "rules"
+    engine: str = "offline"  # "offline" (these rules) or "llm" (pipelines/summary_engine.py)
+    model: str | None = None  # the model that answered, for "llm"
+    fallback: str | None = None  # why the model's answer was not used, when it was asked and this is offline
 
 
 def summarize(lines: Sequence[tuple[str, str]]) -> Summary:

@@ -1,9 +1,11 @@
 """The cold tier: immutable blobs (call recordings, exports) in S3 or in a local directory.
 
 Contract (``BlobStore``): call ``start`` once before anything else and ``aclose`` once at shutdown.
-``put``/``put_file`` replace the whole object (readers see the old or the new bytes, never a mix);
-``get`` returns the whole object in memory, so use it for small blobs and hand large ones out with
-``presign_get``, a URL anyone can GET without credentials until it expires; ``delete`` is idempotent.
+``put``/``put_file`` replace the whole object (readers see the old or the new bytes, never a mix),
+except a write-once put (``retain_until`` given: evidence), which never replaces anything and raises
+``BlobExists`` instead; ``get`` returns the whole object in memory, so use it for small blobs and hand
+large ones out with ``presign_get``, a URL anyone can GET without credentials until it expires;
+``delete`` is idempotent and removes every version of the key (see "Versioned buckets").
 
 Two implementations:
 
@@ -11,7 +13,41 @@ Two implementations:
   given, e.g. SeaweedFS or MinIO; botocore defaults for AWS). ``put_file`` switches to a multipart
   upload above ``part_size`` and aborts that upload on any failure, so no orphaned parts are billed.
 - ``LocalBlobStore``: the embedded default, files under a root directory, atomic writes, URLs signed
-  with HMAC-SHA256 and served by ``api.blobs``.
+  with HMAC-SHA256 and served by ``api.blobs``.  It ignores the encryption and object-lock settings
+  below (a directory has neither; use an encrypted filesystem); a write-once put is refused when the
+  file exists (a hard link, atomic), and nothing else guards it.
+
+Server-side encryption (S3 only; ``sse``, ``SWITCHBOARD_S3_SSE``).  Every PutObject and
+CreateMultipartUpload carries the header; there is no CopyObject here.  ``start`` writes a probe
+object with the header (and deletes it) to learn what the store does::
+
+    sse        the store takes the probe   and says so (x-amz-server-side-encryption)   then
+    off        (no probe)                                                                no header
+    auto       yes                         yes                                           AES256
+    auto       yes                         no: it ignores the header                     no header, warned
+    auto       no (and takes it without)                                                 no header, warned
+    AES256,    yes                         yes                                           the header
+    aws:kms    yes                         no                                            the header, warned
+               no (and takes it without)                                                 start fails
+                                                                                         (BlobConfigError)
+
+``aws:kms`` sends ``SSEKMSKeyId`` when ``sse_kms_key_id`` is set (else the store's default KMS key).
+A probe that fails without the header too is the store failing, raised as such.
+
+Object Lock (S3 only; ``object_lock``, ``SWITCHBOARD_S3_OBJECT_LOCK`` = off | governance | compliance).
+A write-once put (``retain_until``) sends ``If-None-Match: *`` always (the store refuses to replace
+an existing key: ``BlobExists``) and, with a lock mode, ``x-amz-object-lock-mode`` and
+``-retain-until-date``: the store then refuses to delete or shorten that version before the date
+(COMPLIANCE: nobody; GOVERNANCE: only a principal allowed ``s3:BypassGovernanceRetention``).  With a
+lock mode ``start`` creates a missing bucket with Object Lock enabled, and refuses to start
+(``BlobConfigError``) when the bucket's ``GetObjectLockConfiguration`` does not say ``Enabled``:
+Object Lock can only be enabled when a bucket is made (or by AWS support), never silently later.
+
+Versioned buckets (Object Lock implies versioning).  An overwrite adds a version and a plain delete
+only adds a delete marker, leaving every earlier version stored: retention and erasure would keep the
+bytes they mean to remove.  So when ``start`` finds versioning on (or suspended), ``delete`` removes
+every version and delete marker of the key (ListObjectVersions, then DeleteObject per VersionId);
+a locked version is refused by the store (``BlobBackendError`` AccessDenied), which is the point.
 
 Bounds: keys are 1-1024 UTF-8 bytes of '/'-separated segments, none empty, '.' or '..', no leading
 '/', no control characters (so a key can never name a path outside the local root). Presigned URLs
@@ -42,6 +78,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import quote
@@ -78,6 +115,65 @@ class BlobBackendError(BlobError):
         self.code = code
 
 
+class BlobExists(BlobError):
+    """A write-once put found the key taken (S3: 412 PreconditionFailed on ``If-None-Match: *``)."""
+
+
+class BlobConfigError(BlobError):
+    """The store cannot do what the settings ask (encryption it refuses, Object Lock the bucket lacks)."""
+
+
+# -- the S3 request arguments, no I/O ---------------------------------------------------------------
+
+SSE_SETTINGS = ("auto", "off", "AES256", "aws:kms")
+LOCK_MODES = {"off": None, "governance": "GOVERNANCE", "compliance": "COMPLIANCE"}
+EXISTS_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict"})
+PROBE_PREFIX = "_switchboard/probe/"
+
+
+def encryption_args(sse: str | None, kms_key_id: str | None = None) -> dict[str, str]:
+    """The PutObject/CreateMultipartUpload arguments for ``sse`` (None: none)."""
+    if sse is None:
+        return {}
+    if sse not in ("AES256", "aws:kms"):
+        raise ValueError(f"no such server-side encryption: {sse!r}")
+    args = {"ServerSideEncryption": sse}
+    if sse == "aws:kms" and kms_key_id:
+        args["SSEKMSKeyId"] = kms_key_id
+    return args
+
+
+def lock_args(mode: str, retain_until: datetime | None) -> dict[str, Any]:
+    """The Object Lock arguments of a put: none unless it is write-once and a lock mode is set."""
+    if mode not in LOCK_MODES:
+        raise ValueError(f"no such object lock mode: {mode!r}")
+    if retain_until is None or LOCK_MODES[mode] is None:
+        return {}
+    if retain_until.tzinfo is None:
+        raise ValueError("retain_until must be timezone-aware")
+    return {"ObjectLockMode": LOCK_MODES[mode], "ObjectLockRetainUntilDate": retain_until}
+
+
+def sse_after_probe(setting: str, *, accepted: bool, echoed: str | None) -> tuple[str | None, str | None]:
+    """The module docstring's encryption table: (the header to send from now on, a warning or None).
+
+    ``accepted``: the store took the probe with the header; ``echoed``: the encryption its answer named.
+    Raises ``BlobConfigError`` for an explicit setting the store refuses."""
+    if setting == "off":
+        return None, None
+    wanted = "AES256" if setting == "auto" else setting
+    if not accepted:
+        if setting == "auto":
+            return None, "the store refuses server-side encryption (AES256): objects are stored as sent"
+        raise BlobConfigError(f"SWITCHBOARD_S3_SSE={setting}: the store refuses it (set it to auto or off, or "
+                              "configure the store's KMS)")
+    if echoed == wanted:
+        return wanted, None
+    if setting == "auto":
+        return None, "the store ignores the server-side encryption header: objects are stored as sent"
+    return wanted, f"the store takes SSE {wanted} without confirming it: check its encryption at rest"
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` unchanged, or raise ``InvalidBlobKey`` saying which rule it breaks."""
     if not isinstance(key, str) or not key:
@@ -108,9 +204,11 @@ def _check_presign_max(presign_max_s: int) -> int:
 class BlobStore(Protocol):
     async def start(self) -> None: ...
 
-    async def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> None: ...
+    async def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE, *,
+                  retain_until: datetime | None = None) -> None: ...
 
-    async def put_file(self, key: str, path: Path, content_type: str = DEFAULT_CONTENT_TYPE) -> None: ...
+    async def put_file(self, key: str, path: Path, content_type: str = DEFAULT_CONTENT_TYPE, *,
+                       retain_until: datetime | None = None) -> None: ...
 
     async def get(self, key: str) -> bytes: ...
 
@@ -131,7 +229,8 @@ class S3BlobStore:
     """Blobs in one S3 bucket, created by ``start`` if missing."""
 
     def __init__(self, endpoint_url: str | None, bucket: str, access_key: str | None, secret_key: str | None,
-                 region: str = "us-east-1", part_size: int = 8 << 20, presign_max_s: int = 3600) -> None:
+                 region: str = "us-east-1", part_size: int = 8 << 20, presign_max_s: int = 3600, *,
+                 sse: str = "auto", sse_kms_key_id: str | None = None, object_lock: str = "off") -> None:
         import aioboto3
         from botocore.config import Config
 
@@ -139,6 +238,17 @@ class S3BlobStore:
             raise ValueError("bucket must be non-empty")
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum), got {part_size}")
+        if sse not in SSE_SETTINGS:
+            raise ValueError(f"sse must be one of {', '.join(SSE_SETTINGS)}, got {sse!r}")
+        if sse_kms_key_id and sse != "aws:kms":
+            raise ValueError("sse_kms_key_id is for sse='aws:kms' only")
+        if object_lock not in LOCK_MODES:
+            raise ValueError(f"object_lock must be one of {', '.join(LOCK_MODES)}, got {object_lock!r}")
+        self.sse_setting = sse
+        self.sse_kms_key_id = sse_kms_key_id
+        self.object_lock = object_lock
+        self.sse: str | None = None  # what puts send, decided by start's probe
+        self.versioned = False  # learnt by start: deletes then remove every version
         self.endpoint_url = endpoint_url
         self.bucket = bucket
         self.region = region
@@ -168,12 +278,79 @@ class S3BlobStore:
                 await self.aclose()
                 raise
             await self._create_bucket()
-        log.info("blobs.s3_started", extra={"endpoint": self.endpoint_url, "bucket": self.bucket})
+        try:
+            await self._check_object_lock()
+            self.versioned = await self._is_versioned()
+            await self._probe_encryption()
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("blobs.s3_started", extra={"endpoint": self.endpoint_url, "bucket": self.bucket,
+                                            "sse": self.sse, "object_lock": self.object_lock,
+                                            "versioned": self.versioned})
+
+    async def _check_object_lock(self) -> None:
+        if LOCK_MODES[self.object_lock] is None:
+            return
+        try:
+            async with self._errors("GetObjectLockConfiguration"):
+                resp = await self._client.get_object_lock_configuration(Bucket=self.bucket)
+        except BlobBackendError as exc:
+            if exc.code not in ("ObjectLockConfigurationNotFoundError", "NotImplemented"):
+                raise
+            resp = {}
+        if resp.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+            raise BlobConfigError(
+                f"SWITCHBOARD_S3_OBJECT_LOCK={self.object_lock} but bucket {self.bucket!r} has no Object Lock: "
+                "create a bucket with Object Lock enabled (or let this server create a missing one), or set it to off")
+
+    async def _is_versioned(self) -> bool:
+        try:
+            async with self._errors("GetBucketVersioning"):
+                resp = await self._client.get_bucket_versioning(Bucket=self.bucket)
+        except BlobBackendError as exc:
+            if exc.code in ("NotImplemented", "501"):  # a store without versions
+                return False
+            raise
+        return resp.get("Status") in ("Enabled", "Suspended")  # suspended: earlier versions may remain
+
+    async def _probe_encryption(self) -> None:
+        """The module docstring's encryption table, learnt by writing (and removing) one small object."""
+        if self.sse_setting == "off":
+            return
+        wanted = "AES256" if self.sse_setting == "auto" else self.sse_setting
+        key = f"{PROBE_PREFIX}{os.urandom(8).hex()}"  # per start: nodes starting together do not meet
+        accepted, echoed = True, None
+        try:
+            async with self._errors("PutObject"):
+                resp = await self._client.put_object(Bucket=self.bucket, Key=key, Body=b"probe",
+                                                      **encryption_args(wanted, self.sse_kms_key_id))
+            echoed = resp.get("ServerSideEncryption")
+        except BlobBackendError as refused:
+            accepted = False
+            try:  # without the header: if this fails too, the store is failing, not refusing encryption
+                async with self._errors("PutObject"):
+                    await self._client.put_object(Bucket=self.bucket, Key=key, Body=b"probe")
+            except BlobBackendError:
+                raise refused from None
+        try:
+            self.sse, warning = sse_after_probe(self.sse_setting, accepted=accepted, echoed=echoed)
+        finally:
+            try:
+                await self.delete(key)
+            except BlobError as exc:  # a bucket default retention locks even the probe: harmless, say so
+                log.warning("blobs.probe_not_deleted", extra={"bucket": self.bucket, "error": exc.code
+                                                              if isinstance(exc, BlobBackendError) else str(exc)})
+        if warning:
+            log.warning("blobs.sse_unavailable", extra={"bucket": self.bucket, "sse": self.sse_setting,
+                                                        "detail": warning})
 
     async def _create_bucket(self) -> None:
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        if LOCK_MODES[self.object_lock] is not None:  # only possible now: never added to a bucket later
+            kwargs["ObjectLockEnabledForBucket"] = True
         try:
             async with self._errors("CreateBucket"):
                 await self._client.create_bucket(**kwargs)
@@ -182,27 +359,37 @@ class S3BlobStore:
                 await self.aclose()
                 raise
 
-    async def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
+    async def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE, *,
+                  retain_until: datetime | None = None) -> None:
         client = self._require(key)
-        async with self._errors("PutObject"):
-            await client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        once = {"IfNoneMatch": "*"} if retain_until is not None else {}
+        async with self._exists_as(key), self._errors("PutObject"):
+            await client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
+                                    **encryption_args(self.sse, self.sse_kms_key_id),
+                                    **lock_args(self.object_lock, retain_until), **once)
 
-    async def put_file(self, key: str, path: Path, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
+    async def put_file(self, key: str, path: Path, content_type: str = DEFAULT_CONTENT_TYPE, *,
+                       retain_until: datetime | None = None) -> None:
         """Upload ``path``; above ``part_size`` in parts, holding one part in memory at a time."""
         client = self._require(key)
         size = (await asyncio.to_thread(os.stat, path)).st_size
         if size <= self.part_size:
-            await self.put(key, await asyncio.to_thread(Path(path).read_bytes), content_type)
+            await self.put(key, await asyncio.to_thread(Path(path).read_bytes), content_type,
+                           retain_until=retain_until)
             return
         part_size = max(self.part_size, -(-size // MAX_PARTS))
         async with self._errors("CreateMultipartUpload"):
-            upload = await client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type)
+            # Encryption and the lock belong to the upload's creation; the object inherits them.
+            upload = await client.create_multipart_upload(Bucket=self.bucket, Key=key, ContentType=content_type,
+                                                          **encryption_args(self.sse, self.sse_kms_key_id),
+                                                          **lock_args(self.object_lock, retain_until))
         upload_id = upload["UploadId"]
+        once = {"IfNoneMatch": "*"} if retain_until is not None else {}
         try:
             parts = [part async for part in self._upload_parts(key, upload_id, path, part_size)]
-            async with self._errors("CompleteMultipartUpload"):
+            async with self._exists_as(key), self._errors("CompleteMultipartUpload"):
                 await client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                       MultipartUpload={"Parts": parts})
+                                                       MultipartUpload={"Parts": parts}, **once)
         except BaseException:
             # Also on cancellation: parts of an unfinished upload are stored (and billed) until aborted.
             with contextlib.suppress(Exception):
@@ -272,8 +459,19 @@ class S3BlobStore:
 
     async def delete(self, key: str) -> None:
         client = self._require(key)
-        async with self._errors("DeleteObject"):
-            await client.delete_object(Bucket=self.bucket, Key=key)
+        if not self.versioned:
+            async with self._errors("DeleteObject"):
+                await client.delete_object(Bucket=self.bucket, Key=key)
+            return
+        # Every version and delete marker of exactly this key (the listing is by prefix).
+        async with self._errors("ListObjectVersions"):
+            versions = []
+            async for page in client.get_paginator("list_object_versions").paginate(Bucket=self.bucket, Prefix=key):
+                versions += [v["VersionId"] for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
+                             if v["Key"] == key]
+        for version in versions:
+            async with self._errors("DeleteObject"):
+                await client.delete_object(Bucket=self.bucket, Key=key, VersionId=version)
 
     async def presign_get(self, key: str, expires_s: int = 300) -> str:
         client = self._require(key)
@@ -300,6 +498,16 @@ class S3BlobStore:
         if self._client is None:
             raise RuntimeError("S3BlobStore used before start() or after aclose()")
         return self._client
+
+    @contextlib.asynccontextmanager
+    async def _exists_as(self, key: str) -> AsyncIterator[None]:
+        """A write-once put's refusal (412 on ``If-None-Match: *``) as ``BlobExists``."""
+        try:
+            yield
+        except BlobBackendError as exc:
+            if exc.code in EXISTS_CODES:
+                raise BlobExists(f"write-once key already holds an object: {key}") from exc
+            raise
 
     @contextlib.asynccontextmanager
     async def _errors(self, op: str) -> AsyncIterator[None]:
@@ -338,18 +546,22 @@ class LocalBlobStore:
             raise InvalidBlobKey(f"blob key escapes the store: {key!r}")
         return path
 
-    async def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
-        await asyncio.to_thread(self._write_atomic, self.path_for(key), lambda f: f.write(data))
+    async def put(self, key: str, data: bytes, content_type: str = DEFAULT_CONTENT_TYPE, *,
+                  retain_until: datetime | None = None) -> None:
+        """``retain_until``: write-once (``BlobExists`` if the key is taken); no lock, no encryption here."""
+        await asyncio.to_thread(self._write_atomic, self.path_for(key), lambda f: f.write(data),
+                                retain_until is not None)
 
-    async def put_file(self, key: str, path: Path, content_type: str = DEFAULT_CONTENT_TYPE) -> None:
+    async def put_file(self, key: str, path: Path, content_type: str = DEFAULT_CONTENT_TYPE, *,
+                       retain_until: datetime | None = None) -> None:
         def copy(dst: BinaryIO) -> None:
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
-        await asyncio.to_thread(self._write_atomic, self.path_for(key), copy)
+        await asyncio.to_thread(self._write_atomic, self.path_for(key), copy, retain_until is not None)
 
     @staticmethod
-    def _write_atomic(target: Path, write: Any) -> None:
+    def _write_atomic(target: Path, write: Any, once: bool = False) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         try:
@@ -357,7 +569,14 @@ class LocalBlobStore:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
+            if once:
+                try:  # link(2) creates the name only if it is free: no window between a check and the write
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise BlobExists(f"write-once key already holds an object: {target.name}") from None
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

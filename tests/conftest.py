@@ -29,6 +29,7 @@ class S3Endpoint:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    data_dir: Path | None = None  # the embedded weed's volumes (None: a server from the environment)
 
 
 @pytest.fixture(scope="session")
@@ -60,8 +61,9 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint
     if url:
         yield S3Endpoint(url, os.environ["S3_ACCESS_KEY_ID"], os.environ["S3_SECRET_ACCESS_KEY"])
         return
-    server = embedded.start_weed(Path(tmp_path_factory.mktemp("weed")))
-    yield S3Endpoint(server.endpoint, server.access_key, server.secret_key)
+    data_dir = Path(tmp_path_factory.mktemp("weed"))
+    server = embedded.start_weed(data_dir)
+    yield S3Endpoint(server.endpoint, server.access_key, server.secret_key, data_dir=data_dir / "data")
     server.stop()
 
 

@@ -60,9 +60,10 @@ def running_server(tmp: Path, *, new_session: bool = False, **env: str) -> Itera
     foreground job is (a test may then signal the whole group, as Ctrl-C does)."""
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    # Storage tiers and translation are off unless a test turns them on (and points them at its servers).
+    # Storage tiers and translation are off, and summaries offline, unless a test turns them on (and points
+    # them at its servers): a key in the developer's environment must not send test calls to a provider.
     full_env = {**os.environ, "SWITCHBOARD_LOG_LEVEL": "INFO", "SWITCHBOARD_PERSIST": "false",
-                "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
+                "SWITCHBOARD_TRANSLATION_PROVIDER": "none", "SWITCHBOARD_SUMMARY": "offline",
                 "SWITCHBOARD_TELNYX_STREAM_TOKEN": MEDIA_TOKEN, "SWITCHBOARD_BOOTSTRAP_API_KEY": API_KEY,
                 "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
                 "SWITCHBOARD_DATA_DIR": str(tmp / "data"),

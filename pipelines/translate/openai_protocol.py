@@ -74,6 +74,15 @@ def is_retryable(status: int) -> bool:
 
 def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """The server's requested wait, when it gives one in 0-60 s."""
+    value = requested_wait_s(headers, now=now)
+    if value is not None and 0 <= value <= MAX_RETRY_AFTER_S:
+        return value
+    return None
+
+
+def requested_wait_s(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """The wait the server names, unbounded (negative for a date past), or None when it names none
+    it can be read as: ``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date."""
     value: float | None = None
     raw_ms = headers.get("retry-after-ms")
     if raw_ms is not None:
@@ -93,9 +102,7 @@ def retry_after_s(headers: Mapping[str, str], *, now: float | None = None) -> fl
                     when = None
                 if when is not None:
                     value = when.timestamp() - (time.time() if now is None else now)
-    if value is not None and 0 <= value <= MAX_RETRY_AFTER_S:
-        return value
-    return None
+    return value
 
 
 def backoff_s(retries_so_far: int, *, jitter: float | None = None) -> float:

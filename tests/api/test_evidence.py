@@ -1,7 +1,9 @@
 """Evidence bundles on the real server with storage on: a sealed zip of an ended call (recording,
 transcripts, translations, audit trail, a PDF page, a manifest of SHA-256s) verifies intact; a
 tampered stored object, whether a file changed, the manifest rewritten to match it, or a file added,
-is detected and named; roles and tenants as documented."""
+is detected and named; roles and tenants as documented.  In S3 (weed mini) with
+SWITCHBOARD_S3_OBJECT_LOCK: the bundle is encrypted, write-once and locked until its retain_until, and
+a bucket without Object Lock stops the server at start-up."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import io
 import uuid
 import zipfile
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -18,9 +21,10 @@ import pytest
 
 from api.auth import Role
 from api.evidence import sha256
-from storage.blobs import LocalBlobStore
+from storage.blobs import LocalBlobStore, S3BlobStore
 from storage.db import Database
 from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
+from tests.conftest import S3Endpoint
 from tests.servers import Server
 
 
@@ -136,3 +140,54 @@ async def test_a_sealed_bundle_verifies_and_every_kind_of_tampering_is_detected(
     async with db.tenant(a.org_id) as conn:  # the seal cannot be changed by the application
         with pytest.raises(Exception, match="permission denied"):
             await conn.execute("UPDATE evidence_bundles SET sha256 = $1", "0" * 64)
+
+
+async def test_in_s3_a_bundle_is_encrypted_write_once_and_locked_until_its_retain_until(
+        world: World, db: Database, s3_endpoint: S3Endpoint, tmp_path: Path) -> None:
+    a = world.a
+    s3 = {"S3_ENDPOINT_URL": s3_endpoint.endpoint, "S3_ACCESS_KEY_ID": s3_endpoint.access_key,
+          "S3_SECRET_ACCESS_KEY": s3_endpoint.secret_key, "SWITCHBOARD_S3_OBJECT_LOCK": "governance"}
+    locked, unlocked = f"sb-ev-{uuid.uuid4().hex[:8]}", f"sb-ev-{uuid.uuid4().hex[:8]}"
+    for sub in ("refused", "locked"):
+        (tmp_path / sub).mkdir()
+    raw = S3BlobStore(s3_endpoint.endpoint, "unused", s3_endpoint.access_key, s3_endpoint.secret_key)
+    async with raw._session.client("s3", endpoint_url=s3_endpoint.endpoint, config=raw._config) as admin:
+        # A bucket without Object Lock while the lock is asked for: the server does not start, and says why.
+        await admin.create_bucket(Bucket=unlocked)
+        with pytest.raises(RuntimeError) as refused, world_server(tmp_path / "refused", world, **s3,
+                                                                  SWITCHBOARD_S3_BUCKET=unlocked):
+            pass
+        said = str(refused.value)
+        assert f"switchboard: SWITCHBOARD_S3_OBJECT_LOCK=governance but bucket '{unlocked}' has no Object Lock" in said
+        assert "Traceback" not in said  # a configuration error, said plainly
+        await admin.delete_bucket(Bucket=unlocked)
+
+        ccid = f"v3:evidence-s3-{uuid.uuid4().hex[:8]}"
+        async with db.tenant(a.org_id) as conn:
+            cid = await conn.fetchval("INSERT INTO calls (org_id, call_control_id, status, started_at, ended_at) "
+                                      "VALUES ($1, $2, 'completed', now() - interval '1 min', now()) RETURNING id",
+                                      a.org_id, ccid)
+            await conn.execute("INSERT INTO transcriptions (org_id, call_id, track, seq, text) VALUES "
+                               "($1, $2, 'inbound', 1, 'I dispute this debt')", a.org_id, cid)
+        # The bucket is missing: the server makes it with Object Lock.
+        with world_server(tmp_path / "locked", world, **s3, SWITCHBOARD_S3_BUCKET=locked) as server:
+            async with aiohttp.ClientSession() as http:
+                status, sealed = await call(http, server, "POST", f"/api/calls/{ccid}/evidence",
+                                            a.keys[Role.ADMIN], {})
+                assert status == 201, sealed
+                bundle = sealed["data"]
+                status, verdict = await call(http, server, "GET",
+                                             f"/api/calls/{ccid}/evidence/{bundle['id']}/verify", a.keys[Role.ADMIN])
+                assert verdict["data"]["intact"] is True
+        key = f"evidence/{a.org_id}/{cid}/{bundle['id']}.zip"
+        head = await admin.head_object(Bucket=locked, Key=key)
+        retain_until = datetime.fromisoformat(bundle["retain_until"])
+        assert head["ObjectLockMode"] == "GOVERNANCE" and head["ServerSideEncryption"] == "AES256"
+        assert abs((head["ObjectLockRetainUntilDate"] - retain_until).total_seconds()) < 1
+        # Without the bypass permission nobody removes it early, nor overwrites it write-once.
+        with pytest.raises(Exception, match="AccessDenied"):
+            await admin.delete_object(Bucket=locked, Key=key, VersionId=head["VersionId"])
+        with pytest.raises(Exception, match="PreconditionFailed"):
+            await admin.put_object(Bucket=locked, Key=key, Body=b"forged", IfNoneMatch="*")
+        # Clean up as the store's administrator may (governance yields to the bypass; weed's Admin has it).
+        await admin.delete_object(Bucket=locked, Key=key, VersionId=head["VersionId"], BypassGovernanceRetention=True)

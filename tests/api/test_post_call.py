@@ -1,26 +1,34 @@
 """The post-call worker against real PostgreSQL and a local cold tier: a stored dual-channel recording
 transcribed through the fake AssemblyAI asynchronous API, redacted before it is stored, once however
 often the job runs; provider errors retried or failed as documented; a job whose node died is taken
-again after its lease."""
+again after its lease.  The summary through the fake OpenAI-compatible server: end to end in the
+running server (redacted input, the model's result in the call's detail), and by the worker's own
+hand for the fallbacks (unusable answer, timeout), a 429 then success, and no key."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import numpy as np
+import orjson
 import pytest
 import soundfile
 
+from api.auth import Role
 from api.post_call import PostCall, enqueue
 from api.settings import Settings
 from pipelines.redaction import Redactor
 from storage.blobs import LocalBlobStore
 from storage.db import Database
-from tests.api.rest_world import World, build_world
+from tests.api.rest_world import World, build_world, call, world_server
 from tests.fakes.assemblyai_batch import FakeAssemblyAIBatch
+from tests.fakes.openai_compat import FakeOpenAI
 from tests.servers import free_port
 
 CARD = "4111 1111 1111 1111"
@@ -58,6 +66,7 @@ async def _recording(db: Database, blobs: LocalBlobStore, org: uuid.UUID) -> tup
 
 
 def _worker(db: Database, blobs: LocalBlobStore, tmp: Path, port: int, **over: object) -> PostCall:
+    over = {"summary": "offline", **over}  # a key in the environment must not reach a real provider
     s = Settings(batch_stt="assemblyai", assemblyai_api_key="aai-test",  # type: ignore[arg-type]
                  assemblyai_batch_url=f"http://127.0.0.1:{port}", **over)
     return PostCall(s, db, blobs, Redactor(), tmp / "work")
@@ -186,3 +195,157 @@ async def test_a_job_that_breaks_unexpectedly_is_reported_and_the_worker_goes_on
                                      "AND kind = 'batch_transcribe'", good)
     assert failed == "internal: ValueError"
     assert worker.counters.failed >= 1 and worker.counters.done >= 1
+
+
+# -- the summary through an OpenAI-compatible model ---------------------------------------------------
+
+LLM_KEY = "gsk_test_summary_0123456789"
+ANSWER: dict[str, Any] = {"summary": "Disclosure given. The consumer promised 120.50 on 2026-12-04.",
+                          "disclosure_spoken": True, "promise_to_pay": {"amount": "120.50", "date": "2026-12-04"},
+                          "dispute": False, "callback_requested": False}
+# Stored lines; the second escaped redaction when it was written (the canary: it must leave redacted).
+LINES = [("outbound", "Hello, this is an attempt to collect a debt."), ("inbound", f"my card number is {CARD}"),
+         ("inbound", "I can pay 120.50 on December 4th.")]
+
+
+def _answering(answer: Any) -> Any:
+    text = answer if isinstance(answer, str) else orjson.dumps(answer).decode()
+    return lambda _user: text
+
+
+async def _spoken_call(db: Database, org: uuid.UUID) -> tuple[uuid.UUID, str]:
+    """An ended call with live lines (one of them not redacted) and its summarize job."""
+    call_id = uuid.uuid4()
+    ccid = f"v3:summary-{call_id.hex[:12]}"
+    async with db.tenant(org) as conn:
+        await conn.execute("INSERT INTO calls (id, org_id, call_control_id, status, started_at, ended_at) "
+                           "VALUES ($1, $2, $3, 'completed', '2026-11-30 15:00Z', '2026-11-30 15:05Z')",
+                           call_id, org, ccid)
+        for seq, (track, text) in enumerate(LINES, 1):
+            await conn.execute("INSERT INTO transcriptions (org_id, call_id, track, seq, text, start_ms) "
+                               "VALUES ($1, $2, $3, $4, $5, $6)", org, call_id, track, seq, text, seq * 1000)
+        await enqueue(conn, org, call_id, "summarize", f"summary-live:{call_id}", {"source": "live"})
+    return call_id, ccid
+
+
+async def _stored_summary(db: Database, org: uuid.UUID, call_id: uuid.UUID) -> dict[str, Any] | None:
+    async with db.tenant(org) as conn:
+        row = await conn.fetchrow("SELECT summary, score, provider, engine, model, fallback, source "
+                                  "FROM call_summaries WHERE call_id = $1", call_id)
+    return dict(row) if row else None
+
+
+def _llm_worker(db: Database, tmp: Path, base_url: str, **over: Any) -> PostCall:
+    s = Settings(summary="llm", openai_api_key=LLM_KEY, openai_base_url=base_url,  # type: ignore[arg-type]
+                 openai_model="llama-test", **over)
+    worker = PostCall(s, db, LocalBlobStore(tmp / "blobs", b"k" * 32), Redactor(), tmp / "work")
+    worker.work_dir.mkdir(parents=True)
+    return worker
+
+
+def _assert_sent_redacted(fake: FakeOpenAI) -> None:
+    [body] = fake.requests[-1:]
+    sent = orjson.dumps(body).decode()
+    assert "Consumer: my card number is [REDACTED:card]" in body["messages"][1]["content"]
+    assert "4111" not in sent and "1111 1111" not in sent
+
+
+async def test_the_running_server_summarises_an_ended_call_through_the_model(
+        world: World, db: Database, tmp_path: Path) -> None:
+    """End to end: SWITCHBOARD_SUMMARY=llm with GROQ_API_KEY in the server's environment; the post-call
+    worker takes the job, the fake model answers, the call's detail shows the model's summary."""
+    org = world.a.org_id
+    async with FakeOpenAI(api_key=LLM_KEY, transform=_answering(ANSWER)) as fake:
+        with world_server(tmp_path, world, GROQ_API_KEY=LLM_KEY, SWITCHBOARD_OPENAI_BASE_URL=fake.base_url,
+                          SWITCHBOARD_OPENAI_MODEL="llama-test", SWITCHBOARD_SUMMARY="llm",
+                          SWITCHBOARD_POST_CALL_INTERVAL_S="0.2") as server:
+            call_id, ccid = await _spoken_call(db, org)
+            async with aiohttp.ClientSession() as http:
+                deadline = time.monotonic() + 20
+                while True:
+                    status, body = await call(http, server, "GET", f"/api/calls/{ccid}", world.a.keys[Role.ADMIN])
+                    assert status == 200, body
+                    if body["data"]["summary"] is not None or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                _, stats = await call(http, server, "GET", "/api/stats", world.a.keys[Role.ADMIN])
+    summary = body["data"]["summary"]
+    assert summary is not None, "no summary within 20 s"
+    assert (summary["engine"], summary["model"], summary["provider"], summary["fallback"]) == (
+        "llm", "llama-test", "openai", None)
+    assert summary["text"] == ANSWER["summary"] and summary["source"] == "live"
+    assert summary["score"]["promise_to_pay"] == {"amount": "120.50", "date": "2026-12-04"}
+    assert summary["score"]["disclosure_spoken"] is True and summary["score"]["consumer_lines"] == 2
+    _assert_sent_redacted(fake)
+    # The call's date reaches the model, so "Friday" can become a date.
+    assert "2026-11-30" in fake.requests[0]["messages"][0]["content"]
+    post_call = stats["post_call"]
+    assert post_call["summary_engine"] == "llm" and post_call["summaries_llm"] == 1
+    assert post_call["summary_fallbacks"] == 0
+    stored = await _stored_summary(db, org, call_id)
+    assert stored is not None and stored["engine"] == "llm" and stored["model"] == "llama-test"
+
+
+async def test_an_unusable_answer_stores_the_offline_summary_and_counts_the_fallback(
+        world: World, db: Database, tmp_path: Path) -> None:
+    org = world.a.org_id
+    async with FakeOpenAI(api_key=LLM_KEY, transform=_answering("Here is your summary: all good!")) as fake:
+        call_id, _ = await _spoken_call(db, org)
+        worker = _llm_worker(db, tmp_path, fake.base_url)
+        try:
+            assert await worker.run_once() is True
+        finally:
+            await worker.aclose()
+    _assert_sent_redacted(fake)
+    stored = await _stored_summary(db, org, call_id)
+    assert stored is not None
+    assert (stored["engine"], stored["model"], stored["provider"]) == ("offline", None, "rules")
+    assert stored["fallback"] == "not_json: content is not a JSON value"
+    assert "[REDACTED:card]" in stored["summary"] and "4111" not in stored["summary"]  # the rules quote lines
+    assert stored["score"]["disclosure_spoken"] is True
+    stats = worker.stats()
+    assert stats["summary_fallbacks"] == 1 and stats["summary_fallback_reasons"] == {"not_json": 1}
+    assert stats["jobs_done"] == 1  # a fallback is a summary, not a failed job
+
+
+async def test_429_then_success_and_a_timeout_through_the_job(world: World, db: Database, tmp_path: Path) -> None:
+    org = world.a.org_id
+    async with FakeOpenAI(api_key=LLM_KEY, transform=_answering(ANSWER)) as fake:
+        worker = _llm_worker(db, tmp_path, fake.base_url, summary_timeout_s=1.0)
+        try:
+            fake.fail_next(1, 429, retry_after="0.3")
+            first, _ = await _spoken_call(db, org)
+            assert await worker.run_once() is True
+            fake.stall_next(1, 10.0)
+            second, _ = await _spoken_call(db, org)
+            t0 = time.monotonic()
+            assert await worker.run_once() is True
+            assert time.monotonic() - t0 < 3
+        finally:
+            await worker.aclose()
+    ok, late = await _stored_summary(db, org, first), await _stored_summary(db, org, second)
+    assert ok is not None and ok["engine"] == "llm" and ok["summary"] == ANSWER["summary"]
+    assert fake.attempts == 3 and 0.28 <= fake.request_times[1] - fake.request_times[0] < 1.0
+    assert late is not None and late["engine"] == "offline" and late["fallback"].startswith("timeout: ")
+    stats = worker.stats()
+    assert (stats["summaries_llm"], stats["summary_retries"], stats["summary_fallback_reasons"]) == (
+        1, 1, {"timeout": 1})
+
+
+async def test_without_a_key_auto_is_offline_and_nothing_is_sent(world: World, db: Database, tmp_path: Path) -> None:
+    org = world.a.org_id
+    async with FakeOpenAI(api_key=LLM_KEY, transform=_answering(ANSWER)) as fake:
+        s = Settings(summary="auto", openai_api_key=None, openai_base_url=fake.base_url)
+        worker = PostCall(s, db, LocalBlobStore(tmp_path / "blobs", b"k" * 32), Redactor(), tmp_path / "work")
+        call_id, _ = await _spoken_call(db, org)
+        try:
+            assert await worker.run_once() is True
+        finally:
+            await worker.aclose()
+    stored = await _stored_summary(db, org, call_id)
+    assert stored is not None and (stored["engine"], stored["fallback"]) == ("offline", None)
+    assert "4111" not in stored["summary"] and fake.attempts == 0
+    assert worker.stats()["summary_engine"] == "offline" and worker.stats()["summary_fallbacks"] == 0
+    with pytest.raises(ValueError, match="GROQ_API_KEY"):  # llm asked for explicitly, and no key: no start
+        PostCall(Settings(summary="llm", openai_api_key=None), db, LocalBlobStore(tmp_path / "b2", b"k" * 32),
+                 Redactor(), tmp_path / "work2")

@@ -4,10 +4,14 @@ Speaks what the real one speaks, on 127.0.0.1 and a free port:
 
 * ``POST /v1/chat/completions`` only; ``Authorization: Bearer <key>`` checked first (401 with an
   OpenAI error body ``{"error": {"message", "type", "code"}}``), then the JSON body (400 for a
-  missing/invalid ``model``, ``messages``, ``stream``, or an unknown field, as OpenAI does);
+  missing/invalid ``model``, ``messages``, ``stream``, ``max_tokens``, ``response_format``, or an
+  unknown field, as OpenAI does; ``response_format: {"type": "json_object"}`` also needs the word
+  "json" somewhere in the messages, OpenAI's and Groq's rule);
 * ``stream: true`` answers ``text/event-stream`` with ``chat.completion.chunk`` events: a first
   delta with the role, the answer cut into several content deltas, a last delta with
-  ``finish_reason: "stop"``, then ``data: [DONE]``.
+  ``finish_reason: "stop"``, then ``data: [DONE]``;
+* ``stream: false`` (or absent) answers one ``chat.completion`` JSON object: ``choices[0].message``
+  ``{"role": "assistant", "content": <answer>}``, ``finish_reason: "stop"``, and ``usage``.
 
 The answer is ``translations[user message]`` when given, else ``transform(user message)``
 (default: upper case).  Every request body that reached the server after auth is recorded in
@@ -17,7 +21,10 @@ at once.  Faults are queued and each applies to one request, in order:
 * ``fail_next(n, status, retry_after=..., retry_after_ms=...)``: an error status (429, 500, 503...)
 * ``stall_next(n, seconds)``: wait before answering (ended early by ``aclose``)
 * ``error_mid_stream_next(n)``: a ``data: {"error": {...}}`` after the first content delta
-* ``malformed_next(n, kind="json" | "shape")``: a chunk that is not JSON / has no ``choices`` list
+* ``malformed_next(n, kind="json" | "shape")``: a chunk (or, not streamed, a body) that is not JSON /
+  has no ``choices`` list
+* ``truncate_next(n)``: the answer cut at half its length with ``finish_reason: "length"``, as when
+  ``max_tokens`` runs out (not streamed)
 * ``mangle_markers_next(n, how="translate" | "drop" | "swap" | "invent")``: the answer's redaction
   markers ``[REDACTED:<kind>]`` are translated (``[REDACTED:teléfono]``), dropped, swapped pairwise, or
   one is added, as a careless model would
@@ -40,13 +47,14 @@ import orjson
 from aiohttp import web
 
 ALLOWED_FIELDS = frozenset(
-    {"model", "messages", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed"}
+    {"model", "messages", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+     "response_format"}
 )
 
 
 @dataclass
 class _Fault:
-    kind: str  # "status", "stall", "mid_error", "malformed", "markers"
+    kind: str  # "status", "stall", "mid_error", "malformed", "markers", "truncate"
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -135,6 +143,9 @@ class FakeOpenAI:
     def mangle_markers_next(self, n: int = 1, how: str = "translate") -> None:
         self._faults.extend(_Fault("markers", mangle=how) for _ in range(n))
 
+    def truncate_next(self, n: int = 1) -> None:
+        self._faults.extend(_Fault("truncate") for _ in range(n))
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> str:
@@ -204,9 +215,33 @@ class FakeOpenAI:
             answer = self.answer_for(user)
             if fault is not None and fault.kind == "markers":
                 answer = mangle_markers(answer, fault.mangle)
-            return await self._stream(request, body["model"], answer, fault)
+            if body.get("stream") is True:
+                return await self._stream(request, body["model"], answer, fault)
+            return self._completion(body["model"], answer, fault)
         finally:
             self.in_flight -= 1
+
+    def _completion(self, model: str, answer: str, fault: _Fault | None) -> web.Response:
+        if fault is not None and fault.kind == "malformed":
+            raw = b'{"id": "chatcmpl-x", "choices": [{"message": ' if fault.malformed == "json" else (
+                b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": {}}')
+            return web.Response(body=raw, content_type="application/json")
+        finish = "stop"
+        if fault is not None and fault.kind == "truncate":
+            answer, finish = answer[: len(answer) // 2], "length"
+        prompt_tokens = sum(len(str(m["content"]).split()) for m in self.requests[-1]["messages"])
+        payload = {
+            "id": f"chatcmpl-{len(self.requests):06d}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(answer.split()),
+                      "total_tokens": prompt_tokens + len(answer.split())},
+        }
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
     async def _stream(self, request: web.Request, model: str, answer: str, fault: _Fault | None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -264,9 +299,29 @@ def _validate(body: object) -> str | None:
             return f"'messages.{i}.content' must be a string"
     if not any(m["role"] == "user" for m in messages):
         return "'messages' must contain a user message"
-    if body.get("stream") is not True:
-        return "this fake serves stream=true only"
+    if not isinstance(body.get("stream", False), bool):
+        return "'stream' must be a boolean"
+    max_tokens = body.get("max_tokens", 1)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        return "'max_tokens' must be an integer of at least 1"
+    if "response_format" in body:
+        problem = _response_format(body["response_format"], messages)
+        if problem:
+            return problem
     temperature = body.get("temperature", 1)
     if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
         return "'temperature' must be a number between 0 and 2"
+    return None
+
+
+def _response_format(fmt: object, messages: list[dict[str, Any]]) -> str | None:
+    if not isinstance(fmt, dict) or fmt.get("type") not in {"text", "json_object", "json_schema"}:
+        return "'response_format.type' must be one of text, json_object, json_schema"
+    if fmt["type"] == "json_object" and not any("json" in m["content"].lower() for m in messages):
+        return "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'."
+    if fmt["type"] == "json_schema":
+        schema = fmt.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("name"), str) or not isinstance(
+                schema.get("schema"), dict):
+            return "'response_format.json_schema' must have a 'name' and a 'schema' object"
     return None

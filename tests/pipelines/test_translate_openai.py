@@ -295,6 +295,10 @@ def test_retry_after_parsing() -> None:
     date = "Wed, 21 Oct 2015 07:28:10 GMT"
     assert proto.retry_after_s({"retry-after": date}, now=1445412490.0) == pytest.approx(0.0, abs=0.01)
     assert proto.retry_after_s({}) is None
+    # Unbounded, for callers with their own cap (the summary engine): far, past, unreadable.
+    assert proto.requested_wait_s({"retry-after": "3600"}) == 3600.0
+    assert proto.requested_wait_s({"retry-after": date}, now=1445412500.0) == pytest.approx(-10.0, abs=0.01)
+    assert proto.requested_wait_s({"retry-after": "soon"}) is None and proto.requested_wait_s({}) is None
 
 
 def test_backoff_doubles_from_half_a_second_up_to_eight() -> None:

@@ -381,7 +381,8 @@ async function renderSummary(ctx, callId, section, known = null) {
         h("dt", { text: "Dispute raised" }), h("dd", { text: yes(sc.dispute) }),
         h("dt", { text: "Callback requested" }), h("dd", { text: yes(sc.callback_requested) })),
       h("p", { class: "hint", text: `From the ${d.summary.source === "batch" ? "recording's" : "live"} transcript, `
-        + `by ${d.summary.provider === "rules" ? "rules (no AI provider)" : d.summary.provider}.` }));
+        + (d.summary.engine === "llm" ? `by a model (${d.summary.model}).`
+          : `by rules (no AI provider)${d.summary.fallback ? `: the model's answer was not used (${d.summary.fallback})` : ""}.`) }));
   } else {
     section.append(h("p", { id: "no-summary", text: "Not yet: the summary is written a few seconds after the call." }));
   }
