@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench sysdeps rundeps install clean
+.PHONY: run test lint bench bench-latency sysdeps rundeps install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ test: $(STAMP) sysdeps
 
 bench: $(STAMP) sysdeps
 	$(BIN)/python -m bench.capacity
+
+bench-latency: $(STAMP) sysdeps
+	$(BIN)/switchboard bench latency --calls 1,10,50 --json bench-latency.json --plot bench-latency.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

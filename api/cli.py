@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     res.add_argument("key", help="the backup's key, as `switchboard backup` printed it (backups/...dump)")
     res.add_argument("--database-url", required=True, help="the database to restore into (its contents are "
                                                            "replaced by the backup's)")
+    bench = sub.add_parser("bench", help="benchmarks (run from the repository): latency | capacity",
+                           add_help=False)
+    bench.add_argument("which", choices=["latency", "capacity"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help)")
     sim = sub.add_parser("simulate-call", help="stream a WAV file to the server exactly as Telnyx does")
     sim.add_argument("wav", nargs="?", default=None,
                      help="WAV file (any rate, mono or first channel); default: a short shipped speech sample")
@@ -93,6 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         except (DataDirInUse, BlobConfigError) as exc:  # a configuration the tiers cannot serve: say so, no trace
             print(f"switchboard: {exc}", file=sys.stderr)
             return 1
+        return 0
+    if args.command == "bench":
+        if args.which == "latency":
+            from bench import latency
+
+            return latency.main(args.rest)
+        from bench import capacity
+
+        capacity.main(args.rest)
         return 0
     if args.command == "orgs":
         return _orgs_create(args.name, args.owner_email)

@@ -330,8 +330,9 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="switchboard bench capacity",
+                                     description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--streams", default="300,600,900,1200,1500")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -341,7 +342,7 @@ def main() -> None:
     parser.add_argument("--persist", action="store_true",
                         help="storage tiers on (embedded PostgreSQL, Valkey, local recordings)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     global PERSIST
     PERSIST = args.persist
     sys.exit(uvloop.run(run(args)))

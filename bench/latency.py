@@ -326,7 +326,7 @@ def spawned(workers: int, stt: str, deepgram_url: str | None, tmp: Path) -> Iter
     else:
         env.update(SWITCHBOARD_STT_PROVIDER="deepgram", DEEPGRAM_API_KEY="bench-key",
                    SWITCHBOARD_DEEPGRAM_URL=str(deepgram_url))
-    log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below, after the process
+    log = open(tmp / "server.log", "wb")  # closed below, after the process
     proc = subprocess.Popen([sys.executable, "-m", "api.cli", "serve", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -354,7 +354,7 @@ def spawned(workers: int, stt: str, deepgram_url: str | None, tmp: Path) -> Iter
         log.close()
 
 
-async def main_async(args: argparse.Namespace) -> int:
+async def main_async(args: argparse.Namespace) -> dict[str, Any] | None:
     levels = [int(x) for x in args.calls.split(",")]
     plans = [plan(SENTENCES, i) for i in range(len(SENTENCES))]
     fake_sent: dict[str, float] = {}
@@ -390,10 +390,10 @@ async def main_async(args: argparse.Namespace) -> int:
                     demo = read_demo(Settings())
                     if demo is None:
                         print("give --media-token and --api-key (no demo organisation here)", file=sys.stderr)
-                        return 2
+                        return None
                     token, api_key = token or demo.media_token, api_key or demo.api_key
             else:
-                url = f"ws://127.0.0.1:{fake.port}/v1/listen" if fake else None
+                url = fake.url if fake else None
                 base, token, api_key = await asyncio.to_thread(
                     stack.enter_context, spawned(args.workers, args.stt, url, tmp))
             for n in levels:
@@ -403,12 +403,8 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         if fake is not None:
             await fake.stop()
-    if args.json:
-        Path(args.json).write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
-    if args.plot:
-        plot(out, Path(args.plot))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if all(not lv["calls_failed"] and not lv["missing_finals"] for lv in out["levels"]) else 1
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
+    return out
 
 
 def _fmt(p: dict[str, Any]) -> str:
@@ -472,9 +468,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "tests" / "speech.py").exists() and str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))  # the test suite's speech fixtures and fake provider (see above)
     if args.url is None and args.stt == "local" and shutil.which("espeak-ng") is None:
         print("espeak-ng is needed for the speech (make bench installs it)", file=sys.stderr)
-    return asyncio.run(main_async(args))
+    out = asyncio.run(main_async(args))
+    if out is None:
+        return 2
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
+    if args.plot:
+        plot(out, Path(args.plot))
+    return 0 if all(not lv["calls_failed"] and not lv["missing_finals"] for lv in out["levels"]) else 1
 
 
 if __name__ == "__main__":
