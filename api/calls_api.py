@@ -182,7 +182,8 @@ async def get_call(req: Req) -> Reply:
             "WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at LIMIT $2", call["id"], n)
         summary = await conn.fetchrow("SELECT summary AS text, score, provider, source, updated_at "
                                       "FROM call_summaries WHERE call_id = $1", call["id"])
-        agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1", call["agent_id"])
+        agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1 AND deleted_at IS NULL",
+                                     call["agent_id"])  # a deleted user leaves every read, this one too
                  if call["agent_id"] is not None else None)
     if call["archive_key"]:  # its lines moved to the cold tier (storage/archive.py)
         kept, translated = await read_archive(req.rt.tiers.blobs, call["archive_key"])
@@ -222,7 +223,7 @@ OPEN_STATUSES = ("initiating", "ringing", "active", "ending")
 
 async def delete_call(req: Req) -> Reply:
     """Soft delete: the call, its transcripts, translations and recordings leave every list and read."""
-    def still_open(old: Any) -> None:
+    async def still_open(_conn: Any, old: Any) -> None:
         if old["status"] in OPEN_STATUSES:
             raise ApiError("conflict", f"the call is still {old['status']}: hang up first")
 
