@@ -13,6 +13,7 @@ since that URL is the recording.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from datetime import datetime
@@ -24,6 +25,9 @@ from api.envelope import ApiError, not_found
 from api.lifecycle import Deletable, restore, soft_delete
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
 from storage.archive import read_archive
+from storage.blobs import BlobNotFound
+
+log = logging.getLogger("switchboard.calls")
 
 MAX_DETAIL_ITEMS = 2000
 Status = Literal["initiating", "ringing", "active", "ending", "completed", "failed", "no_answer", "busy"]
@@ -186,7 +190,11 @@ async def get_call(req: Req) -> Reply:
                                      call["agent_id"])  # a deleted user leaves every read, this one too
                  if call["agent_id"] is not None else None)
     if call["archive_key"]:  # its lines moved to the cold tier (storage/archive.py)
-        kept, translated = await read_archive(req.rt.tiers.blobs, call["archive_key"])
+        try:
+            kept, translated = await read_archive(req.rt.tiers.blobs, call["archive_key"])
+        except BlobNotFound:  # retention deleted the archive and has not yet cleared the row (objects first)
+            log.warning("calls.archive_missing", extra={"call_id": call["call_id"]})
+            kept, translated = [], []
         transcripts = sorted(kept, key=lambda t: (t.get("kind") == "batch", t["created_at"], t["seq"]))[:n]
         translations = translated[:n]
     detail = {**call_out(call), "stats": dict(call["stats"] or {}), "archived": bool(call["archive_key"]),
