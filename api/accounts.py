@@ -11,8 +11,19 @@ Rules beyond the role table (``api.auth.PERMISSIONS``):
   sessions carry the role): in the transaction before it commits, and again after, so a session
   created in between does not survive either.  API keys are the organisation's, not the user's, and
   stay.
-* ``DELETE /api/users/{id}`` deactivates (``active = false``); rows are never deleted here, so the
-  audit trail's ids keep meaning something.
+* ``DELETE /api/users/{id}`` is a soft delete (``api.lifecycle``, as accounts, campaigns and calls):
+  the user leaves lists and reads at once and every session of theirs is revoked (before the commit
+  and again after, as above), so they cannot sign in (the login look-up skips deleted users) nor go on
+  with a session; ``POST /api/users/{id}/restore`` brings them back within the restore window, with
+  their role and state, and without the old sessions (revoked sessions are gone from the warm tier:
+  they sign in again).  Past the window the retention job deletes the row (storage/retention.py,
+  ``users_deleted``; the audit trail keeps its ids).  Nobody deletes themselves (409), the last active
+  owner cannot be deleted (409, the same locked check as a demotion), an owner only by an owner (403),
+  and a user erased by ``POST /api/erasures`` is not restored (410: erasure is final).
+  ``PATCH active=false`` stays plain deactivation: the user stays listed and comes back with
+  ``PATCH active``.  API keys and media tokens are the organisation's, not a user's: they stay live
+  when their creator is deleted, and revoking one is final (there is no restore for a credential: a
+  revoked secret never comes back).
 * E-mail addresses are unique among live users of the whole system (one login form); a taken address
   is 409 ``already_exists`` even when another organisation holds it.
 
@@ -34,6 +45,7 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from api.auth import Principal, Role
 from api.envelope import ApiError, not_found
+from api.lifecycle import Deletable, restore, soft_delete
 from api.rest import PageQuery, ParamKind, Reply, Req, Route, Strict, decode_cursor, page
 from api.settings import ProviderName
 from storage.accounts import create_user
@@ -297,8 +309,43 @@ async def patch_user(req: Req) -> Reply:
     return Reply(await change_user(req, req.params["user_id"], req.body, "user.updated"))
 
 
+USER = Deletable("users", "user", "user", "user", columns=USER_COLUMNS)
+
+
 async def delete_user(req: Req) -> Reply:
-    return Reply(await change_user(req, req.params["user_id"], UserPatch(active=False), "user.deactivated"))
+    """Soft delete (the module docstring): refused for oneself, the last active owner, and an owner
+    unless by an owner; every session of the user revoked before the commit and after it."""
+    tiers = req.rt.tiers
+    assert tiers is not None
+
+    async def refuse(conn: asyncpg.Connection, old: Any) -> None:
+        if old["id"] == req.p.user_id:
+            raise ApiError("conflict", "you cannot delete yourself")
+        _owner_rule(req.p, Role(old["role"]))
+        if old["role"] == "owner" and old["active"] and await _other_active_owners(conn, req.p.org_id, old["id"]) == 0:
+            raise ApiError("conflict", "the last active owner cannot be deleted")
+
+    async def revoke(_conn: asyncpg.Connection, old: Any) -> None:
+        await tiers.warm.revoke_user_sessions(str(old["id"]))
+
+    row = await soft_delete(req, USER, req.params["user_id"], refuse=refuse, then=revoke,
+                            old_value=lambda old: {"role": old["role"], "active": old["active"]})
+    await tiers.warm.revoke_user_sessions(str(row["id"]))  # and any a sign-in created before the commit
+    return Reply(user_out(row))
+
+
+def _erased(row: Any) -> bool:
+    """What ``POST /api/erasures`` leaves of a user (api/erasure_api.py): no password, a placeholder address."""
+    return row["password_hash"] is None and row["email"] == f"erased-{row['id'].hex}@erased.invalid"
+
+
+async def restore_user(req: Req) -> Reply:
+    async def refuse(_conn: asyncpg.Connection, old: Any) -> None:
+        if _erased(old):
+            raise ApiError("gone", "this user was erased; erasure cannot be undone")
+        _owner_rule(req.p, Role(old["role"]))
+
+    return Reply(user_out(await restore(req, USER, req.params["user_id"], refuse=refuse)))
 
 
 _U: tuple[tuple[str, ParamKind], ...] = (("user_id", "uuid"),)
@@ -322,6 +369,19 @@ ROUTES = [
           response=UserOut, params=_U),
     Route("PATCH", "/api/users/{user_id}", "patch_user", "Change a user's role, name, state or password", "users",
           "action", "users.write", patch_user, body=UserPatch, response=UserOut, params=_U, errors=("conflict",)),
-    Route("DELETE", "/api/users/{user_id}", "delete_user", "Deactivate a user", "users", "action", "users.write",
-          delete_user, response=UserOut, params=_U, errors=("conflict",)),
+    Route("DELETE", "/api/users/{user_id}", "delete_user", "Delete a user (soft: restorable within the window)",
+          "users", "action", "users.write", delete_user, response=UserOut, params=_U, errors=("conflict",),
+          description="The user leaves lists and reads at once and every session of theirs is revoked; they "
+                      "cannot sign in.  POST /api/users/{user_id}/restore brings them back within "
+                      "SWITCHBOARD_RESTORE_WINDOW_DAYS (30) without their old sessions; after it the retention "
+                      "job deletes the user for good (the audit trail keeps the id).  409: yourself, or the last "
+                      "active owner; 403: an owner, unless you are one.  To only stop someone signing in, PATCH "
+                      "active=false.  The organisation's API keys and media tokens stay live; revoking one of "
+                      "those is final, there is no restore for a credential."),
+    Route("POST", "/api/users/{user_id}/restore", "restore_user", "Restore a deleted user (within the window)",
+          "users", "action", "users.write", restore_user, response=UserOut, params=_U,
+          errors=("not_found", "conflict", "gone", "already_exists"),
+          description="409 when the user is not deleted, or (already_exists) when a live user took the address "
+                      "meanwhile; 410 after the restore window, or for a user erased by POST /api/erasures.  "
+                      "Old sessions stay revoked: the user signs in again."),
 ]

@@ -213,7 +213,8 @@ async def change_password(req: Req) -> Reply:
     tiers = req.rt.tiers
     assert tiers is not None
     async with tiers.db.tenant(p.org_id) as conn:
-        stored = await conn.fetchval("SELECT password_hash FROM users WHERE id = $1 AND active", p.user_id)
+        stored = await conn.fetchval("SELECT password_hash FROM users WHERE id = $1 AND active "
+                                     "AND deleted_at IS NULL", p.user_id)
     # A stolen session must not guess the password at the write rate: the login's lock-out, per user.
     s, lock = req.rt.settings, f"password:{p.user_id}"
     locked = await tiers.warm.locked_for(lock)

@@ -13,6 +13,7 @@ since that URL is the recording.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from datetime import datetime
@@ -24,6 +25,9 @@ from api.envelope import ApiError, not_found
 from api.lifecycle import Deletable, restore, soft_delete
 from api.rest import PageQuery, Reply, Req, Route, Strict, decode_cursor, page
 from storage.archive import read_archive
+from storage.blobs import BlobNotFound
+
+log = logging.getLogger("switchboard.calls")
 
 MAX_DETAIL_ITEMS = 2000
 Status = Literal["initiating", "ringing", "active", "ending", "completed", "failed", "no_answer", "busy"]
@@ -186,10 +190,15 @@ async def get_call(req: Req) -> Reply:
             "WHERE call_id = $1 AND deleted_at IS NULL ORDER BY created_at LIMIT $2", call["id"], n)
         summary = await conn.fetchrow("SELECT summary AS text, score, provider, engine, model, fallback, source, "
                                       "updated_at FROM call_summaries WHERE call_id = $1", call["id"])
-        agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1", call["agent_id"])
+        agent = (await conn.fetchrow("SELECT id, display_name FROM users WHERE id = $1 AND deleted_at IS NULL",
+                                     call["agent_id"])  # a deleted user leaves every read, this one too
                  if call["agent_id"] is not None else None)
     if call["archive_key"]:  # its lines moved to the cold tier (storage/archive.py)
-        kept, translated = await read_archive(req.rt.tiers.blobs, call["archive_key"])
+        try:
+            kept, translated = await read_archive(req.rt.tiers.blobs, call["archive_key"])
+        except BlobNotFound:  # retention deleted the archive and has not yet cleared the row (objects first)
+            log.warning("calls.archive_missing", extra={"call_id": call["call_id"]})
+            kept, translated = [], []
         transcripts = sorted(kept, key=lambda t: (t.get("kind") == "batch", t["created_at"], t["seq"]))[:n]
         translations = translated[:n]
     detail = {**call_out(call), "stats": dict(call["stats"] or {}), "archived": bool(call["archive_key"]),
@@ -226,7 +235,7 @@ OPEN_STATUSES = ("initiating", "ringing", "active", "ending")
 
 async def delete_call(req: Req) -> Reply:
     """Soft delete: the call, its transcripts, translations and recordings leave every list and read."""
-    def still_open(old: Any) -> None:
+    async def still_open(_conn: Any, old: Any) -> None:
         if old["status"] in OPEN_STATUSES:
             raise ApiError("conflict", f"the call is still {old['status']}: hang up first")
 

@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--owner-email", required=True, help="the owner's sign-in address (unique system-wide)")
     retention = sub.add_parser("retention", help="data retention").add_subparsers(dest="retention_command",
                                                                                  required=True)
-    ret_run = retention.add_parser("run", help="delete what aged out (idempotent, resumable; prints a JSON report)")
+    ret_run = retention.add_parser("run", help="delete what aged out (idempotent, resumable, one node at a time; "
+                                               "prints a JSON report)")
     ret_run.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
     ret_run.add_argument("--batch", type=int, default=None, help="rows per statement (default RETENTION_BATCH)")
     sub.add_parser("rotate-keys", help="re-encrypt restricted fields under the active key "
@@ -222,7 +223,7 @@ def _retention_run(*, dry_run: bool, batch: int | None) -> int:
             report = await job.run(dry_run=dry_run)
         finally:
             await tiers.aclose()
-        return {"dry_run": dry_run, "totals": report.totals(),
+        return {"dry_run": dry_run, "skipped": report.skipped, "totals": report.totals(),
                 "organizations": {str(o.org_id): o.counts for o in report.orgs if o.counts}}
 
     try:

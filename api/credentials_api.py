@@ -2,7 +2,10 @@
 
 Both are shown once, at creation (``key`` / ``token`` in the answer), and stored only as SHA-256
 (``storage.accounts``); lists show the prefix (``sbk_`` / ``sbm_`` and 8 characters), never the hash.
-``DELETE`` revokes (``revoked_at``); revoking a revoked one answers it unchanged.
+``DELETE`` revokes (``revoked_at``); revoking a revoked one answers it unchanged.  Revocation is
+final, unlike the soft delete of users, accounts, campaigns and calls (``api.lifecycle``): there is no
+restore, because a secret that was revoked (perhaps because it leaked) must never work again; mint a
+new one instead.
 
 A creator cannot mint an API key with a role above its own (owner > admin > agent > viewer): 403.
 Only an owner may revoke an owner's key (the owner rule of ``api.accounts``).
@@ -157,13 +160,16 @@ async def revoke_token(req: Req) -> Reply:
     return Reply(token_out(row))
 
 
+_FINAL = ("Final: a revoked secret never works again and there is no restore (unlike a deleted user, account, "
+          "campaign or call); mint a new one instead.")
 ROUTES = [
     Route("POST", "/api/api-keys", "create_api_key", "Mint an API key (shown once)", "api-keys", "action",
           "api_keys.write", create_key, body=ApiKeyCreate, response=ApiKeyCreated, status=201),
     Route("GET", "/api/api-keys", "list_api_keys", "List API keys", "api-keys", "action", "api_keys.read",
           list_keys, query=PageQuery, response=ApiKeyOut, paged=True),
     Route("DELETE", "/api/api-keys/{key_id}", "revoke_api_key", "Revoke an API key", "api-keys", "action",
-          "api_keys.write", revoke_key, response=ApiKeyOut, params=(("key_id", "uuid"),)),
+          "api_keys.write", revoke_key, response=ApiKeyOut, params=(("key_id", "uuid"),),
+          description=_FINAL),
     Route("POST", "/api/media-tokens", "create_media_token", "Mint a media stream token (shown once)",
           "media-tokens", "action", "media_tokens.write", create_token, body=MediaTokenCreate,
           response=MediaTokenCreated, status=201),
@@ -171,5 +177,5 @@ ROUTES = [
           "media_tokens.read", list_tokens, query=PageQuery, response=MediaTokenOut, paged=True),
     Route("DELETE", "/api/media-tokens/{token_id}", "revoke_media_token", "Revoke a media stream token",
           "media-tokens", "action", "media_tokens.write", revoke_token, response=MediaTokenOut,
-          params=(("token_id", "uuid"),)),
+          params=(("token_id", "uuid"),), description=_FINAL),
 ]

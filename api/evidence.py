@@ -12,18 +12,21 @@
 
 and stores it in the cold tier (``evidence/<org>/<call>/<bundle>.zip``) with a row holding the zip's
 and the manifest's SHA-256 (``evidence_bundles``, migration 0013: the application may insert and read
-those rows, never change or delete them).  ``GET .../evidence/{id}/verify`` downloads the object and
-recomputes: the zip's hash against the row, the manifest's against the row, every file's against the
-manifest, and no file outside it.  Any change to the stored object is reported, naming what differs.
+those rows, never change them, and since 0017 delete them only past ``retain_until``).
+``GET .../evidence/{id}/verify`` downloads the object and recomputes: the zip's hash against the row,
+the manifest's against the row, every file's against the manifest, and no file outside it.  Any
+change to the stored object is reported, naming what differs.
 
 Write-once: nothing in the application writes an evidence key twice (bundle ids are fresh) or deletes
-one (retention, erasure and the tenant wipe leave ``evidence/``); ``retain_until`` is recorded
-(``SWITCHBOARD_EVIDENCE_RETAIN_DAYS``).  The store is told too: the bundle is put write-once
-(``If-None-Match: *``: an existing key is never replaced) and, with ``SWITCHBOARD_S3_OBJECT_LOCK``
-governance or compliance, with S3 Object Lock until ``retain_until``, so the store refuses to delete
-that version before then, whatever credentials the application holds (compliance; governance yields
-to a principal allowed to bypass it).  The server refuses to start when the lock is asked for and the
-bucket has none (storage/blobs.py).  The local store keeps only the no-overwrite rule.
+one before ``retain_until`` (``SWITCHBOARD_EVIDENCE_RETAIN_DAYS``): erasure and the tenant wipe leave
+``evidence/``, and the retention job deletes a bundle (object, then row) only once ``retain_until`` has
+passed and its call is deleted, past the calls policy or gone (storage/retention.py).  The store is
+told too: the bundle is put write-once (``If-None-Match: *``: an existing key is never replaced) and,
+with ``SWITCHBOARD_S3_OBJECT_LOCK`` governance or compliance, with S3 Object Lock until
+``retain_until``, so the store refuses to delete that version before then, whatever credentials the
+application holds (compliance; governance yields to a principal allowed to bypass it).  The server
+refuses to start when the lock is asked for and the bucket has none (storage/blobs.py).  The local
+store keeps only the no-overwrite rule.
 
 Bounds: at most ``MAX_RECORDING_BYTES`` of recordings per bundle (else 409), built in a temporary
 directory, one bundle per call at a time (a second request meanwhile: 409).

@@ -176,7 +176,8 @@ class Runtime:
 
     def start_wipe(self) -> None:
         """Purge the deleted organisations (storage/wipe.py) in the background; at most one run at a
-        time on this node (a second request finds the first's run going).  A run cut short by a
+        time on this node (a second request finds the first's run going), and on all nodes (an advisory
+        lock: the run that holds it picks up organisations deleted meanwhile).  A run cut short by a
         shutdown resumes at the next start or retention round."""
         if self.tiers is None or (self._wipe_task is not None and not self._wipe_task.done()):
             return
@@ -188,13 +189,13 @@ class Runtime:
         assert self.tiers is not None
         try:
             await Wipe(self.tiers.db, self.tiers.blobs, batch=self.settings.retention_batch,
-                       actor=f"wipe:{self.settings.node_id}"[:64]).run()
+                       actor=f"wipe:{self.settings.node_id}"[:64]).run()  # skipped while another node wipes
         except Exception:  # storage down, or a bug: logged; the next start or retention round resumes
             log.exception("wipe.failed")
 
     async def _retention_loop(self) -> None:
-        """The retention job every ``retention_interval_s`` (storage/retention.py); any node may run it at
-        the same time as another (idempotent; the second finds less)."""
+        """The retention job every ``retention_interval_s`` (storage/retention.py).  Every node has the
+        loop; one at a time runs the job (an advisory lock): a node that finds it taken skips that round."""
         from storage.retention import Retention
 
         assert self.tiers is not None
@@ -207,7 +208,8 @@ class Runtime:
             try:
                 self.start_wipe()  # organisations deleted before a restart, or whose wipe failed
                 report = await job.run()
-                log.info("retention.done", extra=report.totals())
+                if report.skipped is None:
+                    log.info("retention.done", extra=report.totals())
             except Exception:  # a storage outage or a bug: logged, tried again next interval
                 log.exception("retention.failed")
 

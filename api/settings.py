@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     sse_write_timeout_s: float = Field(30.0, gt=0)  # an SSE write not draining this long cuts the client
     sse_send_buffer_bytes: int = Field(65536, ge=0)  # SO_SNDBUF of SSE sockets (0: the OS's own)
 
-    # Soft delete (api/lifecycle.py): a deleted account, campaign or call may be restored this long.
+    # Soft delete (api/lifecycle.py): a deleted account, campaign, call or user may be restored this long.
     restore_window_days: int = Field(30, ge=1, le=3650)
     # Retention (storage/retention.py): the server runs the job this often (0: never; run it from the
     # deployment's scheduler instead, `switchboard retention run`), its first run one interval after start.

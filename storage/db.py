@@ -51,6 +51,12 @@ async def live_orgs(db: Database) -> list[uuid.UUID]:
         return [r[0] for r in await conn.fetch("SELECT * FROM retention_orgs()")]
 
 
+# Advisory lock keys (one bigint space per database), one per job that must run on one node at a time.
+# Session-level locks, held on a connection of their own for the whole run (``Database.run_alone``): a
+# transaction-level lock would end at the first of the job's many batch commits.
+ADVISORY_LOCKS = {"migrate": 727274, "retention": 727275, "wipe": 727276}
+
+
 # The cold-tier objects a call owns (its recordings, its archived lines): what a purge, a wipe or an
 # erasure deletes before the call's rows.  $1: the calls' ids.
 CALL_OBJECTS_SQL = ("SELECT storage_key FROM recordings WHERE call_id = ANY($1) UNION ALL "
@@ -113,7 +119,7 @@ async def migrate(admin_url: str, *, app_password: str | None = None) -> list[st
     applied: list[str] = []
     try:
         # One migrator at a time, across nodes starting together.
-        await conn.execute("SELECT pg_advisory_lock(727274)")
+        await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCKS["migrate"])
         await _ensure_app_role(conn, app_password)
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -211,6 +217,27 @@ class Database:
         async with self.pool.acquire(timeout=acquire_timeout) as conn, conn.transaction():
             await conn.execute("SELECT set_config('app.org_id', $1, true)", org)
             yield conn
+
+    @asynccontextmanager
+    async def run_alone(self, job: str) -> AsyncIterator[bool]:
+        """``True`` inside when this process holds ``job``'s advisory lock (``ADVISORY_LOCKS``) for the
+        block; ``False`` at once when another session holds it (another node runs the job).
+
+        The lock lives on a connection opened for it alone, not one of the pool's, and ends when that
+        connection closes: whatever ends the block (a return, an error, a cancellation), nothing can
+        carry the lock back into the pool, and a node that dies releases it with its connection.  If
+        that connection drops mid-run the run goes on unguarded; the jobs guarded so are idempotent
+        statement by statement, so two at once is wasteful, never wrong.
+        """
+        conn = await asyncpg.connect(self._url, timeout=self._connect_timeout, command_timeout=self._command_timeout)
+        try:
+            yield bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCKS[job]))
+        finally:
+            try:
+                await conn.close(timeout=5.0)
+            except BaseException:  # closing failed or was cancelled: drop the socket, the server unlocks
+                conn.terminate()
+                raise
 
     @asynccontextmanager
     async def no_tenant(self) -> AsyncIterator[asyncpg.Connection]:

@@ -15,7 +15,15 @@ SET NULL; the organisation's row is kept, scrubbed, for the audit trail's foreig
 
 Each step deletes at most ``batch`` rows a statement and commits; objects before rows (an
 idempotent delete), so a stop anywhere leaves no object without its row and the next run goes on.
-The audit trail stays (immutable; it never holds restricted PII), with one ``org.wiped`` entry.
+The audit trail stays (immutable; it never holds restricted PII), with one ``org.wiped`` entry, and so
+do the sealed evidence bundles (``evidence_bundles``, 0013): a legal hold outlives the tenant, until
+retain_until, when the retention job deletes them (storage/retention.py, ``evidence_expired``).
+
+One node at a time: ``run`` holds the PostgreSQL advisory lock ``wipe`` (``Database.run_alone``) for
+the whole run on a connection of its own (the batches commit, so a transaction-level lock would not
+last).  A run that finds it taken returns at once, ``skipped``: the holder reads what is pending again
+once it has wiped what it found, until nothing new is, so an organisation deleted meanwhile on any
+node is wiped by it; one deleted in the moment the holder finishes waits for the next start or retention round.
 """
 
 from __future__ import annotations
@@ -42,12 +50,21 @@ STEPS: tuple[tuple[str, str | None], ...] = (
 _NO_ID = {"usage_stats", "retention_policies", "voice_configs", "call_usage"}
 
 
+SKIPPED = "another node is running it"
+
+
 @dataclass
 class WipeReport:
     org_id: uuid.UUID
     rows: dict[str, int] = field(default_factory=dict)
     objects: int = 0
     done: bool = False
+
+
+@dataclass
+class WipeRun:
+    reports: list[WipeReport] = field(default_factory=list)
+    skipped: str | None = None  # why this run did nothing (another node holds the lock)
 
 
 class Wipe:
@@ -61,8 +78,20 @@ class Wipe:
         async with self.db.no_tenant() as conn:
             return [r[0] for r in await conn.fetch("SELECT * FROM wipe_pending_orgs()")]
 
-    async def run(self) -> list[WipeReport]:
-        return [await self.wipe(org) for org in await self.pending()]
+    async def run(self) -> WipeRun:
+        """Wipe every pending organisation, on one node at a time (the module docstring)."""
+        out = WipeRun()
+        async with self.db.run_alone("wipe") as mine:
+            if not mine:
+                log.info("wipe.skipped", extra={"reason": SKIPPED})
+                out.skipped = SKIPPED
+                return out
+            tried: set[uuid.UUID] = set()
+            while todo := [org for org in await self.pending() if org not in tried]:
+                tried.update(todo)  # at most once a run each: one that stays pending is not retried in a loop
+                for org in todo:
+                    out.reports.append(await self.wipe(org))
+        return out
 
     async def wipe(self, org: uuid.UUID) -> WipeReport:
         rep = WipeReport(org)

@@ -1,8 +1,10 @@
 """Soft delete and restore (``api/lifecycle.py``) on the real server with storage on: a deleted account,
-campaign or call leaves every list, read and link at once; a restore within the window brings it back
-(day 29), after it answers 410 (day 31; the row's age is set in the database, PostgreSQL's clock being
-the one the rule reads); both ways audited; a live one, an unknown one and another tenant's one answer
-as documented; a restore that would break a uniqueness rule changes nothing."""
+campaign, call or user leaves every list, read and link at once; a restore within the window brings it
+back (day 29), after it answers 410 (day 31; the row's age is set in the database, PostgreSQL's clock
+being the one the rule reads); both ways audited; a live one, an unknown one and another tenant's one
+answer as documented; a restore that would break a uniqueness rule changes nothing.  A deleted user is
+signed out everywhere at once and cannot sign in; restored, they sign in again and their old sessions
+stay dead; nobody deletes themselves or the last active owner, and an erased user stays erased."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 
 from api.auth import Role
 from storage.db import Database
-from tests.api.rest_world import World, build_world, call, sign_in_all, world_server
+from tests.api.rest_world import PASSWORD, World, build_world, call, login, sign_in_all, world_server
 from tests.servers import Server
 
 
@@ -218,3 +220,123 @@ async def test_old_calls_lines_move_to_the_cold_tier_and_read_back_the_same(
         assert await conn.fetchval("SELECT count(*) FROM transcriptions WHERE call_id = $1", cid) == 0
         key = await conn.fetchval("SELECT archive_key FROM calls WHERE id = $1", cid)
     assert key == f"archive/{a.org_id}/{cid}.jsonl.gz" and (root / key).read_bytes()[:2] == b"\x1f\x8b"
+
+
+async def _user(http: aiohttp.ClientSession, server: Server, token: str, role: str = "agent") -> tuple[str, str]:
+    """A new user of the token's organisation, with the world's password; (id, e-mail)."""
+    email = f"{role}-{uuid.uuid4().hex[:8]}@example.com"
+    status, made = await call(http, server, "POST", "/api/users", token,
+                              {"email": email, "role": role, "password": PASSWORD})
+    assert status == 201, made
+    return str(made["data"]["user"]["id"]), email
+
+
+async def test_a_deleted_user_is_signed_out_and_comes_back_within_the_window_without_old_sessions(
+        server: Server, world: World, db: Database) -> None:
+    a, b = world.a, world.b
+    admin, owner = a.sessions[Role.ADMIN], a.sessions[Role.OWNER]
+    async with aiohttp.ClientSession() as http:
+        uid, email = await _user(http, server, admin)
+        first, second = await login(http, server, email), await login(http, server, email)
+        assert (await call(http, server, "GET", "/api/auth/me", first))[0] == 200
+
+        status, reply = await call(http, server, "DELETE", f"/api/users/{uid}", admin)
+        assert status == 200 and reply["data"]["id"] == uid
+        for token in (first, second):  # every session of theirs, at once
+            assert (await call(http, server, "GET", "/api/auth/me", token))[0] == 401
+        status, reply = await call(http, server, "POST", "/api/auth/login", None,
+                                   {"email": email, "password": PASSWORD})
+        assert (status, reply["error"]["code"]) == (401, "unauthenticated")
+        assert (await call(http, server, "GET", f"/api/users/{uid}", admin))[0] == 404
+        assert (await call(http, server, "PATCH", f"/api/users/{uid}", admin, {"display_name": "x"}))[0] == 404
+        assert (await call(http, server, "DELETE", f"/api/users/{uid}", admin))[0] == 404  # already deleted
+        status, listed = await call(http, server, "GET", "/api/users?limit=200", admin)
+        assert uid not in [u["id"] for u in listed["data"]["items"]]
+
+        # An agent may not restore; another tenant's admin sees an unknown id; a live user: 409.
+        assert (await call(http, server, "POST", f"/api/users/{uid}/restore", a.sessions[Role.AGENT], {}))[0] == 403
+        theirs = await call(http, server, "POST", f"/api/users/{uid}/restore", b.sessions[Role.ADMIN], {})
+        unknown = await call(http, server, "POST", f"/api/users/{uuid.uuid4()}/restore", b.sessions[Role.ADMIN], {})
+        assert theirs == unknown and theirs[0] == 404
+        status, reply = await call(http, server, "POST", f"/api/users/{a.users[Role.VIEWER]}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (409, "conflict")
+
+        await _age(db, a.org_id, "users", "id", uuid.UUID(uid), 29)
+        status, reply = await call(http, server, "POST", f"/api/users/{uid}/restore", admin, {})
+        assert status == 200 and reply["data"]["id"] == uid and reply["data"]["active"] is True
+        assert (await call(http, server, "GET", f"/api/users/{uid}", admin))[0] == 200
+        for token in (first, second):  # a restore brings the user back, not the sessions
+            assert (await call(http, server, "GET", "/api/auth/me", token))[0] == 401
+        third = await login(http, server, email)
+        status, me = await call(http, server, "GET", "/api/auth/me", third)
+        assert status == 200 and me["data"]["user"]["id"] == uid
+
+        # Past the window: 410, and the user stays deleted.
+        assert (await call(http, server, "DELETE", f"/api/users/{uid}", owner))[0] == 200
+        assert (await call(http, server, "GET", "/api/auth/me", third))[0] == 401
+        await _age(db, a.org_id, "users", "id", uuid.UUID(uid), 31)
+        status, reply = await call(http, server, "POST", f"/api/users/{uid}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (410, "gone")
+        assert (await call(http, server, "GET", f"/api/users/{uid}", admin))[0] == 404
+
+        # Deleted, its address reused by a new user: the restore changes nothing.
+        other, other_email = await _user(http, server, admin)
+        assert (await call(http, server, "DELETE", f"/api/users/{other}", admin))[0] == 200
+        status, made = await call(http, server, "POST", "/api/users", admin,
+                                  {"email": other_email, "role": "viewer", "password": PASSWORD})
+        assert status == 201
+        status, reply = await call(http, server, "POST", f"/api/users/{other}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (409, "already_exists")
+        assert (await call(http, server, "GET", f"/api/users/{other}", admin))[0] == 404
+    trail = await _audit(db, a.org_id, uid)
+    assert [x for x in trail if x.startswith("user.")] == ["user.created", "user.deleted", "user.restored",
+                                                            "user.deleted"]
+    # Three sign-ins; the one refused while deleted found no user (as an unknown address: logged, not audited).
+    assert trail.count("auth.login") == 3 and "auth.login_failed" not in trail
+
+
+async def test_nobody_deletes_themselves_or_the_last_owner_and_an_erased_user_stays_erased(
+        server: Server, world: World, db: Database) -> None:
+    a = world.a
+    admin, owner = a.sessions[Role.ADMIN], a.sessions[Role.OWNER]
+    owner_id = a.users[Role.OWNER]
+    async with aiohttp.ClientSession() as http:
+        status, reply = await call(http, server, "DELETE", f"/api/users/{a.users[Role.ADMIN]}", admin)
+        assert (status, reply["error"]["code"]) == (409, "conflict")  # oneself
+        status, reply = await call(http, server, "DELETE", f"/api/users/{owner_id}", owner)
+        assert (status, reply["error"]["code"]) == (409, "conflict")  # oneself, and the last owner
+        status, reply = await call(http, server, "DELETE", f"/api/users/{owner_id}", admin)
+        assert (status, reply["error"]["code"]) == (403, "forbidden")  # an owner, by an admin
+        # An owner-role API key is not the owner: the last-owner rule is what refuses it.
+        status, key = await call(http, server, "POST", "/api/api-keys", owner, {"name": "owner key", "role": "owner"})
+        assert status == 201
+        status, reply = await call(http, server, "DELETE", f"/api/users/{owner_id}", key["data"]["key"])
+        assert (status, reply["error"]["code"]) == (409, "conflict")
+        assert "last active owner" in reply["error"]["message"]
+        assert (await call(http, server, "GET", "/api/auth/me", owner))[0] == 200  # nothing happened to them
+        # With a second owner, the first may be deleted (and restored) by them.
+        second_id, second_email = await _user(http, server, owner, "owner")
+        second = await login(http, server, second_email)
+        assert (await call(http, server, "DELETE", f"/api/users/{owner_id}", second))[0] == 200
+        assert (await call(http, server, "GET", "/api/auth/me", owner))[0] == 401
+        status, reply = await call(http, server, "POST", f"/api/users/{owner_id}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (403, "forbidden")  # an owner comes back by an owner only
+        assert (await call(http, server, "POST", f"/api/users/{owner_id}/restore", second, {}))[0] == 200
+        a.sessions[Role.OWNER] = owner = await login(http, server, a.emails[Role.OWNER])  # for the later tests
+        assert (await call(http, server, "DELETE", f"/api/users/{second_id}", owner))[0] == 200
+        assert (await call(http, server, "DELETE", f"/api/api-keys/{key['data']['api_key']['id']}", owner))[0] == 200
+
+        # Erased (POST /api/erasures): deleted, and no restore brings the shell back.
+        erased, _ = await _user(http, server, admin)
+        assert (await call(http, server, "POST", "/api/erasures", admin, {"user_id": erased}))[0] == 200
+        status, reply = await call(http, server, "POST", f"/api/users/{erased}/restore", admin, {})
+        assert (status, reply["error"]["code"]) == (410, "gone") and "erased" in reply["error"]["message"]
+        # Plain deactivation is not a delete: the user stays listed, inactive.
+        kept, _ = await _user(http, server, admin)
+        status, reply = await call(http, server, "PATCH", f"/api/users/{kept}", admin, {"active": False})
+        assert status == 200 and reply["data"]["active"] is False
+        status, listed = await call(http, server, "GET", "/api/users?active=false&limit=200", admin)
+        assert kept in [u["id"] for u in listed["data"]["items"]]
+    async with db.tenant(a.org_id) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM users WHERE role = 'owner' AND active "
+                                   "AND deleted_at IS NULL") == 1

@@ -127,8 +127,8 @@ async def test_a_role_change_deactivation_or_password_change_revokes_that_users_
                            {"password": new_password}))[0] == 200
         assert (await call(http, server, "GET", "/api/auth/me", second))[0] == 401
         third = await login(http, server, agent_email, new_password)
-        # Deactivation revokes, and the user cannot sign in.
-        status, user = await call(http, server, "DELETE", f"/api/users/{agent_id}", owner)
+        # Deactivation revokes, and the user cannot sign in (a delete too: tests/api/test_lifecycle.py).
+        status, user = await call(http, server, "PATCH", f"/api/users/{agent_id}", owner, {"active": False})
         assert status == 200 and user["data"]["active"] is False
         assert (await call(http, server, "GET", "/api/auth/me", third))[0] == 401
         status, reply = await call(http, server, "POST", "/api/auth/login", None,
@@ -136,7 +136,8 @@ async def test_a_role_change_deactivation_or_password_change_revokes_that_users_
         assert (status, reply["error"]["code"]) == (401, "unauthenticated")
     audits = await _fetch(world, "SELECT action, old_value, new_value FROM audit_logs WHERE resource_id = $1 "
                                  "AND action LIKE 'user.%' ORDER BY created_at", str(agent_id))
-    assert [r["action"] for r in audits] == ["user.updated"] * 3 + ["user.deactivated"]
+    assert [r["action"] for r in audits] == ["user.updated"] * 4
+    assert audits[3]["new_value"] == {"role": "viewer", "active": False}
     assert audits[0]["old_value"] == {"role": "agent", "active": True}
     text = orjson.dumps([dict(r) for r in audits]).decode()
     assert new_password not in text and "argon2" not in text and agent_email not in text
