@@ -173,7 +173,6 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
     })
 
 
-@body_limit(1024)  # takes none, but a client that sends {} is not refused
 async def metrics(rt: Runtime, request: web.Request) -> web.Response:
     """Prometheus exposition (api/metrics.py), for the metrics token or an admin; with several workers,
     every worker's, labelled ``worker``."""
@@ -183,6 +182,7 @@ async def metrics(rt: Runtime, request: web.Request) -> web.Response:
     return web.Response(body=await rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+@body_limit(1024)  # takes none, but a client that sends {} is not refused
 async def stats_reset(rt: Runtime, request: web.Request) -> web.Response:
     await _stats_allowed(rt, request, "stats.reset")
     rt.stats.frame_lag.reset()

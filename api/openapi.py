@@ -85,6 +85,8 @@ EXTERNAL = [
          "stats.read", {200: "counters", 401: "no credential"}),
     _doc("POST", "/api/stats/reset", "stats_reset", "Reset the latency histograms", "stats", "action", "stats.reset",
          {200: "reset", 401: "no credential"}),
+    _doc("GET", "/metrics", "metrics", "Prometheus exposition (admins, or the metrics token)", "stats", "action",
+         "stats.read", {200: "text/plain; version=0.0.4", 401: "no credential"}),
     _doc("GET", "/api/blobs/{key}", "blob", "Download a blob by its signed URL", "calls", "signed", None,
          {200: "the file", 400: "missing or bad parameter", 403: "bad or expired signature", 404: "gone"},
          (("key", "string"),), "The URL from GET /api/calls/{call_id}/recordings/{recording_id}/url is the "

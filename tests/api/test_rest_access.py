@@ -95,6 +95,7 @@ MATRIX: list[tuple[str, str, object, set[str], bool]] = [
     ("DELETE", f"/api/webrtc/sessions/{UNKNOWN}", None, STAFF, False),
     ("GET", "/api/stats", None, ADMINS, False),
     ("POST", "/api/stats/reset", {}, ADMINS, False),
+    ("GET", "/metrics", None, ADMINS, False),
 ]
 # Reachable without a credential (README): the probes, login, the document and its page, the console, and
 # the Stripe and Telnyx webhooks, whose credential is their own signature check (without one: 401, or 503 when
