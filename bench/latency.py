@@ -431,14 +431,21 @@ def plot(out: dict[str, Any], path: Path) -> None:
 
     names = [k for k in ("final_ms", "partial_ms", "translation_ms", "added_ms")
              if any(lv[k]["n"] for lv in out["levels"])]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    cols = 2 if len(names) > 1 else 1
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        everything = []
         for lv in out["levels"]:
             values = np.sort([r[name] for r in lv["rows"] if r[name] is not None])
+            everything += list(values)
             if len(values):
-                ax.step(np.maximum(values, 0.1), np.arange(1, len(values) + 1) / len(values), where="post",
-                        label=f"N={lv['calls']}")
-        ax.set_xscale("log")
+                ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=f"N={lv['calls']}")
+        positive = [v for v in everything if v > 0]
+        if positive and max(positive) / min(positive) > 30:  # a wide spread reads better on a log axis
+            ax.set_xscale("log")
         ax.set_xlabel(f"{name.removesuffix('_ms')} (ms)")
         ax.set_ylabel("fraction of utterances")
         ax.grid(True, which="both", alpha=0.3)
