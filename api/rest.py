@@ -288,7 +288,8 @@ def parse_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
 # A path parameter -> what its 404 names: the same words as the handler's own not_found, so a malformed
 # id and an unknown one answer the same body.
 _WHAT = {"user_id": "user", "key_id": "api key", "token_id": "media token", "recording_id": "recording",
-         "account_id": "account", "campaign_id": "campaign", "import_id": "import"}
+         "account_id": "account", "campaign_id": "campaign", "import_id": "import", "export_id": "export",
+         "bundle_id": "evidence bundle"}
 
 
 def _path_params(route: Route, request: web.Request) -> dict[str, Any]:
