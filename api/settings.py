@@ -160,8 +160,9 @@ class Settings(BaseSettings):
     # running on any node, each holds a database connection for its cursor).
     exports_per_org: int = Field(2, ge=1)
     # ... on this node (api.rest.OrgSlots): evidence seals and verifies (each copies and hashes up to 1 GiB
-    # of recordings).
+    # of recordings), and erasures (one at a time: two of one person would both count what they erased).
     evidence_per_org: int = Field(2, ge=1)
+    erasures_per_org: int = Field(1, ge=1)
     # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
     rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route
     rate_write_per_min: int = Field(120, ge=1)  # POST/PATCH/DELETE per credential and route
