@@ -41,6 +41,14 @@ class RestrictedIn(Strict):
     card_reference: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{4,64}$")] | None = Field(
         None, description="a payment vault's token for the card (never a card number)")
 
+    @field_validator("date_of_birth", mode="before")
+    @classmethod
+    def _a_date(cls, v: Any) -> Any:
+        # A date as written, YYYY-MM-DD: pydantic alone took 0 as 1970-01-01 and a date-time at midnight.
+        if v is not None and not (isinstance(v, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", v)):
+            raise ValueError("a date as YYYY-MM-DD")
+        return v
+
     @field_validator("card_reference")
     @classmethod
     def _not_a_card_number(cls, v: str | None) -> str | None:

@@ -502,6 +502,7 @@ def _hostile(door: str, phone: str, account: str) -> list[tuple[Any, set[tuple[i
             {"card_reference": "5500-0000-0000-0004"}, {"card_reference": "378282246310005"},
             {"card_reference": "tok"}, {"card_reference": "x" * 65}, {"card_reference": "tok_\u0000abcd"},
             {"date_of_birth": "1985-02-30"}, {"date_of_birth": "yesterday"}, {"date_of_birth": "14/03/1985"},
+            {"date_of_birth": 0}, {"date_of_birth": "1985-03-14T00:00:00"}, {"date_of_birth": "１９８５-03-14"},
             {"ssn": ["123-45-6789"]}, {"key_id": "k0"},
         ]
     else:  # the wipe's confirm, of an organisation that is not this one's or not exactly its name
