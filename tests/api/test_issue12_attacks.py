@@ -257,6 +257,9 @@ async def test_without_a_credential_or_the_role_every_lifecycle_door_refuses_and
             cases.append((token, {}, wipe, (403, "forbidden")))
         for token in (a.sessions[Role.VIEWER], a.keys[Role.VIEWER]):
             cases.append((token, {}, restricted_put, (403, "forbidden")))
+        # An admin may erase people, not an owner, and not themselves.
+        cases += [(admin, {}, ("POST", "/api/erasures", {"user_id": str(a.users[Role.OWNER])}), (403, "forbidden")),
+                  (admin, {}, ("POST", "/api/erasures", {"user_id": str(a.users[Role.ADMIN])}), (409, "conflict"))]
         await _no_export_running(admin_db)
         before = await _snapshot(admin_db, a.org_id)
         objects = await _objects(server.extra["blobs"], a.org_id)
