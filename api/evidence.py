@@ -273,8 +273,8 @@ async def _create_bundle(req: Req) -> Reply:
                 paths.append(path)
             zip_path, man, files = await asyncio.to_thread(
                 _build, work, facts, texts, paths, dict(summary) if summary else None)
-            size, digest = (await asyncio.to_thread(zip_path.stat)).st_size, await asyncio.to_thread(file_sha256,
-                                                                                                   zip_path)
+            size = (await asyncio.to_thread(zip_path.stat)).st_size
+            digest = await asyncio.to_thread(file_sha256, zip_path)
             key = f"evidence/{org}/{call['id']}/{bundle_id}.zip"
             await tiers.blobs.put_file(key, zip_path, "application/zip")
         retain = created + timedelta(days=req.rt.settings.evidence_retain_days)
