@@ -18,7 +18,9 @@ What goes where, a table (one organisation: the caller's; every statement under 
     a user's: name and address replaced, deactivated and deleted, password removed, sessions revoked.
 
 A call of the person that is still live refuses the erasure (409: hang up first).  At most
-``MAX_CALLS`` calls per request (a person with more: 409, erase by phone number in parts).  The audit
+``MAX_CALLS`` calls per request (a person with more: 409, erase by phone number in parts).  One
+erasure of an organisation at a time on a node (``ERASURES_PER_ORG``, 1; one more: 429 +
+``Retry-After``): two of one person at once both erased and both counted the same calls.  The audit
 entry ``person.erased`` holds the report's counts, never the number or the name.  Limits: another
 node's in-memory SSE history of a call that ended minutes ago expires by itself (``SSE_RETENTION_S``);
 log lines never held the person's data (redaction, ids only).
@@ -34,11 +36,14 @@ from pydantic import BaseModel, Field, StringConstraints, model_validator
 from api.call_session import call_key
 from api.collections_api import PHONE
 from api.envelope import ApiError, not_found
-from api.rest import Reply, Req, Route, Strict
+from api.rest import OrgSlots, Reply, Req, Route, Strict
 from storage.db import CALL_OBJECTS_SQL, rows_affected
 
 MAX_CALLS = 10_000
 OPEN = ("initiating", "ringing", "active", "ending")
+# Ten erasures of one person at once each read the same calls, deleted the same objects and reported (and
+# audited) all of them: 10 x the calls erased.  One at a time, a repeat finds nothing left and says so.
+_slots = OrgSlots("erasures")
 
 
 class ErasureIn(Strict):
@@ -68,6 +73,11 @@ class ErasureOut(BaseModel):
 
 
 async def erase(req: Req) -> Reply:
+    with _slots.hold(req.p.org_id, req.rt.settings.erasures_per_org):
+        return await _erase(req)
+
+
+async def _erase(req: Req) -> Reply:
     body: ErasureIn = req.body
     tiers = req.rt.tiers
     assert tiers is not None
@@ -161,5 +171,6 @@ ROUTES = [
           description="A debtor by account_id or phone: their calls' recordings (objects and rows), transcripts "
                       "and translations are deleted, the calls' numbers cleared, their event streams and replay "
                       "history dropped, the account's name, numbers and reference replaced.  A user: name and "
-                      "address replaced, deactivated, sessions revoked.  Answers what was erased where."),
+                      "address replaced, deactivated, sessions revoked.  Answers what was erased where.  One "
+                      "erasure of an organisation at a time (`ERASURES_PER_ORG`); one more is 429."),
 ]

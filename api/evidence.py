@@ -29,7 +29,9 @@ refuses to start when the lock is asked for and the bucket has none (storage/blo
 store keeps only the no-overwrite rule.
 
 Bounds: at most ``MAX_RECORDING_BYTES`` of recordings per bundle (else 409), built in a temporary
-directory, one bundle per call at a time (a second request meanwhile: 409).
+directory and hashed a megabyte at a time (memory does not grow with the recordings), one bundle per
+call at a time (a second request meanwhile: 409), and at most ``EVIDENCE_PER_ORG`` (2) seals and
+verifies of an organisation at once on a node (one more: 429 + ``Retry-After``).
 """
 
 from __future__ import annotations
@@ -49,16 +51,38 @@ import orjson
 from pydantic import BaseModel, Field
 
 from api.envelope import ApiError, not_found
-from api.rest import Reply, Req, Route
+from api.rest import OrgSlots, Reply, Req, Route
 from storage.archive import read_archive
 
 MAX_RECORDING_BYTES = 1 << 30
+MAX_MANIFEST_BYTES = 16 << 20  # a stored manifest.json larger than this is a problem, not read
+CHUNK = 1 << 20
 SPEAKERS = {"inbound": "Consumer", "outbound": "Agent line", "agent": "Agent"}
-_building: set[str] = set()  # calls whose bundle is being built on this node
+# (organisation, call) whose bundle is being built on this node: call ids are unique per organisation only,
+# so by the id alone one tenant's seal answered another's 409.
+_building: set[tuple[uuid.UUID, str]] = set()
+_slots = OrgSlots("evidence seals and verifies")
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read a chunk at a time (bundles and recordings reach a gigabyte: never whole in memory)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _member_sha256(z: zipfile.ZipFile, name: str) -> str:
+    h = hashlib.sha256()
+    with z.open(name) as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def manifest(call: dict[str, Any], files: dict[str, tuple[int, str]]) -> bytes:
@@ -69,16 +93,21 @@ def manifest(call: dict[str, Any], files: dict[str, tuple[int, str]]) -> bytes:
                         option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)
 
 
-def check(zip_bytes: bytes, expected_sha: str, expected_manifest_sha: str) -> list[str]:
-    """What differs between a bundle and its seal; empty when intact.  No I/O."""
+def check(bundle: bytes | Path, expected_sha: str, expected_manifest_sha: str, *,
+          digest: str | None = None) -> list[str]:
+    """What differs between a bundle (its bytes, or its file, read a chunk at a time; ``digest``: its SHA-256
+    if known) and its seal; empty when intact.  No I/O but reading the file."""
     problems = []
-    if sha256(zip_bytes) != expected_sha:
+    digest = digest or (sha256(bundle) if isinstance(bundle, bytes) else file_sha256(bundle))
+    if digest != expected_sha:
         problems.append("the bundle's SHA-256 differs from the one recorded when it was sealed")
     try:
-        with zipfile.ZipFile(io.BytesIO(zip_bytes)) as z:
+        with zipfile.ZipFile(io.BytesIO(bundle) if isinstance(bundle, bytes) else bundle) as z:
             names = set(z.namelist())
             if "manifest.json" not in names:
                 return [*problems, "manifest.json is missing"]
+            if z.getinfo("manifest.json").file_size > MAX_MANIFEST_BYTES:
+                return [*problems, "manifest.json is larger than any sealed one"]
             raw = z.read("manifest.json")
             if sha256(raw) != expected_manifest_sha:
                 problems.append("manifest.json differs from the sealed one")
@@ -86,7 +115,7 @@ def check(zip_bytes: bytes, expected_sha: str, expected_manifest_sha: str) -> li
             for name, f in sorted(listed.items()):
                 if name not in names:
                     problems.append(f"{name} is missing")
-                elif sha256(z.read(name)) != f["sha256"]:
+                elif _member_sha256(z, name) != f["sha256"]:
                     problems.append(f"{name} differs from its manifest hash")
             for extra in sorted(names - set(listed) - {"manifest.json"}):
                 problems.append(f"{extra} is not in the manifest")
@@ -145,8 +174,7 @@ def _build(workdir: Path, call: dict[str, Any], texts: dict[str, bytes], recordi
     for i, rec in enumerate(recordings, 1):
         contents[f"recording-{i}.wav"] = rec
     for name, item in contents.items():
-        data = item.read_bytes() if isinstance(item, Path) else item
-        files[name] = (len(data), sha256(data))
+        files[name] = (item.stat().st_size, file_sha256(item)) if isinstance(item, Path) else (len(item), sha256(item))
     pdf = _pdf(call, summary, files)
     contents["summary.pdf"] = pdf
     files["summary.pdf"] = (len(pdf), sha256(pdf))
@@ -189,6 +217,11 @@ _COLUMNS = "id, call_control_id AS call_id, bytes, sha256, manifest_sha256, file
 
 
 async def create_bundle(req: Req) -> Reply:
+    with _slots.hold(req.p.org_id, req.rt.settings.evidence_per_org):
+        return await _create_bundle(req)
+
+
+async def _create_bundle(req: Req) -> Reply:
     tiers = req.rt.tiers
     assert tiers is not None
     org, ccid = req.p.org_id, req.params["call_id"]
@@ -221,10 +254,10 @@ async def create_bundle(req: Req) -> Reply:
         translations = translated
     if sum(r["bytes"] for r in recs) > MAX_RECORDING_BYTES:
         raise ApiError("conflict", "the call's recordings are too large for one bundle")
-    if ccid in _building:
+    if (org, ccid) in _building:
         raise ApiError("conflict", "a bundle of this call is being sealed; retry in a moment",
                        headers={"Retry-After": "5"})
-    _building.add(ccid)
+    _building.add((org, ccid))
     try:
         bundle_id = uuid.uuid4()
         created = datetime.now(UTC)
@@ -250,7 +283,8 @@ async def create_bundle(req: Req) -> Reply:
                 paths.append(path)
             zip_path, man, files = await asyncio.to_thread(
                 _build, work, facts, texts, paths, dict(summary) if summary else None)
-            data = await asyncio.to_thread(zip_path.read_bytes)
+            size = (await asyncio.to_thread(zip_path.stat)).st_size
+            digest = await asyncio.to_thread(file_sha256, zip_path)
             key = f"evidence/{org}/{call['id']}/{bundle_id}.zip"
             retain = created + timedelta(days=req.rt.settings.evidence_retain_days)
             # Write-once: never replaces a key, and with SWITCHBOARD_S3_OBJECT_LOCK the store itself
@@ -261,12 +295,11 @@ async def create_bundle(req: Req) -> Reply:
                 "INSERT INTO evidence_bundles (id, org_id, call_id, call_control_id, storage_key, bytes, sha256, "
                 f"manifest_sha256, files, retain_until, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
                 f"$11) RETURNING {_COLUMNS}",
-                bundle_id, org, call["id"], ccid, key, len(data), sha256(data), sha256(man), files, retain,
-                req.p.subject)
+                bundle_id, org, call["id"], ccid, key, size, digest, sha256(man), files, retain, req.p.subject)
             await req.audit("evidence.sealed", "call", call["id"], None,
-                            {"bundle_id": str(bundle_id), "sha256": sha256(data), "files": files}).apply(conn)
+                            {"bundle_id": str(bundle_id), "sha256": digest, "files": files}).apply(conn)
     finally:
-        _building.discard(ccid)
+        _building.discard((org, ccid))
     return Reply(BundleOut.model_validate(dict(row)).model_dump(mode="json"), status=201)
 
 
@@ -290,6 +323,11 @@ async def list_bundles(req: Req) -> Reply:
 
 
 async def verify_bundle(req: Req) -> Reply:
+    with _slots.hold(req.p.org_id, req.rt.settings.evidence_per_org):
+        return await _verify_bundle(req)
+
+
+async def _verify_bundle(req: Req) -> Reply:
     row = await _bundle(req)
     tiers = req.rt.tiers
     assert tiers is not None
@@ -297,13 +335,13 @@ async def verify_bundle(req: Req) -> Reply:
     with tempfile.TemporaryDirectory(prefix="switchboard-verify-") as tmp:
         path = Path(tmp) / "bundle.zip"
         await tiers.blobs.get_file(row["storage_key"], path)
-        data = await asyncio.to_thread(path.read_bytes)
-    problems = await asyncio.to_thread(check, data, row["sha256"], row["manifest_sha256"])
+        digest = await asyncio.to_thread(file_sha256, path)
+        problems = await asyncio.to_thread(check, path, row["sha256"], row["manifest_sha256"], digest=digest)
     async with tiers.db.tenant(req.p.org_id) as conn:
         await req.audit("evidence.verified", "evidence_bundle", row["id"], None,
                         {"intact": not problems, "problems": len(problems),
                          "ms": round((time.monotonic() - started) * 1000)}).apply(conn)
-    return Reply(VerifyOut(intact=not problems, problems=problems, sha256=sha256(data)).model_dump())
+    return Reply(VerifyOut(intact=not problems, problems=problems, sha256=digest).model_dump())
 
 
 async def bundle_url(req: Req) -> Reply:
@@ -324,7 +362,8 @@ ROUTES = [
           errors=("not_found", "conflict"), max_body=1024,
           description="A zip of the recordings, transcripts (text and JSON with word times), translations, the "
                       "audit trail, a PDF summary page and manifest.json (every file's SHA-256), stored "
-                      "write-once; its own and its manifest's SHA-256 are recorded."),
+                      "write-once; its own and its manifest's SHA-256 are recorded.  At most `EVIDENCE_PER_ORG` "
+                      "(2) seals and verifies of an organisation at once on a node; one more is 429."),
     Route("GET", "/api/calls/{call_id}/evidence", "list_evidence", "A call's evidence bundles", "evidence", "action",
           "evidence.read", list_bundles, params=_CALL, response=BundleOut, paged=True),
     Route("GET", "/api/calls/{call_id}/evidence/{bundle_id}/verify", "verify_evidence",

@@ -1,6 +1,7 @@
 """Report exports: calls, payments or accounts of a period as CSV or XLSX, made in the background.
 
-``POST /api/exports {kind, format, since?, until?}`` (owners and admins) answers 202 with the job;
+``POST /api/exports {kind, format, since?, until?}`` (owners and admins) answers 202 with the job, or
+429 + ``Retry-After`` while ``EXPORTS_PER_ORG`` (2) of the organisation's exports are queued or running;
 ``GET /api/exports/{id}`` its status and rows so far; ``GET /api/exports/{id}/url`` a signed download
 URL once it is ``done``.  The job reads through a server-side cursor (``FETCH_ROWS`` rows at a time)
 and writes each batch to a local file in a thread (CSV with the standard library; XLSX with
@@ -18,6 +19,7 @@ A job the node ran when it died stays ``running``; the node fails its own at its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import datetime as dt
 import logging
@@ -26,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field, field_validator, model_validator
 
 from api.envelope import ApiError, not_found
 from api.rest import Reply, Req, Route, Strict
@@ -99,11 +101,31 @@ class _Writer:
             self._wb.close()
 
 
+# The times a period may name.  Outside them nothing was created, and at the edges of Python's years an
+# offset puts the time out of range in UTC: ``until: 9999-12-31T23:59:59-14:00`` was stored, and reading
+# it back failed (500).
+EARLIEST = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+
+
 class ExportIn(Strict):
     kind: Literal["calls", "accounts", "payments"]
     format: Literal["csv", "xlsx"] = "csv"
-    since: AwareDatetime | None = Field(None, description="created at or after")
-    until: AwareDatetime | None = Field(None, description="created before")
+    since: AwareDatetime | None = Field(None, description="created at or after (1970 to 2100)")
+    until: AwareDatetime | None = Field(None, description="created before (1970 to 2100; after since)")
+
+    @field_validator("since", "until")
+    @classmethod
+    def _in_range(cls, t: dt.datetime | None) -> dt.datetime | None:
+        if t is not None and not EARLIEST <= t <= LATEST:
+            raise ValueError("must be between 1970-01-01 and 2100-01-01")
+        return t
+
+    @model_validator(mode="after")
+    def _period(self) -> ExportIn:
+        if self.since is not None and self.until is not None and self.until <= self.since:
+            raise ValueError("until must be after since")  # an empty or reversed period: a mistake, not a job
+        return self
 
 
 class ExportOut(BaseModel):
@@ -127,10 +149,13 @@ _tasks: set[asyncio.Task[None]] = set()
 async def run_export(req_rt: Any, org: uuid.UUID, job_id: uuid.UUID) -> None:
     tiers = req_rt.tiers
     db = tiers.db
+    key = None  # the file's key once it is in the cold tier
     try:
         async with db.tenant(org) as conn:
             job = await conn.fetchrow("UPDATE export_jobs SET status = 'running', updated_at = now() WHERE id = $1 "
                                       "RETURNING kind, format, since, until", job_id)
+        if job is None:
+            return  # its organisation was wiped meanwhile
         columns, sql = QUERIES[job["kind"]]
         rows = 0
         with tempfile.TemporaryDirectory(prefix="switchboard-export-") as tmp:
@@ -153,11 +178,24 @@ async def run_export(req_rt: Any, org: uuid.UUID, job_id: uuid.UUID) -> None:
             await tiers.blobs.put_file(key, path, "text/csv" if job["format"] == "csv" else
                                        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet")
         async with db.tenant(org) as conn:
-            await conn.execute("UPDATE export_jobs SET status = 'done', rows = $2, bytes = $3, storage_key = $4, "
-                               "finished_at = now(), updated_at = now() WHERE id = $1", job_id, rows, size, key)
+            # The organisation's row shared-locked against DELETE /api/org (which takes it FOR UPDATE): either the
+            # wipe starts after this commits and finds the file through the job, or the organisation is deleted
+            # and the file goes now.  An export still running when its tenant was wiped left its file (every
+            # account's name) in the cold tier for good.
+            live = await conn.fetchval("SELECT deleted_at IS NULL FROM organizations WHERE id = $1 FOR SHARE", org)
+            done = live and rows_affected(await conn.execute(
+                "UPDATE export_jobs SET status = 'done', rows = $2, bytes = $3, storage_key = $4, finished_at = now(), "
+                "updated_at = now() WHERE id = $1", job_id, rows, size, key))
+        if not done:
+            await tiers.blobs.delete(key)
+            log.info("export.abandoned", extra={"export_id": str(job_id), "reason": "organisation deleted"})
+            return
         log.info("export.done", extra={"export_id": str(job_id), "rows": rows, "bytes": size})
     except Exception as exc:  # the job says why; the server goes on
         log.exception("export.failed", extra={"export_id": str(job_id)})
+        if key is not None:  # uploaded, but no job row points at it: nothing would ever delete it
+            with contextlib.suppress(Exception):
+                await tiers.blobs.delete(key)
         async with db.tenant(org) as conn:
             await conn.execute("UPDATE export_jobs SET status = 'failed', error = $2, finished_at = now(), "
                                "updated_at = now() WHERE id = $1", job_id, f"{type(exc).__name__}"[:200])
@@ -167,11 +205,15 @@ async def create_export(req: Req) -> Reply:
     body: ExportIn = req.body
     assert req.rt.tiers is not None
     org = req.p.org_id
+    cap = req.rt.settings.exports_per_org
     async with req.rt.tiers.db.tenant(org) as conn:
+        # One count-then-insert of an organisation at a time (on every node): without the lock, a burst of
+        # requests all counted the same running jobs and all inserted (16 at once: 4 accepted under a cap of 2).
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('export_jobs:' || $1::uuid, 0))", org)
         running = await conn.fetchval("SELECT count(*) FROM export_jobs WHERE status IN ('queued', 'running')")
-        if running >= 2:
-            raise ApiError("conflict", "two exports of this organisation are running; wait for one to finish",
-                           headers={"Retry-After": "30"})
+        if running >= cap:
+            raise ApiError("rate_limited", f"{running} exports of this organisation are running (at most {cap}); "
+                                           "retry when one has finished", headers={"Retry-After": "30"})
         row = await conn.fetchrow(
             f"INSERT INTO export_jobs (org_id, kind, format, since, until, node_id, created_by) "
             f"VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
@@ -226,7 +268,8 @@ _E = (("export_id", "uuid"),)
 ROUTES = [
     Route("POST", "/api/exports", "create_export", "Export calls, payments or accounts as CSV or XLSX",
           "exports", "action", "exports.write", create_export, body=ExportIn, response=ExportOut, status=202,
-          errors=("conflict",), max_body=1024),
+          max_body=1024, description="At most `EXPORTS_PER_ORG` (2) of an organisation's exports are queued or "
+                                     "running at once; one more is 429 with Retry-After."),
     Route("GET", "/api/exports/{export_id}", "get_export", "An export's status and progress", "exports", "action",
           "exports.read", get_export, params=_E, response=ExportOut, errors=("not_found",)),
     Route("GET", "/api/exports/{export_id}/url", "export_url", "A signed download URL of a finished export",

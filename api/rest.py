@@ -54,11 +54,12 @@ No I/O here except through ``rt``; the route table is data, and ``api.openapi`` 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -288,7 +289,8 @@ def parse_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
 # A path parameter -> what its 404 names: the same words as the handler's own not_found, so a malformed
 # id and an unknown one answer the same body.
 _WHAT = {"user_id": "user", "key_id": "api key", "token_id": "media token", "recording_id": "recording",
-         "account_id": "account", "campaign_id": "campaign", "import_id": "import"}
+         "account_id": "account", "campaign_id": "campaign", "import_id": "import", "export_id": "export",
+         "bundle_id": "evidence bundle"}
 
 
 def _path_params(route: Route, request: web.Request) -> dict[str, Any]:
@@ -389,6 +391,34 @@ async def _rate_limit(rt: Runtime, route: Route, p: Principal) -> None:
     if not d.allowed:
         raise ApiError("rate_limited", f"at most {limit} requests a minute to {route.name}",
                        headers={"Retry-After": str(d.reset_s)})
+
+
+class OrgSlots:
+    """At most ``limit`` of one organisation's requests of a kind at once on this node, for work that holds a
+    thread, a temporary file or a connection for a while (sealing evidence, an erasure): one more is refused
+    at once, before any work, with 429 ``rate_limited`` + ``Retry-After``.  A burst from one tenant then
+    cannot take the node's threads, disk and memory from the others (the rate limit above counts requests a
+    minute per credential, not how many run at once, nor across an organisation's credentials)."""
+
+    def __init__(self, what: str, retry_after_s: int = 5) -> None:
+        self.what = what
+        self.retry_after_s = retry_after_s
+        self._held: dict[uuid.UUID, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, org: uuid.UUID, limit: int) -> Iterator[None]:
+        n = self._held.get(org, 0)
+        if n >= limit:
+            raise ApiError("rate_limited", f"at most {limit} {self.what} of an organisation at once; retry in a moment",
+                           headers={"Retry-After": str(self.retry_after_s)})
+        self._held[org] = n + 1
+        try:
+            yield
+        finally:
+            if self._held[org] <= 1:
+                del self._held[org]
+            else:
+                self._held[org] -= 1
 
 
 async def _authorize(rt: Runtime, route: Route, request: web.Request) -> Principal | None:

@@ -11,15 +11,17 @@ fields, never their values.  ``rotate`` re-seals every value under an older key 
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from api.envelope import ApiError, not_found
 from api.rest import Reply, Req, Route, Strict
 from api.settings import Settings
+from pipelines.redaction import _luhn as luhn  # the card rule of the transcripts' redaction
 from storage.crypto import DecryptError, Keyring, aad
 from storage.db import Database, live_orgs
 
@@ -38,6 +40,24 @@ class RestrictedIn(Strict):
     date_of_birth: dt.date | None = None
     card_reference: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{4,64}$")] | None = Field(
         None, description="a payment vault's token for the card (never a card number)")
+
+    @field_validator("date_of_birth", mode="before")
+    @classmethod
+    def _a_date(cls, v: Any) -> Any:
+        # A date as written, YYYY-MM-DD: pydantic alone took 0 as 1970-01-01 and a date-time at midnight.
+        if v is not None and not (isinstance(v, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", v)):
+            raise ValueError("a date as YYYY-MM-DD")
+        return v
+
+    @field_validator("card_reference")
+    @classmethod
+    def _not_a_card_number(cls, v: str | None) -> str | None:
+        # The pattern alone let a whole card number in ("4111111111111111", "5500-0000-0000-0004"): the
+        # rule the transcripts' redaction uses (13-19 digits, Luhn-valid, 2-6 first) keeps it out here too.
+        digits = re.sub(r"[-_]", "", v or "")
+        if digits.isdigit() and 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn(digits):
+            raise ValueError("this is a card number: give the payment vault's token for the card, never the number")
+        return v
 
 
 class RestrictedQuery(Strict):

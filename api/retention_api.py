@@ -13,8 +13,10 @@ from pydantic import BaseModel, Field
 from api.rest import Reply, Req, Route, Strict
 from storage.retention import RECORDINGS_MIN_DAYS
 
-LongDays = Annotated[int, Field(ge=RECORDINGS_MIN_DAYS, le=36500)]
-Days = Annotated[int, Field(ge=1, le=36500)]
+# Strict: a whole JSON number, nothing coerced into one.  Lax, ``{"transcriptions": true}`` was 1 day (every
+# transcript older than a day deleted at the next run) and ``"30"`` was 30.
+LongDays = Annotated[int, Field(strict=True, ge=RECORDINGS_MIN_DAYS, le=36500)]
+Days = Annotated[int, Field(strict=True, ge=1, le=36500)]
 RESOURCES = ("recordings", "calls", "transcriptions", "translations")
 
 

@@ -161,6 +161,13 @@ class Settings(BaseSettings):
     # in the cold tier only (an organisation's 'archive' policy overrides; 0: never).
     archive_after_days: int = Field(90, ge=0)
     evidence_retain_days: int = Field(2555, ge=730)  # an evidence bundle's retain_until (7 years by default)
+    # Heavy jobs one organisation may run at once; one more is 429 + Retry-After (api/exports.py: queued or
+    # running on any node, each holds a database connection for its cursor).
+    exports_per_org: int = Field(2, ge=1)
+    # ... on this node (api.rest.OrgSlots): evidence seals and verifies (each copies and hashes up to 1 GiB
+    # of recordings), and erasures (one at a time: two of one person would both count what they erased).
+    evidence_per_org: int = Field(2, ge=1)
+    erasures_per_org: int = Field(1, ge=1)
     # REST API (api/rest.py, api/auth_api.py): limits in the warm tier, 1-minute windows.
     rate_read_per_min: int = Field(600, ge=1)  # GET requests per credential and route
     rate_write_per_min: int = Field(120, ge=1)  # POST/PATCH/DELETE per credential and route
