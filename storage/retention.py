@@ -160,10 +160,14 @@ class Rule:
     rewrite: bool = False
     finish: str | None = None
     always: bool = False
+    lock: bool = True  # FOR UPDATE needs UPDATE rights: off for evidence, which nothing can change anyway
+
 
     def select(self) -> str:
+        """The batch, locked until it is ended: a restore racing the purge waits, then finds it gone."""
         key = f", {self.key} AS storage_key" if self.key else ""
-        return f"SELECT id{key} FROM {self.table} WHERE {self.due} ORDER BY {self.order} LIMIT $2"
+        lock = " FOR UPDATE" if self.lock else ""
+        return f"SELECT id{key} FROM {self.table} WHERE {self.due} ORDER BY {self.order} LIMIT $2{lock}"
 
     def count(self) -> str:
         return f"SELECT count(*) FROM {self.table} WHERE {self.due}"
@@ -206,7 +210,8 @@ RULES = (  # in this order: calls first, so their recordings go with them; archi
          f"archive_key IS NOT NULL AND archive_translations IS DISTINCT FROM 0 AND {_older(_ARCHIVE_AGE)}",
          _ARCHIVE_AGE, key="archive_key", rewrite=True,
          finish="UPDATE calls SET archive_translations = 0, updated_at = now() WHERE id = ANY($1)"),
-    Rule("evidence_expired", "evidence_bundles", _EVIDENCE_DUE, "retain_until", key="storage_key", always=True),
+    Rule("evidence_expired", "evidence_bundles", _EVIDENCE_DUE, "retain_until", key="storage_key", always=True,
+         lock=False),
     Rule("exports_expired", "export_jobs", _older("coalesce(finished_at, created_at)"), "created_at",
          key=_EXPORT_KEY),
     Rule("call_jobs_finished", "call_jobs", f"{_THIS_TENANT} AND status IN ('done', 'failed') AND "
@@ -326,6 +331,8 @@ class Retention:
                 return int(await conn.fetchval(rule.count(), n_days))
         total = 0
         while True:
+            # One transaction a batch, its rows locked from the select to their end: a restore (or any
+            # change) of one of them between the two would otherwise be purged anyway, its objects with it.
             async with self.db.tenant(org) as conn:
                 rows = await conn.fetch(rule.select(), n_days, self.batch)
                 ids = [r["id"] for r in rows]
@@ -335,14 +342,13 @@ class Retention:
                     keys = [r["storage_key"] for r in await conn.fetch(CALL_OBJECTS_SQL, ids)]
                 else:
                     keys = []
-            for key in keys:  # objects first: a stop here leaves rows to finish, never a lost object's row
-                if rule.rewrite:
-                    await self._drop_translations(key)
-                else:
-                    await self.blobs.delete(key)
+                for key in keys:  # objects first: a stop here leaves rows to finish, never a lost object's row
+                    if rule.rewrite:
+                        await self._drop_translations(key)
+                    else:
+                        await self.blobs.delete(key)
+                done = rows_affected(await conn.execute(rule.end(), ids)) if ids else 0
             if ids:
-                async with self.db.tenant(org) as conn:
-                    done = rows_affected(await conn.execute(rule.end(), ids))
                 total += done
                 if done == 0:  # rows it found but cannot end (a grant or a policy said no): never spin on them
                     log.warning("retention.stuck", extra={"org_id": str(org), "rule": rule.name, "rows": len(ids)})

@@ -597,3 +597,41 @@ async def test_a_wipe_runs_on_one_node_at_a_time_and_its_holder_takes_organisati
     assert not [p for p in root.rglob("*") if p.is_file()]
     assert await admin_conn.fetchval("SELECT count(*) FROM organizations WHERE wiped_at IS NULL "
                                      "AND id = ANY($1)", orgs) == 0
+
+
+async def test_a_restore_racing_the_purge_of_its_row_waits_and_finds_it_gone(
+        db: Database, admin_conn: asyncpg.Connection, tmp_path: Path) -> None:
+    """The batch's rows stay locked from the select to their delete: a restore arriving while the purge
+    deletes the call's objects cannot bring the row back without them (it waits, then finds nothing)."""
+    from tests.fakes.blobs import GatedBlobs
+
+    root = tmp_path / "blobs"
+    blobs = LocalBlobStore(root, b"k" * 32)
+    await blobs.start()
+    w = await _world(admin_conn, blobs)
+    gone_call, org = w["gone_call"], w["a"]
+    assert isinstance(org, uuid.UUID) and isinstance(w["keys_gone"], list)
+    target = w["keys_gone"][0]  # the 31-day call's recording
+
+    class HeldOnTarget(GatedBlobs):
+        async def delete(self, key: str) -> None:
+            if key == target:
+                self.entered.set()
+                await self.gate.wait()
+            await LocalBlobStore.delete(self, key)
+
+    gated = HeldOnTarget(root)
+    await gated.start()
+    run = asyncio.create_task(Retention(db, gated, window_days=30, batch=1).run())
+    try:
+        await asyncio.wait_for(gated.entered.wait(), 10)  # the purge of that call holds its row
+        async with db.tenant(org) as conn:
+            await conn.execute("SET LOCAL lock_timeout = '300ms'")
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await conn.execute("UPDATE calls SET deleted_at = NULL WHERE id = $1", gone_call)
+    finally:
+        gated.gate.set()
+        await asyncio.wait_for(run, 30)
+    async with db.tenant(org) as conn:
+        assert await conn.execute("UPDATE calls SET deleted_at = NULL WHERE id = $1", gone_call) == "UPDATE 0"
+    assert await admin_conn.fetchval("SELECT count(*) FROM calls WHERE id = $1", gone_call) == 0
