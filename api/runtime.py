@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("switchboard.app")
 
+# After the calls drained (SHUTDOWN_GRACE_S): recordings of the calls that just ended get this long to
+# reach the cold tier (the rest stay in the spool for the next start).  Part of a node's stop bound
+# (deploy/k8s/deployment.yaml terminationGracePeriodSeconds; tests/deploy/test_manifests.py).
+UPLOAD_DRAIN_S = 30.0
+
 
 @dataclass(slots=True)
 class Stats:
@@ -289,7 +294,7 @@ class Runtime:
             await self.translation.aclose()
             await self.translation.translator.aclose()
         if self.persistence is not None:
-            await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+            await self.persistence.drain(wait_s=UPLOAD_DRAIN_S)  # recordings of the calls that just ended
         if self.sweeper is not None:
             await self.sweeper.aclose()
         if self.billing is not None:
