@@ -160,8 +160,11 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
         "gc_pause": rt.stats.gc_pause.summary(),
         "loop_stall": rt.stats.loop_stall.summary(),
         "persistence": rt.persistence.stats() if rt.persistence else None,
-        "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors} if rt.bus else None,
-        "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
+        "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors,
+                "gaps_signalled": rt.bus.gaps_signalled, "gaps_lost": rt.bus.gaps_lost} if rt.bus else None,
+        "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors, "resets": rt.relay.resets}
+        if rt.relay else None,
+        "heartbeat": rt.heartbeat.stats() if rt.heartbeat else None,
         "translation": _translation_stats(rt),
         "webrtc": rt.agents.stats(),
         "sweeper": rt.sweeper.stats() if rt.sweeper else None,

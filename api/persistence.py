@@ -50,6 +50,7 @@ from storage.warm import EventBus
 
 log = logging.getLogger("switchboard.persist")
 
+MAX_GAPS = 10_000  # calls with an unsignalled loss the bus forwarder remembers (BusForwarder)
 # 0.5 + 1 + 2 + 4 + 8 s between attempts: rides out a restart of the cold tier, then the file stays
 # in the spool (with its sidecar) for the next start to store.
 UPLOAD_ATTEMPTS = 6
@@ -310,13 +311,14 @@ class BusForwarder:
     ``Last-Event-ID`` keeps its meaning.  It goes out before the call's next event, or as soon as Redis
     takes it when nothing follows.  A dropped ``call.ended`` is not lost but kept with the gap and
     published after it, so a remote viewer is never left waiting for an end.  Bound: gap records for at
-    most ``max_items`` calls; past that the oldest record goes (counted in ``gaps_lost``, logged).
+    most ``MAX_GAPS`` calls (a few numbers each, and at most one kept end), independent of the event
+    buffer's size: every live call may lose events in one outage; past it the oldest record goes
+    (counted in ``gaps_lost``, logged ``bus.gap_unsignalled``).
     The event in flight when the overflow pushes it out is lost only if its publish then fails.
     """
 
     def __init__(self, bus: EventBus, max_items: int) -> None:
         self._bus = bus
-        self._max = max_items
         self._buf: BoundedChannel[tuple[str, str, bytes, int]] = BoundedChannel(
             max_items, Policy.LATEST, on_drop=self._dropped, name="bus-forward")
         self._gaps: dict[str, BusGap] = {}  # by call, oldest first
@@ -352,7 +354,7 @@ class BusForwarder:
         call_id, event, data, ref = item
         gap = self._gaps.get(call_id)
         if gap is None:
-            if len(self._gaps) >= self._max:
+            if len(self._gaps) >= MAX_GAPS:
                 old_id, old = next(iter(self._gaps.items()))
                 del self._gaps[old_id]
                 self.gaps_lost += 1

@@ -244,10 +244,13 @@ def test_compose_mounts_the_template_and_its_rendering_passes_nginx_t() -> None:
     assert ok, said
 
     # What the streams need is there, in the location that serves them.
-    blocks = dict(re.findall(r"location ([^{]+)\{(.*?)\n    \}", site, re.S))
+    blocks = dict(re.findall(r"^    location ([^{]+)\{(.*?)\n    \}", site, re.S | re.M))
     media, events = blocks["/api/media/ "], blocks["~ ^/api/calls/[^/]+/events$ "]
     assert "proxy_set_header Upgrade $http_upgrade;" in media and "Connection $connection_upgrade" in media
     assert "proxy_buffering off;" in events
+    for block in blocks.values():  # a location with headers of its own inherits none: the node needs these
+        assert "proxy_set_header Host $host;" in block and "X-Forwarded-For $proxy_add_x_forwarded_for" in block
+    assert len(blocks) == 3
     for block in (media, events):  # an hour between two reads or writes: no call is cut
         for directive in ("proxy_read_timeout", "proxy_send_timeout", "send_timeout"):
             assert re.search(rf"{directive} (\d+)s;", block) and int(
