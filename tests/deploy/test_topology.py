@@ -7,6 +7,10 @@ sharing PostgreSQL and Valkey), with the failures it exists for.
     the owner SIGKILLed mid-call          its viewers reconnect through nginx with      LOST_BOUND_S: NODE_DEAD_S
                                             Last-Event-ID, land on the survivor, no       + SWEEP_INTERVAL_S + the
                                             gap, no duplicate; the call ends node_lost    relay's read + 4 s (10 s)
+    the owner paused (SIGSTOP) past the   the survivor closes the call node_lost; the   the same
+      bound, then resumed                   node's next beat says it was declared lost;
+                                            its own end of the call stores nothing over
+                                            it (one audit entry)
     Redis stopped 5 s under 200 streams   media flows on (every frame taken, no stream  CATCH_UP_S (12 s) after
       (bus buffer 10,000 on node-a)         closed); the outage's events reach a viewer   Redis is back: the
                                             on the other node, none lost                  forwarder's backoff (5 s)
@@ -282,6 +286,70 @@ async def test_the_owner_killed_mid_call_its_viewers_resume_on_the_survivor_and_
     assert (row["status"], row["end_reason"], row["node_id"]) == ("failed", "node_lost", own.name)
     assert [(a["actor_id"], orjson.loads(a["new_value"])["reason"]) for a in audit] == [(survivor.name, "node_lost")]
     assert survivor_sweeps["calls_lost"] == 1
+
+
+async def test_a_node_paused_past_the_bound_comes_back_told_and_leaves_its_closed_call_as_closed(
+        tmp_path: Path, pg_admin_url: str, redis_url: str) -> None:
+    """SIGSTOP (a long GC pause, a frozen VM, a partition) for longer than NODE_DEAD_S: the survivor
+    closes the call as node_lost.  SIGCONT: the node's next beat finds its row gone, it says so, and the
+    call's end on its media path later stores nothing over the sweep's outcome (one audit entry)."""
+    import os
+    import signal
+
+    call_id = "v3:topo-paused"
+    pcm = utterances_with_pauses(SENTENCES * 3, pause_ms=900, rate=8000)
+    messages = telnyx_messages(pcm, call_id=call_id, stream_id="s-paused", encoding="PCMU", sample_rate=8000,
+                               token=None)
+    async with topology(tmp_path, pg_admin_url, redis_url) as (topo, urls):
+        own, survivor = topo.nodes
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{survivor.http}/api/calls/{call_id}/events", headers=AUTH) as resp:
+                viewer = Viewer()
+                reader = asyncio.create_task(viewer.read(resp))
+                async with connect(own.ws) as ws:  # straight to node-a
+                    sender = asyncio.create_task(send_paced(ws, messages[:-1]))
+                    await asyncio.sleep(3.0)
+                    os.kill(own.proc.pid, signal.SIGSTOP)
+                    try:
+                        await asyncio.wait_for(viewer.ended.wait(), LOST_BOUND_S)
+                    finally:
+                        os.kill(own.proc.pid, signal.SIGCONT)
+                    async with asyncio.timeout(10):  # its next beat: declared lost, told
+                        while not (await stats(own))["heartbeat"]["declared_lost"]:  # noqa: ASYNC110 - polls it
+                            await asyncio.sleep(0.2)
+                    await asyncio.sleep(1.0)
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
+                    await ws.send(messages[-1])  # the media path now ends the call its own way: stop
+                    await ws.wait_closed()
+                await asyncio.gather(reader, return_exceptions=True)
+        after = await stats(own)
+        await asyncio.sleep(1.5)  # the writer's batch: what it would have stored over the sweep, if anything
+        conn = await asyncpg.connect(urls.admin)
+        try:
+            row = await conn.fetchrow("SELECT id, status, end_reason FROM calls WHERE call_control_id = $1", call_id)
+            audit = await conn.fetch("SELECT actor_id, new_value FROM audit_logs WHERE resource_id = $1 AND "
+                                     "action = 'call.ended'", str(row["id"]))
+            beat = await conn.fetchval("SELECT heartbeat_at > now() - interval '5 seconds' FROM nodes "
+                                       "WHERE node_id = $1", own.name)
+        finally:
+            await conn.close()
+        logged = [line.get("event") for line in _log_lines(own)]
+
+    ended = viewer.events[-1]
+    assert (ended[1], ended[2]["reason"]) == ("call.ended", "node_lost")
+    assert after["heartbeat"]["declared_lost"] == 1 and beat is True  # alive again, its row back
+    assert "node.declared_lost" in logged and "call.end_not_stored" in logged
+    assert (row["status"], row["end_reason"]) == ("failed", "node_lost")  # not completed/stop
+    assert [(a["actor_id"], orjson.loads(a["new_value"])["reason"]) for a in audit] == [(survivor.name, "node_lost")]
+
+
+def _log_lines(node: Node) -> list[dict[str, Any]]:
+    out = []
+    for line in node.log_path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            out.append(orjson.loads(line))
+    return out
 
 
 # --- (c) --------------------------------------------------------------------------------------------
