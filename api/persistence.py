@@ -337,7 +337,7 @@ class BusForwarder:
     @property
     def pending(self) -> int:
         """Events waiting for Redis (gap notices and kept ends included)."""
-        return len(self._buf) + sum(1 + (g.ended is not None) for g in self._gaps.values())
+        return len(self._buf) + sum((g.lost > 0) + (g.ended is not None) for g in self._gaps.values())
 
     def tap(self, call_id: str, ev: HubEvent) -> None:
         if ev.droppable:
@@ -346,7 +346,7 @@ class BusForwarder:
 
     def _dropped(self, item: tuple[str, str, bytes, int]) -> None:
         if item is self._inflight:
-            self._evicted = True  # lost only if its publish fails (decided in _run)
+            self._evicted = True  # lost only if its publish fails (decided in _forward_head)
             return
         self._lose(item)
 
