@@ -26,7 +26,9 @@ no ``user`` directive).  Only the main context (``nginx_main_conf``) is written 
 brings its own.  The nodes bind loopback on free ports and trust nginx (127.0.0.1) as their proxy.
 
 Bounds: a node or nginx that does not answer /healthz within ``START_TIMEOUT_S`` fails the start (its log
-is in the error); ``stop`` gives each process ``STOP_TIMEOUT_S`` after SIGTERM, then SIGKILL.
+is in the error); ``stop`` gives each process ``STOP_TIMEOUT_S`` after SIGTERM, then SIGKILL.  Nothing
+outlives the launcher: each process started here has a lifeline (``storage.lifeline``) that sends it
+SIGTERM if the launcher dies without stopping it (a test run killed by its timeout, ``kill -9``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from storage.lifeline import Lifeline
 
 DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
@@ -170,7 +174,9 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], what: str, log: Path,
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+def _stop(proc: subprocess.Popen[bytes], lifeline: Lifeline | None, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    if lifeline is not None:
+        lifeline.disarm()  # we stop it ourselves
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
@@ -187,6 +193,7 @@ class Node:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes]
+    lifeline: Lifeline | None = None
 
     @property
     def http(self) -> str:
@@ -207,6 +214,7 @@ class Topology:
     nginx_prefix: Path
     nginx: subprocess.Popen[bytes]
     env: dict[str, str]  # what every node got (secrets included): a test may use the metrics token
+    nginx_lifeline: Lifeline | None = None
     stopped: bool = False
 
     @property
@@ -223,6 +231,8 @@ class Topology:
     def kill(self, node_id: str) -> None:
         """SIGKILL a node: no drain, no clean-up, as a lost host."""
         node = self.node(node_id)
+        if node.lifeline is not None:
+            node.lifeline.disarm()
         node.proc.kill()
         node.proc.wait()
 
@@ -238,9 +248,9 @@ class Topology:
         if self.stopped:
             return
         self.stopped = True
-        _stop(self.nginx, 10)
+        _stop(self.nginx, self.nginx_lifeline, 10)
         for node in self.nodes:
-            _stop(node.proc)
+            _stop(node.proc, node.lifeline)
         shutil.rmtree(self.nginx_prefix, ignore_errors=True)
 
 
@@ -280,7 +290,7 @@ def start(prefix: Path, *, database_url: str, redis_url: str, app_password: str,
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                     cwd=ROOT, env=node_vars, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            started.append(Node(name, port, data_dir, log_path, proc))
+            started.append(Node(name, port, data_dir, log_path, proc, Lifeline(proc.pid, signal.SIGTERM, name)))
         for node in started:  # they start together (one migrates at a time); wait for each
             _wait_healthy(node.http, node.proc, node.name, node.log_path, START_TIMEOUT_S)
         nginx_port = free_port()
@@ -296,7 +306,8 @@ def start(prefix: Path, *, database_url: str, redis_url: str, app_password: str,
                 [nginx_binary(), "-p", str(nginx_dir), "-c", str(nginx_dir / "nginx.conf"),
                  "-e", str(nginx_dir / "error.log"), "-g", "daemon off;"],
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **_run_as())  # type: ignore[call-overload]
-        topo = Topology(started, nginx_port, nginx_dir, proc, {k: v for k, v in base.items() if k not in os.environ})
+        topo = Topology(started, nginx_port, nginx_dir, proc, {k: v for k, v in base.items() if k not in os.environ},
+                        Lifeline(proc.pid, signal.SIGTERM, "nginx"))
         try:
             _wait_healthy(topo.url, proc, "nginx", nginx_dir / "error.log", 30)
         except BaseException:
@@ -305,7 +316,7 @@ def start(prefix: Path, *, database_url: str, redis_url: str, app_password: str,
         return topo
     except BaseException:
         for node in started:
-            _stop(node.proc, 10)
+            _stop(node.proc, node.lifeline, 10)
         raise
 
 
