@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages, installed only when missing: apertium + apertium-eng-spa (offline translation, used
-# by `make run` when no translation API key is set) and, for the tests, espeak-ng (speech fixtures) and
-# chromium (the agent console in a real browser, driven by Playwright; never `playwright install`).
+# by `make run` when no translation API key is set) and, for the tests, espeak-ng (speech fixtures),
+# chromium (the agent console in a real browser, driven by Playwright; never `playwright install`) and
+# nginx (the front of several nodes, tests/deploy/: run by deploy/local.py as a non-root process; the
+# package's own service is never started).
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
@@ -27,12 +29,13 @@ rundeps:
 sysdeps: rundeps
 	@command -v espeak-ng >/dev/null 2>&1 || { echo "installing espeak-ng"; $(APT_INSTALL) espeak-ng >/dev/null; }
 	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium"; $(APT_INSTALL) chromium >/dev/null; }
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { echo "installing nginx"; $(APT_INSTALL) nginx >/dev/null; }
 
 run: $(STAMP) rundeps
 	$(BIN)/switchboard serve --host 127.0.0.1 --port 8080 --demo
 
 test: $(STAMP) sysdeps
-	$(BIN)/ruff check engine api pipelines storage bench tests
+	$(BIN)/ruff check engine api pipelines storage bench tests deploy
 	$(BIN)/mypy engine
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest -q -x --durations=10
 

@@ -27,6 +27,7 @@ from api import blobs, console, media_stream, openapi, readiness, rest, sse, web
 from api.auth import require
 from api.connections import CONNECTION_GUARD
 from api.envelope import envelope_errors
+from api.heartbeat import NodeHeartbeat
 from api.middleware import body_limit, doors
 from api.persistence import Persistence
 from api.recovery import recover_on_start
@@ -47,7 +48,7 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
     """
     s = settings or Settings()
     async with contextlib.AsyncExitStack() as opened:
-        tiers = persistence = translation = None
+        tiers = persistence = translation = heartbeat = None
         if s.persist:
             tiers = await open_tiers(s, local_blob_store(s))
             opened.push_async_callback(tiers.aclose)
@@ -55,6 +56,11 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
                                       recording=s.recording_enabled, recording_max_s=s.recording_max_s,
                                       uploads=s.recording_uploads, node_id=s.node_id)
             opened.push_async_callback(persistence.drain, 30.0)
+            # Alive for the other nodes' sweepers from now on (api/heartbeat.py): before recovery, before
+            # any stream, and beating while the recognisers warm, however long that takes.
+            heartbeat = NodeHeartbeat(tiers.db, s.node_id, s.node_heartbeat_s)
+            await heartbeat.start()
+            opened.push_async_callback(heartbeat.aclose)
             await recover_on_start(persistence, s.node_id, s.sweep_batch)  # before any stream or request
         # The node's own policy, from the settings; each call runs under its organisation's
         # (api.speech.OrgPolicies: its STT chain, translation target and SSE redaction over these).
@@ -67,7 +73,8 @@ async def open_runtime(settings: Settings | None = None, *, stt: SttProvider | N
             translation = TranslationStage(translator, concurrency=s.translation_concurrency,
                                            max_pending=s.translation_max_pending,
                                            deadline_s=s.translation_deadline_s)
-        rt = Runtime(s, speech=speech, tiers=tiers, persistence=persistence, translation=translation)
+        rt = Runtime(s, speech=speech, tiers=tiers, persistence=persistence, translation=translation,
+                     heartbeat=heartbeat)
         await speech.warm(rt.phrases)  # the phrase list read once, by Runtime
         opened.pop_all()  # from here on Runtime.aclose owns them
     return rt
@@ -153,8 +160,11 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
         "gc_pause": rt.stats.gc_pause.summary(),
         "loop_stall": rt.stats.loop_stall.summary(),
         "persistence": rt.persistence.stats() if rt.persistence else None,
-        "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors} if rt.bus else None,
-        "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors} if rt.relay else None,
+        "bus": {"forwarded": rt.bus.forwarded, "dropped": rt.bus.dropped, "errors": rt.bus.errors,
+                "gaps_signalled": rt.bus.gaps_signalled, "gaps_lost": rt.bus.gaps_lost} if rt.bus else None,
+        "relay": {"relayed": rt.relay.relayed, "errors": rt.relay.errors, "resets": rt.relay.resets}
+        if rt.relay else None,
+        "heartbeat": rt.heartbeat.stats() if rt.heartbeat else None,
         "translation": _translation_stats(rt),
         "webrtc": rt.agents.stats(),
         "sweeper": rt.sweeper.stats() if rt.sweeper else None,

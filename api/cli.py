@@ -329,6 +329,7 @@ async def _serve(settings: Settings, *, demo: bool = False, ready_fd: int | None
     try:
         await stop.wait()
     finally:
+        rt.draining = True  # /readyz answers 503 from here on, before the listener closes (api/readiness.py)
         await runner.cleanup()
 
 

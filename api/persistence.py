@@ -50,6 +50,7 @@ from storage.warm import EventBus
 
 log = logging.getLogger("switchboard.persist")
 
+MAX_GAPS = 10_000  # calls with an unsignalled loss the bus forwarder remembers (BusForwarder)
 # 0.5 + 1 + 2 + 4 + 8 s between attempts: rides out a restart of the cold tier, then the file stays
 # in the spool (with its sidecar) for the next start to store.
 UPLOAD_ATTEMPTS = 6
@@ -101,6 +102,9 @@ class CallRecord:
     recording_id: uuid.UUID
     recorder: CallRecorder | None
     recording_key: str = ""
+    # Another node's sweeper closed this call as node_lost while this node was declared lost
+    # (api/heartbeat.py): its end here stores nothing over that final outcome.
+    closed_elsewhere: bool = False
 
 
 class Persistence:
@@ -189,10 +193,15 @@ class Persistence:
         if call.recorder is not None:
             call.recorder.stop()
             stats = {**stats, "recording_truncated_ms": call.recorder.truncated_ms}
-        w.submit(CallEnded(call.org_id, call.call_control_id, status, reason, datetime.now(UTC), stats))
-        w.submit(SummaryDue(call.org_id, call.call_control_id))
-        w.submit(AuditEntry(call.org_id, "call.ended", "call", str(call.call_id), actor_type="system",
-                            old_value={"status": "active"}, new_value={"status": status, "reason": reason[:200]}))
+        if call.closed_elsewhere:  # final already (failed/node_lost, audited by the sweep): nothing over it
+            log.warning("call.end_not_stored", extra={"call_id": call.call_control_id, "reason": reason,
+                                                      "why": "closed as node_lost while this node was declared lost"})
+        else:
+            w.submit(CallEnded(call.org_id, call.call_control_id, status, reason, datetime.now(UTC), stats))
+            w.submit(SummaryDue(call.org_id, call.call_control_id))
+            w.submit(AuditEntry(call.org_id, "call.ended", "call", str(call.call_id), actor_type="system",
+                                old_value={"status": "active"},
+                                new_value={"status": status, "reason": reason[:200]}))
         if call.recorder is not None:
             task = asyncio.get_running_loop().create_task(self._store_recording(call), name="recording-upload")
             self._tasks.add(task)
@@ -240,9 +249,9 @@ class Persistence:
                 await asyncio.sleep(backoff.next())
         return False
 
-    def run_in_background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def run_in_background(self, coro: Coroutine[Any, Any, object], name: str) -> None:
         """Run ``coro`` as a task that ``drain`` waits for (spool recovery at start-up)."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -275,21 +284,51 @@ def _unlink(*paths: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+@dataclass(slots=True)
+class BusGap:
+    """What one call lost to the forwarder's overflow, and is owed to its viewers on other nodes."""
+
+    first: int  # the lost events' ids on this node: the lowest ...
+    last: int  # ... and the highest
+    lost: int = 0  # how many (the ids between include droppable events, never on the bus)
+    ended: tuple[bytes, int] | None = None  # its call.ended (data, id), kept: the end is never lost
+
+    def payload(self) -> bytes:
+        return orjson.dumps({"lost_from": self.first, "lost_to": self.last, "lost": self.lost, "cause": "bus_overflow"})
+
+
 class BusForwarder:
     """Copies non-droppable hub events (call lifecycle, final transcripts) to Redis Streams for other nodes.
 
     Bounded: at most ``max_items`` events wait; past that the oldest is dropped and counted in
     ``dropped`` (SSE clients on this node are unaffected: they read the hub, not the bus).  Failures
     to reach Redis are retried with backoff while the buffer holds.
+
+    A loss is never silent for viewers on other nodes either.  Each call that lost events gets one
+    ``stream.gap`` event on its stream, ``{"lost_from", "lost_to", "lost", "cause": "bus_overflow"}``
+    (the form of the SSE replay's own gap notice, which the consoles already show), under the id of its
+    last lost event: after everything it published before the loss and before anything after it, so
+    ``Last-Event-ID`` keeps its meaning.  It goes out before the call's next event, or as soon as Redis
+    takes it when nothing follows.  A dropped ``call.ended`` is not lost but kept with the gap and
+    published after it, so a remote viewer is never left waiting for an end.  Bound: gap records for at
+    most ``MAX_GAPS`` calls (a few numbers each, and at most one kept end), independent of the event
+    buffer's size: every live call may lose events in one outage; past it the oldest record goes
+    (counted in ``gaps_lost``, logged ``bus.gap_unsignalled``).
+    The event in flight when the overflow pushes it out is lost only if its publish then fails.
     """
 
     def __init__(self, bus: EventBus, max_items: int) -> None:
         self._bus = bus
         self._buf: BoundedChannel[tuple[str, str, bytes, int]] = BoundedChannel(
             max_items, Policy.LATEST, on_drop=self._dropped, name="bus-forward")
+        self._gaps: dict[str, BusGap] = {}  # by call, oldest first
+        self._inflight: tuple[str, str, bytes, int] | None = None
+        self._evicted = False  # the overflow pushed the event in flight out of the buffer
         self._task: asyncio.Task[None] | None = None
         self.forwarded = 0
         self.dropped = 0
+        self.gaps_signalled = 0
+        self.gaps_lost = 0
         self.errors = 0
 
     def start(self) -> None:
@@ -297,8 +336,8 @@ class BusForwarder:
 
     @property
     def pending(self) -> int:
-        """Events waiting for Redis."""
-        return len(self._buf)
+        """Events waiting for Redis (gap notices and kept ends included)."""
+        return len(self._buf) + sum((g.lost > 0) + (g.ended is not None) for g in self._gaps.values())
 
     def tap(self, call_id: str, ev: HubEvent) -> None:
         if ev.droppable:
@@ -306,38 +345,112 @@ class BusForwarder:
         self._buf.put((call_id, ev.event, ev.data, ev.id))
 
     def _dropped(self, item: tuple[str, str, bytes, int]) -> None:
+        if item is self._inflight:
+            self._evicted = True  # lost only if its publish fails (decided in _forward_head)
+            return
+        self._lose(item)
+
+    def _lose(self, item: tuple[str, str, bytes, int]) -> None:
+        call_id, event, data, ref = item
+        gap = self._gaps.get(call_id)
+        if gap is None:
+            if len(self._gaps) >= MAX_GAPS:
+                old_id, old = next(iter(self._gaps.items()))
+                del self._gaps[old_id]
+                self.gaps_lost += 1
+                log.error("bus.gap_unsignalled", extra={"call_id": old_id, "lost": old.lost})
+            gap = self._gaps[call_id] = BusGap(ref, ref)
+        if event == "call.ended":
+            gap.ended = (data, ref)
+            return
+        # min/max: the event in flight, lost after later ones were already dropped, is the oldest.
+        gap.first, gap.last = (min(gap.first, ref), max(gap.last, ref)) if gap.lost else (ref, ref)
+        gap.lost += 1
         self.dropped += 1
 
     async def _run(self) -> None:
         backoff = Backoff(0.1, 5.0)
         while True:
-            await self._buf.wait()
-            item = self._buf.peek()  # left in place until Redis has it: a failed publish is retried
-            call_id, event, data, ref = item
+            if not self._buf and not self._gaps:
+                await self._buf.wait()
             try:
-                await self._bus.publish(call_id, event, data, ref=ref)
-                if event == "call.ended":
-                    await self._bus.end(call_id)
+                # Gaps first: a call's owed notice and end are older than anything of it still buffered,
+                # and a call with nothing more to send must not wait behind a buffer that never empties.
+                if self._gaps:
+                    await self._signal(next(iter(self._gaps)))
+                else:
+                    await self._forward_head()
             except (OSError, RedisError) as exc:
                 self.errors += 1
-                log.warning("bus.publish_failed", extra={"error": type(exc).__name__, "pending": len(self._buf)})
+                log.warning("bus.publish_failed", extra={"error": type(exc).__name__, "pending": self.pending})
                 await asyncio.sleep(backoff.next())
                 continue
-            except ValueError as exc:  # an event the bus refuses (too large): report it, go on
-                self.errors += 1
-                log.error("bus.event_refused", extra={"call_id": call_id, "event": event, "error": str(exc)})
-            if self._buf and self._buf.peek() is item:  # unless overflow already pushed it out
-                self._buf.get_nowait()
-            self.forwarded += 1
             backoff.reset()
+
+    async def _forward_head(self) -> None:
+        item = self._buf.peek()  # left in place until Redis has it: a failed publish is retried
+        call_id, event, data, ref = item
+        self._inflight, self._evicted = item, False
+        try:
+            await self._bus.publish(call_id, event, data, ref=ref)
+            if event == "call.ended":
+                await self._bus.end(call_id)
+            self.forwarded += 1
+        except ValueError as exc:  # an event the bus refuses (too large): report it, go on
+            self.errors += 1
+            log.error("bus.event_refused", extra={"call_id": call_id, "event": event, "error": str(exc)})
+        except BaseException:
+            if self._evicted:
+                self._lose(item)  # pushed out of the buffer meanwhile and not published: lost after all
+            raise
+        finally:
+            self._inflight = None
+        if not self._evicted and self._buf and self._buf.peek() is item:
+            self._buf.get_nowait()
+
+    async def _signal(self, call_id: str) -> None:
+        """The call's ``stream.gap`` (when events were lost) and its kept ``call.ended``, in id order.  The
+        record leaves the table while it is told (losses meanwhile start a new, later one); each part is
+        marked done as it goes, and what a failure left untold goes back, merged with any newer loss."""
+        gap = self._gaps.pop(call_id)
+        try:
+            if gap.ended is not None and (not gap.lost or gap.ended[1] < gap.last):  # a restarted stream's loss
+                await self._publish_end(call_id, gap)
+            if gap.lost:
+                await self._bus.publish(call_id, "stream.gap", gap.payload(), ref=gap.last)
+                log.warning("bus.gap_signalled", extra={"call_id": call_id, "lost_from": gap.first,
+                                                        "lost_to": gap.last, "lost": gap.lost})
+                gap.lost = 0
+                self.gaps_signalled += 1
+            if gap.ended is not None:
+                await self._publish_end(call_id, gap)
+        except BaseException:
+            newer = self._gaps.pop(call_id, None)
+            if newer is not None:
+                if newer.lost:
+                    gap.first, gap.last = (min(gap.first, newer.first), newer.last) if gap.lost else (
+                        newer.first, newer.last)
+                    gap.lost += newer.lost
+                gap.ended = gap.ended or newer.ended
+            if gap.lost or gap.ended is not None:
+                self._gaps[call_id] = gap
+            raise
+
+    async def _publish_end(self, call_id: str, gap: BusGap) -> None:
+        assert gap.ended is not None
+        data, ref = gap.ended
+        await self._bus.publish(call_id, "call.ended", data, ref=ref)
+        await self._bus.end(call_id)
+        gap.ended = None
+        self.forwarded += 1
 
     async def aclose(self, drain_s: float = 2.0) -> None:
         """Give waiting events ``drain_s`` to reach Redis, then stop; what is left is logged."""
         deadline = asyncio.get_running_loop().time() + drain_s
-        while self._buf and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a deque
+        while self.pending and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 - polls a deque
             await asyncio.sleep(0.02)
-        if self._buf:
-            log.warning("bus.unforwarded", extra={"count": len(self._buf)})
+        if self.pending:
+            log.warning("bus.unforwarded", extra={"count": self.pending})
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -2,6 +2,13 @@
 
     200 {"status": "ok",       "tiers": {"postgres": {"ok": true,  "detail": "...", "ms": 1.2}, ...}}
     503 {"status": "degraded", "tiers": {"postgres": {"ok": false, "detail": "..."}, ...}}
+    503 {"status": "draining", "tiers": {}}
+
+*Draining* comes first and asks no tier: from the moment the node starts shutting down
+(``Runtime.draining``, set at SIGTERM before the listener closes) it must get no new traffic while
+its live calls finish, so a load balancer still probing it takes it out of rotation.  A preStop hook
+(deploy/k8s/deployment.yaml) sleeps first so that the endpoint is removed before the SIGTERM; this
+answer covers balancers that only go by the probe.
 
 Tiers: ``postgres`` (``SELECT 1`` on the app pool), ``redis`` (``PING``), ``blobs`` (the bucket or
 the local directory).  An embedded server the supervisor knows to be dead is reported down at once,
@@ -26,8 +33,10 @@ from api.tiers import Tiers
 
 
 class Readiness:
-    def __init__(self, tiers: Tiers | None, *, timeout_s: float = 1.0, cache_s: float = 1.0) -> None:
+    def __init__(self, tiers: Tiers | None, *, timeout_s: float = 1.0, cache_s: float = 1.0,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.tiers = tiers  # None: persistence off, always ready
+        self._draining = draining
         self._timeout = timeout_s
         self._cache_s = cache_s
         self._last: dict[str, Any] | None = None
@@ -36,6 +45,8 @@ class Readiness:
         self.checks = 0  # rounds of checks run (each round asks every tier once)
 
     async def snapshot(self) -> dict[str, Any]:
+        if self._draining():
+            return {"status": "draining", "tiers": {}}
         if self._last is not None and time.monotonic() - self._last_at < self._cache_s:
             return self._last
         if self._inflight is None:

@@ -86,7 +86,7 @@ async def recover_on_start(persistence: Persistence, node_id: str, batch: int = 
                                                      "previous_status": call.previous_status})
     persistence.calls_closed_on_start = len(closed)
     if closed and persistence.tiers.bus is not None:
-        persistence.run_in_background(_tell_viewers(persistence.tiers.bus, closed), "recovery-viewers")
+        persistence.run_in_background(tell_viewers(persistence.tiers.bus, closed), "recovery-viewers")
     leftovers = await asyncio.to_thread(find_leftovers, persistence.spool_dir)
     if closed or leftovers:
         log.warning("recovery.start", extra={"node_id": node_id, "calls_closed": len(closed),
@@ -95,23 +95,34 @@ async def recover_on_start(persistence: Persistence, node_id: str, batch: int = 
         persistence.run_in_background(_recover_all(persistence, leftovers), "recording-recovery")
 
 
-async def _tell_viewers(bus: EventBus, closed: list[ClosedCall]) -> None:
-    """Each closed call's ``call.ended`` on its Redis Stream, numbered after the last event the dead
-    run published there: viewers on other nodes (api.relay) see the call end with its reason instead
-    of waiting for an end that never comes, and a viewer reconnecting with Last-Event-ID gets it once.
-    Best effort with a deadline per call: the database already says how the call ended."""
+RESTART_DETAIL = "the process that was handling the call stopped before the call ended"
+
+
+async def tell_viewers(bus: EventBus, closed: list[ClosedCall], reason: str = "node_restart",
+                       detail: str = RESTART_DETAIL) -> int:
+    """Each closed call's ``call.ended`` (``failed``, ``reason``) on its Redis Stream, numbered after the
+    last event the dead run published there: viewers on other nodes (api.relay) see the call end with
+    its reason instead of waiting for an end that never comes, and a viewer reconnecting with
+    Last-Event-ID gets it once.  Used by start-up recovery (``node_restart``) and by the sweeper for a
+    lost node's calls (``node_lost``).  Best effort with a deadline per call; the first failure to reach
+    Redis stops the rest (it is down: each would wait its deadline), logged with how many were not told.
+    The database already says how the calls ended.  Returns how many were told."""
+    told = 0
     for call in closed:
         key = call_key(call.org_id, call.call_control_id)
-        ended = CallEndedEvent(call.call_control_id, "", "node_restart",
-                          "the process that was handling the call stopped before the call ended", "failed", {})
+        ended = CallEndedEvent(call.call_control_id, "", reason, detail, "failed", {})
         try:
             async with asyncio.timeout(5):
                 ref = await bus.last_ref(key)
                 await bus.publish(key, ended.name, ended.payload(), ref=ref + 1)
                 await bus.end(key)
         except (OSError, RedisError, TimeoutError) as exc:
-            log.warning("recovery.viewers_not_told", extra={"call_id": call.call_control_id,
+            log.warning("recovery.viewers_not_told", extra={"call_id": call.call_control_id, "reason": reason,
+                                                            "untold": len(closed) - told,
                                                             "error": type(exc).__name__})
+            break
+        told += 1
+    return told
 
 
 async def _recover_all(p: Persistence, leftovers: list[Leftover]) -> None:

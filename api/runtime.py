@@ -22,14 +22,21 @@ from engine.segmenter import SegmenterConfig
 from pipelines.redaction import Redactor
 from pipelines.translation import TranslationStage
 from storage.crypto import Keyring
+from storage.sweeps import NODE_LOST
 
 if TYPE_CHECKING:
+    from api.heartbeat import NodeHeartbeat
     from api.media_stream import MediaStream
     from api.persistence import Persistence
     from api.speech import Speech
     from api.tiers import Tiers
 
 log = logging.getLogger("switchboard.app")
+
+# After the calls drained (SHUTDOWN_GRACE_S): recordings of the calls that just ended get this long to
+# reach the cold tier (the rest stay in the spool for the next start).  Part of a node's stop bound
+# (deploy/k8s/deployment.yaml terminationGracePeriodSeconds; tests/deploy/test_manifests.py).
+UPLOAD_DRAIN_S = 30.0
 
 
 @dataclass(slots=True)
@@ -66,7 +73,8 @@ class Runtime:
     """
 
     def __init__(self, settings: Settings, *, speech: Speech, tiers: Tiers | None = None,
-                 persistence: Persistence | None = None, translation: TranslationStage | None = None) -> None:
+                 persistence: Persistence | None = None, translation: TranslationStage | None = None,
+                 heartbeat: NodeHeartbeat | None = None) -> None:
         # Imported here: these modules type their handlers against Runtime, so importing them at the
         # top would be circular; this constructor is the only place that builds them.
         from api.auth import Authenticator
@@ -106,7 +114,8 @@ class Runtime:
                                    frozenset(s.per_address_exempt))  # media sockets awaiting `start`
         self.streams: set[MediaStream] = set()  # open media sockets, started or not
         self.watch = StreamWatch(self.streams, s)
-        self.readiness = Readiness(tiers, timeout_s=s.readiness_timeout_s, cache_s=s.readiness_cache_s)
+        self.readiness = Readiness(tiers, timeout_s=s.readiness_timeout_s, cache_s=s.readiness_cache_s,
+                                   draining=lambda: self.draining)
         self.bus: BusForwarder | None = None
         self.relay: BusRelay | None = None  # other nodes' calls for SSE clients here
         if tiers is not None and s.bus_enabled:
@@ -126,7 +135,12 @@ class Runtime:
                                       self.phrases)
         self.telnyx: TelnyxCalls | None = (TelnyxCalls(s, tiers.db, self.hub, self.post_call)
                                            if tiers is not None else None)
-        self.sweeper: Sweeper | None = Sweeper(s, tiers.db, self.hub) if tiers is not None else None
+        self.sweeper: Sweeper | None = (Sweeper(s, tiers.db, self.hub, tiers.bus if s.bus_enabled else None)
+                                        if tiers is not None else None)
+        # Beating since open_runtime (before recovery); its one callback is this node's own reaction.
+        self.heartbeat = heartbeat
+        if heartbeat is not None:
+            heartbeat.on_lost = self._declared_lost
         self.draining = False  # shutting down: new media streams are refused
         self._stall_task: asyncio.Task[None] | None = None
         self._retention_task: asyncio.Task[None] | None = None
@@ -173,6 +187,28 @@ class Runtime:
                 log.warning("exports.interrupted", extra={"failed": n})
         except Exception:  # storage down at start: the jobs stay as they are, reported next start
             log.exception("startup_cleanup.failed")
+
+    async def _declared_lost(self) -> None:
+        """Another node's sweeper declared this one lost (it stopped beating for ``node_dead_s``: a pause,
+        a partition) and closed its open calls as ``node_lost``.  Those are final: each live call here
+        whose row that sweep closed is marked, so that its end, when it comes, stores nothing over the
+        sweep's outcome (no second end, audit entry or summary; ``Persistence.call_ended``).  One
+        tenant read per live call, once per declaration."""
+        if self.tiers is None:
+            return
+        closed = 0
+        for session in self.calls:
+            record = session.record
+            if record is None:
+                continue
+            async with self.tiers.db.tenant(record.org_id) as conn:
+                reason = await conn.fetchval("SELECT end_reason FROM calls WHERE org_id = $1 AND call_control_id = $2"
+                                             " AND status = 'failed'", record.org_id, record.call_control_id)
+            if reason == NODE_LOST:
+                record.closed_elsewhere = True
+                closed += 1
+        log.error("node.calls_closed_elsewhere", extra={"node_id": self.settings.node_id, "calls": closed,
+                                                        "live": len(self.calls)})
 
     def start_wipe(self) -> None:
         """Purge the deleted organisations (storage/wipe.py) in the background; at most one run at a
@@ -260,7 +296,7 @@ class Runtime:
             await self.translation.aclose()
             await self.translation.translator.aclose()
         if self.persistence is not None:
-            await self.persistence.drain(wait_s=30.0)  # recordings of the calls that just ended
+            await self.persistence.drain(wait_s=UPLOAD_DRAIN_S)  # recordings of the calls that just ended
         if self.sweeper is not None:
             await self.sweeper.aclose()
         if self.billing is not None:
@@ -273,5 +309,7 @@ class Runtime:
             await self.relay.aclose()
         if self.bus is not None:
             await self.bus.aclose()
+        if self.heartbeat is not None:  # last before the tiers: alive until the calls' ends are written
+            await self.heartbeat.aclose()
         if self.tiers is not None:
             await self.tiers.aclose()

@@ -234,6 +234,21 @@ class Settings(BaseSettings):
     supervise_backoff_max_s: float = Field(30.0, gt=0)  # longest wait between two restart attempts
     readiness_timeout_s: float = Field(1.0, gt=0)  # per tier check of GET /readyz
     readiness_cache_s: float = Field(1.0, ge=0)  # a check's result serves every /readyz for this long
+    # Node liveness across nodes (api/heartbeat.py, migration 0019): every server process beats its row
+    # in the `nodes` table every node_heartbeat_s (the database's clock); the sweeper on any live node
+    # closes the open calls of a node whose beat is older than node_dead_s as failed/node_lost and tells
+    # their viewers on the bus.  A dead node's calls are closed within node_dead_s + sweep_interval_s.
+    # node_dead_s must be at least 3 beats, so that one late or failed beat never declares a node lost.
+    node_heartbeat_s: float = Field(5.0, gt=0, le=300)
+    node_dead_s: float = Field(30.0, gt=0, le=86_400)
+
+    @field_validator("node_dead_s")
+    @classmethod
+    def _dead_after_three_beats(cls, v: float, info: ValidationInfo) -> float:
+        beat = info.data.get("node_heartbeat_s")
+        if beat is not None and v < 3 * beat:
+            raise ValueError(f"node_dead_s ({v:g}) must be at least 3 x node_heartbeat_s ({beat:g})")
+        return v
 
     # Billing (api/billing.py).  Plans: JSON {"name": {"price_id", "metered_price_id"?, "included_minutes"}}.
     stripe_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices(

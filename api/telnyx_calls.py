@@ -47,6 +47,7 @@ from pipelines.call_state import ENDING_EVENTS, CallEvent
 from pipelines.events import CallStateChanged
 from storage.db import Database
 from storage.records import CALL_USAGE_SQL, METER_EVENT_NAME, AuditEntry
+from storage.sweeps import NODE_LOST
 
 if TYPE_CHECKING:
     from api.hub import EventHub
@@ -65,8 +66,9 @@ HANGUP_STATUS = {"normal_clearing": "completed", "user_busy": "busy", "no_answer
                  "timeout": "no_answer", "originator_cancel": "no_answer", "call_rejected": "failed",
                  "not_found": "failed", "unspecified": "failed", "time_limit": "completed"}
 HANDLED = frozenset({*EVENT_STATUS, "call.hangup"})
-# What the media path writes into calls.end_reason (pipelines.call_state): a final state Telnyx may settle.
-MEDIA_END_REASONS = frozenset(e.value for e in (*ENDING_EVENTS, CallEvent.NODE_RESTART))
+# What the media path writes into calls.end_reason (pipelines.call_state), and the sweeper for the calls
+# of a node that stopped beating (storage.sweeps.NODE_LOST): a final state Telnyx may settle.
+MEDIA_END_REASONS = frozenset(e.value for e in (*ENDING_EVENTS, CallEvent.NODE_RESTART)) | {NODE_LOST}
 RECORDING_SAVED = "call.recording.saved"  # no state change: a recording_fetch job (api.post_call)
 
 

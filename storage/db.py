@@ -108,7 +108,10 @@ async def ensure_database(admin_url: str, database: str) -> None:
     conn = await asyncpg.connect(with_database(admin_url, "postgres"))
     try:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database):
-            await conn.execute(f'CREATE DATABASE "{database}"')  # identifier checked above; DDL takes no parameters
+            try:
+                await conn.execute(f'CREATE DATABASE "{database}"')  # identifier checked above; DDL takes no parameters
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # another node starting at the same moment created it first: that is all we wanted
     finally:
         await conn.close()
 

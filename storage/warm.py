@@ -457,6 +457,19 @@ class EventBus:
         """The call is over: the stream stays readable for ``ended_ttl_s``, then expires."""
         await self._r.expire(self._key(call_id), self._ended_ttl)
 
+    async def has_entry(self, call_id: str, entry_id: str) -> bool:
+        """Whether the call's stream still holds ``entry_id`` (a relay's last position): after Redis came
+        back, False means what was there is gone (a restart without persistence, a flush)."""
+        if not _STREAM_ID.fullmatch(entry_id):
+            raise ValueError(f"entry_id must be a stream id like '1700000000000-0', got {entry_id!r}")
+        entries: Any = await self._r.xrange(self._key(call_id), entry_id, entry_id, count=1)
+        return bool(entries)
+
+    async def server_run(self) -> str:
+        """The Redis server's run id: it changes when the server restarts."""
+        info: Any = await self._r.info("server")
+        return str(info.get("run_id", b"")) if isinstance(info, dict) else ""
+
     async def first_id(self, call_id: str) -> str | None:
         """The oldest retained id, or None if the stream is empty or gone."""
         entries: Any = await self._r.xrange(self._key(call_id), "-", "+", count=1)

@@ -74,3 +74,17 @@ async def test_a_hung_tier_is_reported_within_the_deadline_and_a_dead_embedded_o
 
 async def test_without_tiers_it_is_ready() -> None:
     assert await Readiness(None).snapshot() == {"status": "ok", "tiers": {}}
+
+
+async def test_a_draining_node_is_not_ready_whatever_its_tiers_say_and_asks_none() -> None:
+    from api.readiness import readyz
+
+    tiers = FakeTiers()
+    draining = False
+    ready = Readiness(tiers, timeout_s=1.0, cache_s=0, draining=lambda: draining)  # type: ignore[arg-type]
+    assert (await readyz(ready, None)).status == 200  # type: ignore[arg-type]  # the request is not read
+    before = dict(tiers.pings)
+    draining = True  # SIGTERM: Runtime.draining
+    resp = await readyz(ready, None)  # type: ignore[arg-type]
+    assert resp.status == 503 and resp.body == b'{"status": "draining", "tiers": {}}'
+    assert tiers.pings == before  # no tier asked: the answer is the node's own state

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from storage.db import APP_ROLE, MIGRATIONS, Database, MigrationError, migrate
+from storage.db import APP_ROLE, MIGRATIONS, Database, MigrationError, ensure_database, migrate, with_database
 from storage.records import AuditEntry, CallStarted, ensure_organization
 from tests.storage.conftest import DbUrls
 
@@ -206,3 +206,12 @@ async def test_a_campaign_contact_cannot_join_another_tenants_account_and_accoun
         await conn.execute("DELETE FROM collection_accounts")
     async with db.tenant(b) as conn:
         assert await conn.fetchval("SELECT count(*) FROM collection_accounts") == 1
+
+
+async def test_nodes_starting_together_may_all_ensure_the_same_new_database(pg_admin_url: str) -> None:
+    """Several nodes started at once on a server without their database (deploy/local.py, a cluster's
+    first start): each creates it if missing; the ones that lose the race are not failed by it."""
+    name = f"sb_race_{uuid.uuid4().hex[:8]}"
+    await asyncio.gather(*(ensure_database(pg_admin_url, name) for _ in range(4)))
+    conn = await asyncpg.connect(with_database(pg_admin_url, name))
+    await conn.close()

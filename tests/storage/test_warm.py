@@ -310,3 +310,25 @@ async def test_clients_that_decode_responses_are_refused(redis_url: str) -> None
             WarmStore(client)
     finally:
         await client.aclose()
+
+
+async def test_a_relay_can_tell_a_restarted_server_and_a_position_that_is_gone(redis_url: str) -> None:
+    """EventBus.server_run and has_entry: what api.relay asks after Redis comes back (tests/api/test_relay_reset.py)."""
+    import uuid as _uuid
+
+    import redis.asyncio as aioredis_
+
+    from storage.warm import EventBus as Bus
+
+    client = aioredis_.Redis.from_url(redis_url)
+    try:
+        bus = Bus(client, prefix=f"t{_uuid.uuid4().hex[:8]}:")
+        run = await bus.server_run()
+        assert run and run == await bus.server_run()  # the same server: the same run id
+        first = await bus.publish("c", "call.started", {}, ref=1)
+        assert await bus.has_entry("c", first) and not await bus.has_entry("c", "1-0")
+        assert not await bus.has_entry("other", first)
+        await bus.purge("c")
+        assert not await bus.has_entry("c", first)  # gone with the stream, as after an empty restart
+    finally:
+        await client.aclose()
