@@ -142,7 +142,7 @@ async def stats(rt: Runtime, request: web.Request) -> web.Response:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return web.json_response({
         # Which process answered: with `serve --workers N` each answers for itself (api/workers.py).
-        "node": {"node_id": rt.settings.node_id, "worker": rt.settings.worker_index, "pid": os.getpid()},
+        "node": _node(rt),
         "streams_active": len(rt.calls),
         "streams_pending": rt.admission.total,
         "streams_refused": rt.admission.refused,
@@ -198,7 +198,11 @@ async def stats_reset(rt: Runtime, request: web.Request) -> web.Response:
     rt.stats.frame_lag.reset()
     rt.stats.gc_pause.reset()
     rt.stats.loop_stall.reset()
-    return web.json_response({"reset": True})
+    return web.json_response({"reset": True, "node": _node(rt)})
+
+
+def _node(rt: Runtime) -> dict[str, object]:
+    return {"node_id": rt.settings.node_id, "worker": rt.settings.worker_index, "pid": os.getpid()}
 
 
 def _translation_stats(rt: Runtime) -> dict[str, object] | None:

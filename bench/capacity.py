@@ -47,6 +47,7 @@ import uvloop
 from engine.codecs import get_codec
 
 PERSIST = False  # --persist: the server runs with its storage tiers
+WORKERS = 1  # --workers: the server's processes (1: pinned to core 0, the per-core figure)
 # The credentials the benchmark's server is started with (api.auth): streams present the media token,
 # /api/stats is read with the metrics token.
 MEDIA_TOKEN = "sbm_bench_media_token_0123456789abcdef"
@@ -189,11 +190,41 @@ async def fetch(url: str, method: str = "GET") -> dict:  # type: ignore[type-arg
 
 
 def proc_stat(pid: int) -> tuple[float, int]:
-    """(CPU seconds, RSS bytes) of ``pid`` from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """(CPU seconds, RSS bytes) of ``pid`` and, with ``serve --workers``, of its worker processes."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    cpu, rss = 0.0, 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            rss += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return cpu, rss
+
+
+def every_worker(url: str, method: str = "GET") -> list[dict]:  # type: ignore[type-arg]
+    """``url`` answered by each worker of the server once: each new connection lands on a worker the
+    kernel picks, so ask until every one of ``WORKERS`` has answered (bounded)."""
+    seen: dict[int, dict] = {}  # type: ignore[type-arg]
+    for _ in range(200 * WORKERS):
+        reply = get_json(url, method)
+        seen.setdefault(reply.get("node", {}).get("pid", 0), reply)
+        if len(seen) >= WORKERS:
+            return list(seen.values())
+    raise RuntimeError(f"only {len(seen)} of {WORKERS} workers answered")
+
+
+async def fetch_all(url: str, method: str = "GET") -> dict:  # type: ignore[type-arg]
+    """/api/stats of the whole server: frames summed over the workers, frame lag the worst worker's."""
+    if WORKERS == 1:
+        return await fetch(url, method)
+    replies = await asyncio.get_running_loop().run_in_executor(None, every_worker, url, method)
+    if method != "GET":
+        return {}
+    return {"frames": sum(r["frames"] for r in replies),
+            "frame_lag": {k: max(r["frame_lag"][k] for r in replies) for k in ("p99_ms", "max_ms")}}
 
 
 async def measure(port: int, pid: int, n: int, payloads: list[bytes], seconds: float, warmup: float) -> dict:  # type: ignore[type-arg]
@@ -207,12 +238,12 @@ async def measure(port: int, pid: int, n: int, payloads: list[bytes], seconds: f
     tasks = [asyncio.create_task(load.run_group(g, t0)) for g in range(GROUPS)]
     try:
         await asyncio.sleep(warmup)
-        await fetch(f"{base}/api/stats/reset", "POST")
-        s0, sent0, (cpu0, _), w0 = await fetch(f"{base}/api/stats"), load.sent, proc_stat(pid), time.monotonic()
+        await fetch_all(f"{base}/api/stats/reset", "POST")
+        s0, sent0, (cpu0, _), w0 = await fetch_all(f"{base}/api/stats"), load.sent, proc_stat(pid), time.monotonic()
         late0, ticks0 = load.late_ticks, load.ticks
         lateness_from = len(load.lateness_ms)
         await asyncio.sleep(seconds)
-        s1, sent1, (cpu1, rss1), w1 = await fetch(f"{base}/api/stats"), load.sent, proc_stat(pid), time.monotonic()
+        s1, sent1, (cpu1, rss1), w1 = await fetch_all(f"{base}/api/stats"), load.sent, proc_stat(pid), time.monotonic()
         late1, ticks1 = load.late_ticks, load.ticks
     finally:
         load.running = False
@@ -257,14 +288,19 @@ def server(baseline: bool, port: int):  # type: ignore[no-untyped-def]
            "SWITCHBOARD_LOG_LEVEL": "WARNING", "SWITCHBOARD_TRANSLATION_PROVIDER": "none",
            "SWITCHBOARD_PERSIST": "true" if PERSIST else "false",
            "SWITCHBOARD_TELNYX_STREAM_TOKEN": MEDIA_TOKEN, "SWITCHBOARD_METRICS_TOKEN": METRICS_TOKEN,
-           "SWITCHBOARD_WORKERS": "1",  # one process pinned to one core: the per-core figure
+           "SWITCHBOARD_WORKERS": str(WORKERS),
            "SWITCHBOARD_DATA_DIR": tempfile.mkdtemp(prefix="switchboard-bench-")}  # fresh tiers per run
-    taskset = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    # One process: pinned to core 0 (the generator takes core 1).  Several: on every core, beside the
+    # generator, which then competes with them (say so when reading the figures).
+    taskset = ["taskset", "-c", "0"] if shutil.which("taskset") and (baseline or WORKERS == 1) else []
     proc = subprocess.Popen(taskset + cmd, env=env)
     try:
         for _ in range(300):
-            with contextlib.suppress(OSError):
-                get_json(f"http://127.0.0.1:{port}/api/stats")
+            with contextlib.suppress(OSError, RuntimeError):
+                if WORKERS > 1 and not baseline:
+                    every_worker(f"http://127.0.0.1:{port}/api/stats")  # every worker listens
+                else:
+                    get_json(f"http://127.0.0.1:{port}/api/stats")
                 break
             time.sleep(0.1)
         yield proc.pid
@@ -342,9 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--persist", action="store_true",
                         help="storage tiers on (embedded PostgreSQL, Valkey, local recordings)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes (serve --workers); 1 is pinned to core 0, more share every core")
     args = parser.parse_args(argv)
-    global PERSIST
+    global PERSIST, WORKERS
     PERSIST = args.persist
+    WORKERS = args.workers
     sys.exit(uvloop.run(run(args)))
 
 
