@@ -29,6 +29,8 @@ from api.settings import Settings
 from storage.blobs import BlobConfigError
 from storage.lifeline import DataDirInUse
 
+SWITCH_INTERVAL_S = 0.001  # see _tune_gil
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__.splitlines()[0] if __doc__ else "")
@@ -260,6 +262,19 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _tune_gil() -> None:
+    """Hand the GIL to the event loop sooner.
+
+    Work the loop gives to threads (exports, evidence hashing, blob walks, the S3 client, spool
+    writes) runs Python that keeps the GIL until the interpreter's switch interval ends (5 ms by
+    default) whenever the loop asks for it, and the loop asks at every socket call: one busy thread
+    stretches each loop turn by up to 5 ms per call in it, which is frame lag for every live call.
+    1 ms bounds that wait at the cost of more switches for the threads (measured: the red team's wipe
+    and export beside a live call: loop stall p99 27 -> 13-14 ms, max 28 -> 14-16 ms).
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
 def _tune_gc() -> None:
     """Fewer, cheaper collections on the media path.
 
@@ -283,6 +298,7 @@ async def _serve(settings: Settings, *, demo: bool = False, ready_fd: int | None
 
     _raise_fd_limit()
     _tune_gc()
+    _tune_gil()
 
     rt = await open_runtime(settings)  # opens the tiers, recovers a crashed run's leftovers, warms decoders
     demo_org: Demo | None = None
