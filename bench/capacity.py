@@ -18,7 +18,10 @@ A run passes when p99 lag < 20 ms, the backlog does not grow (by more than one f
 and the generator itself kept its schedule; with ``--repeat R``, N passes when most of its R runs
 do (this shared machine's speed varies from run to run by about 10 %).
 ``--baseline`` runs the same load against a bare aiohttp receive-and-discard server
-(``bench.bare_server``) to print Switchboard's cost per frame as a ratio of it.
+(``bench.bare_server``) to print Switchboard's cost per frame as a ratio of it.  ``--workers N``
+(``switchboard bench capacity --workers N``) starts ``serve --workers N`` unpinned: CPU and RSS are
+summed over its workers, frames summed and the frame lag the worst worker's; the generator then
+shares the cores with them (on a 2-core machine it falls behind: see README).
 """
 
 from __future__ import annotations
