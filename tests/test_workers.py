@@ -110,6 +110,16 @@ async def sse_on(sock: socket.socket, path: str, last_event_id: str | None = Non
         writer.close()
 
 
+async def worker_pids(port: int) -> list[int]:
+    """Both workers' process ids, each asked on a connection that landed on it."""
+    pids = []
+    for index in (0, 1):
+        sock, node = await on_worker(port, lambda n, i=index: n["worker"] == i)
+        sock.close()
+        pids.append(node["pid"])
+    return pids
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie left for whoever reaps it is not)."""
     try:
@@ -193,11 +203,7 @@ async def test_a_dead_workers_call_is_ended_for_viewers_on_the_other_worker_and_
 
 
 async def test_workers_stop_with_their_parent_even_when_it_is_killed(workers: Server) -> None:
-    pids = []
-    for index in (0, 1):
-        sock, node = await on_worker(workers.port, lambda n, i=index: n["worker"] == i)
-        sock.close()
-        pids.append(node["pid"])
+    pids = await worker_pids(workers.port)
     workers.proc.kill()  # no clean-up in the parent at all: only the lifeline pipe's EOF tells them
     workers.proc.wait()
     for _ in range(200):
@@ -212,11 +218,7 @@ async def test_workers_stop_with_their_parent_even_when_it_is_killed(workers: Se
 
 
 async def test_sigterm_stops_every_worker_and_exits_cleanly(workers: Server) -> None:
-    pids = []
-    for index in (0, 1):
-        sock, node = await on_worker(workers.port, lambda n, i=index: n["worker"] == i)
-        sock.close()
-        pids.append(node["pid"])
+    pids = await worker_pids(workers.port)
     workers.proc.terminate()
     assert await asyncio.to_thread(workers.proc.wait, 40) == 0
     assert not any(_alive(p) for p in pids)

@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from storage.db import APP_ROLE, MIGRATIONS, Database, with_database, with_user
+from storage.db import Database
 from storage.records import CallEnded, CallStarted, close_calls_of_restarted_node, ensure_organization
-from tests.storage.conftest import APP_PASSWORD, DbUrls
+from tests.storage.conftest import owned_database
 
 
 async def open_call(db: Database, org: uuid.UUID, ccid: str, node: str | None) -> None:
@@ -77,27 +77,13 @@ async def test_the_new_statuses_are_accepted_and_others_refused(db: Database) ->
 
 async def test_the_function_also_works_when_the_tables_owner_is_not_a_superuser(pg_admin_url: str) -> None:
     """A managed database: the migrator owns the tables but is subject to FORCE ROW LEVEL SECURITY."""
-    name = f"sb_owner_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE):
-            await admin.execute(f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS")
-        await admin.execute(f"ALTER ROLE {APP_ROLE} PASSWORD '{APP_PASSWORD}'")
-        await admin.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS CREATEROLE PASSWORD 'owner'")
-        await admin.execute(f"CREATE DATABASE {name} OWNER {name}")
-    finally:
-        await admin.close()
-    owner_url = with_user(with_database(pg_admin_url, name), name, "owner")
-    owner = await asyncpg.connect(owner_url)
-    try:
-        assert not await owner.fetchval("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user")
-        for path in sorted(MIGRATIONS.glob("*.sql")):  # the migration files themselves, as this owner
-            await owner.execute(path.read_text())
-        # The owner outside the function is still filtered by the tenant policy.
+    urls = await owned_database(pg_admin_url)
+    owner = await asyncpg.connect(urls.admin)
+    try:  # the owner outside the functions is still filtered by the tenant policy
         assert await owner.fetchval("SELECT count(*) FROM calls") == 0
     finally:
         await owner.close()
-    db = Database(DbUrls(owner_url, with_user(with_database(pg_admin_url, name), APP_ROLE, APP_PASSWORD)).app)
+    db = Database(urls.app)
     await db.open()
     try:
         await scenario(db)

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from storage.db import APP_ROLE, MIGRATIONS, Database, with_database, with_user
+from storage.db import Database
 from storage.records import CallEnded, CallStarted, ensure_organization
 from storage.sweeps import NODE_LOST, beat_node, sweep_lost_nodes
-from tests.storage.conftest import APP_PASSWORD, DbUrls
+from tests.storage.conftest import DbUrls, owned_database
 
 DEAD_S = 30.0
 
@@ -137,24 +137,9 @@ async def test_a_call_whose_row_is_held_is_left_to_the_next_sweep_and_its_node_k
 
 async def test_the_functions_also_work_when_the_tables_owner_is_not_a_superuser(pg_admin_url: str) -> None:
     """A managed database: the migrator owns the tables but is subject to FORCE ROW LEVEL SECURITY."""
-    name = f"sb_owner_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE):
-            await admin.execute(f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS")
-        await admin.execute(f"ALTER ROLE {APP_ROLE} PASSWORD '{APP_PASSWORD}'")
-        await admin.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS CREATEROLE PASSWORD 'owner'")
-        await admin.execute(f"CREATE DATABASE {name} OWNER {name}")
-    finally:
-        await admin.close()
-    owner_url = with_user(with_database(pg_admin_url, name), name, "owner")
-    owner = await asyncpg.connect(owner_url)
-    try:
-        for path in sorted(MIGRATIONS.glob("*.sql")):
-            await owner.execute(path.read_text())
-    finally:
-        await owner.close()
-    db = Database(with_user(with_database(pg_admin_url, name), APP_ROLE, APP_PASSWORD))
+    urls = await owned_database(pg_admin_url)
+    owner_url = urls.admin
+    db = Database(urls.app)
     await db.open()
     try:
         await scenario(db, owner_url)

@@ -8,10 +8,10 @@ import uuid
 
 import asyncpg
 
-from storage.db import APP_ROLE, MIGRATIONS, Database, with_database, with_user
+from storage.db import Database
 from storage.records import ensure_organization
 from storage.sweeps import IMPORT_INTERRUPTED, sweep_interrupted_imports, sweep_stalled_calls
-from tests.storage.conftest import APP_PASSWORD
+from tests.storage.conftest import owned_database
 
 TIMES = {"initiating_s": 120.0, "ringing_s": 660.0, "ending_s": 120.0}
 
@@ -133,25 +133,13 @@ async def test_a_webhook_that_commits_first_wins_over_the_sweep(db: Database) ->
 
 async def test_the_sweeps_also_work_when_the_tables_owner_is_not_a_superuser(pg_admin_url: str) -> None:
     """A managed database: the migrator owns the tables but is subject to FORCE ROW LEVEL SECURITY."""
-    name = f"sb_owner_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(pg_admin_url)
-    try:
-        if not await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE):
-            await admin.execute(f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS")
-        await admin.execute(f"ALTER ROLE {APP_ROLE} PASSWORD '{APP_PASSWORD}'")
-        await admin.execute(f"CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS CREATEROLE PASSWORD 'owner'")
-        await admin.execute(f"CREATE DATABASE {name} OWNER {name}")
-    finally:
-        await admin.close()
-    owner_url = with_user(with_database(pg_admin_url, name), name, "owner")
-    owner = await asyncpg.connect(owner_url)
-    try:
-        for path in sorted(MIGRATIONS.glob("*.sql")):
-            await owner.execute(path.read_text())
-        assert await owner.fetchval("SELECT count(*) FROM import_jobs") == 0  # filtered outside the functions
+    urls = await owned_database(pg_admin_url)
+    owner = await asyncpg.connect(urls.admin)
+    try:  # the owner outside the functions is still filtered by the tenant policy
+        assert await owner.fetchval("SELECT count(*) FROM import_jobs") == 0
     finally:
         await owner.close()
-    db = Database(with_user(with_database(pg_admin_url, name), APP_ROLE, APP_PASSWORD))
+    db = Database(urls.app)
     await db.open()
     try:
         await scenario(db)
