@@ -184,7 +184,7 @@ class WorkerPool:
             if ran_s >= STABLE_S:
                 backoff.reset()
             delay = backoff.next()
-            how = {"signal": signal.Signals(-code).name} if code < 0 else {"code": code}
+            how = {"signal": _signal_name(-code)} if code < 0 else {"code": code}
             log.error("worker.died", extra={"worker": slot.index, "pid": slot.proc.pid, **how,
                                             "ran_s": round(ran_s, 1), "restart_in_s": delay})
             slot.restarts += 1
@@ -212,6 +212,13 @@ class WorkerPool:
         for fd in (self._lifeline_r, self._lifeline_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal, say: no name
+        return str(number)
 
 
 async def _read_line(fd: int) -> bytes:
