@@ -250,6 +250,11 @@ def worker_env(s: Settings, *, database_url: str | None, redis_url: str | None) 
     for name in ("blob_signing_key", "call_token_key"):
         if getattr(s, name) is None:
             env[f"SWITCHBOARD_{name.upper()}"] = secrets.token_urlsafe(32)
+    # The local recogniser's decoders (one process per core and language model by default) are the
+    # node's, not each worker's: N workers each starting one per core would start N times too many
+    # (32 workers x 32 decoders x 2 models on a 32-core machine).  A value set by hand is per worker.
+    if not any(k in os.environ for k in ("SWITCHBOARD_STT_MAX_DECODERS", "switchboard_stt_max_decoders")):
+        env["SWITCHBOARD_STT_MAX_DECODERS"] = str(max(1, s.stt_max_decoders // s.workers))
     return env
 
 

@@ -253,3 +253,19 @@ async def test_one_scrape_of_the_port_shows_every_worker(workers: Server) -> Non
                 break
             assert loop.time() < deadline, streams
             await asyncio.sleep(0.5)
+
+
+def test_the_nodes_decoders_are_shared_out_among_its_workers(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """One decoder per core for the node, not per worker; a count set by hand is each worker's."""
+    from api.settings import Settings
+    from api.workers import worker_env
+
+    monkeypatch.delenv("SWITCHBOARD_STT_MAX_DECODERS", raising=False)
+    s = Settings(workers=4, stt_max_decoders=8, data_dir=tmp_path)
+    assert worker_env(s, database_url=None, redis_url=None)["SWITCHBOARD_STT_MAX_DECODERS"] == "2"
+    assert worker_env(Settings(workers=4, stt_max_decoders=2, data_dir=tmp_path), database_url=None,
+                      redis_url=None)["SWITCHBOARD_STT_MAX_DECODERS"] == "1"
+    monkeypatch.setenv("SWITCHBOARD_STT_MAX_DECODERS", "3")
+    assert worker_env(Settings(workers=4, data_dir=tmp_path), database_url=None,
+                      redis_url=None)["SWITCHBOARD_STT_MAX_DECODERS"] == "3"
