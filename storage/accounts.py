@@ -24,6 +24,7 @@ from api.auth import (
     new_secret,
     secret_hash,
 )
+from storage.db import ADVISORY_LOCKS
 
 _SLUG_CHARS = re.compile(r"[^a-z0-9]+")
 
@@ -81,7 +82,12 @@ async def register_bootstrap_credentials(conn: asyncpg.Connection, *, media_toke
                                          api_key: str | None) -> list[str]:
     """Make the configured bootstrap media token and admin API key live in the bootstrap organisation
     (inside ``Database.tenant(BOOTSTRAP_ORG_ID)``), unless a row with their hash exists already (then
-    it is left alone: a revoked one stays revoked).  Returns what was registered, for the log."""
+    it is left alone: a revoked one stays revoked).  Returns what was registered, for the log.
+
+    Serialised by a transaction-level advisory lock: the workers of ``serve --workers`` (and nodes)
+    start together, and two of them checking then inserting at once on a fresh database raced (one
+    start failed on the organisation's unique slug; a secret could have been registered twice)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCKS["bootstrap"])
     await conn.execute("INSERT INTO organizations (id, name, slug) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING",
                        BOOTSTRAP_ORG_ID, "Default organisation", f"default-{BOOTSTRAP_ORG_ID.hex[:8]}")
     done = []

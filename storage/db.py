@@ -54,7 +54,7 @@ async def live_orgs(db: Database) -> list[uuid.UUID]:
 # Advisory lock keys (one bigint space per database), one per job that must run on one node at a time.
 # Session-level locks, held on a connection of their own for the whole run (``Database.run_alone``): a
 # transaction-level lock would end at the first of the job's many batch commits.
-ADVISORY_LOCKS = {"migrate": 727274, "retention": 727275, "wipe": 727276}
+ADVISORY_LOCKS = {"migrate": 727274, "retention": 727275, "wipe": 727276, "bootstrap": 727277}
 
 
 # The cold-tier objects a call owns (its recordings, its archived lines): what a purge, a wipe or an

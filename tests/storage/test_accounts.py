@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -10,6 +11,7 @@ import pytest
 from api.auth import Role, secret_hash
 from storage.accounts import create_api_key, create_media_token, create_organization, create_user, set_tenant
 from storage.db import Database
+from tests.storage.conftest import DbUrls
 
 
 async def _org(admin_conn: asyncpg.Connection, name: str, email: str) -> tuple[uuid.UUID, str, str]:
@@ -64,3 +66,37 @@ async def test_last_use_is_recorded(db: Database, admin_conn: asyncpg.Connection
     async with db.tenant(org) as conn:
         assert await conn.fetchval("SELECT last_used_at FROM api_keys") is not None
         assert await conn.fetchval("SELECT last_used_at FROM media_tokens") is not None
+
+
+async def test_bootstrap_credentials_are_registered_one_process_at_a_time(db_urls: DbUrls) -> None:
+    """``serve --workers`` starts its workers together on a fresh database and each registers the
+    configured credentials: checking then inserting at once raced (a start failed on the organisation's
+    unique slug in CI).  Registration is serialised: while another holds the lock it waits; then exactly
+    one of several registers and none fails."""
+    from api.auth import BOOTSTRAP_ORG_ID
+    from storage.accounts import register_bootstrap_credentials
+    from storage.db import ADVISORY_LOCKS
+
+    pools = [Database(db_urls.app, min_size=1, max_size=1) for _ in range(4)]
+    for pool in pools:
+        await pool.open()
+    try:
+        async def register(pool: Database, lock_timeout: str | None = None) -> list[str]:
+            async with pool.tenant(BOOTSTRAP_ORG_ID) as conn:
+                if lock_timeout:
+                    await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
+                return await register_bootstrap_credentials(conn, media_token="sbm_race_token_0123456789abcdef",
+                                                            api_key="sbk_race_key_0123456789abcdef")
+
+        async with pools[0].tenant(BOOTSTRAP_ORG_ID) as holder:
+            await holder.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCKS["bootstrap"])
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await register(pools[1], lock_timeout="300ms")
+        done = await asyncio.gather(*(register(p) for p in pools))
+        assert sorted(map(tuple, done)) == [(), (), (), ("media_token", "api_key")]
+        async with pools[0].tenant(BOOTSTRAP_ORG_ID) as conn:
+            assert await conn.fetchval("SELECT count(*) FROM media_tokens") == 1
+            assert await conn.fetchval("SELECT count(*) FROM api_keys") == 1
+    finally:
+        for pool in pools:
+            await pool.aclose()
