@@ -49,8 +49,7 @@ class Tiers:
     @property
     def embedded(self) -> dict[str, Any]:
         """The embedded servers by tier name ("postgres", "redis"); configured URLs are not here."""
-        names = {embedded.EmbeddedPostgres: "postgres", embedded.EmbeddedValkey: "redis"}
-        return {names[type(x)]: x for x in self._embedded if type(x) in names}
+        return by_tier(self._embedded)
 
     def supervise(self, interval_s: float = 1.0, backoff_max_s: float = 30.0) -> None:
         """Restart the embedded servers when they die, until ``aclose``."""
@@ -67,6 +66,21 @@ class Tiers:
         await _shutdown(self._embedded)
         if self.lock is not None:
             self.lock.release()
+
+
+def by_tier(servers: list[Any]) -> dict[str, Any]:
+    """Started embedded servers by tier name ("postgres", "redis"), as ``TierSupervisor`` takes them."""
+    names = {embedded.EmbeddedPostgres: "postgres", embedded.EmbeddedValkey: "redis"}
+    return {names[type(x)]: x for x in servers if type(x) in names}
+
+
+async def redis_url_for(s: Settings, started: list[Any]) -> str:
+    """``REDIS_URL``, or the embedded Valkey (started, and listed in ``started``)."""
+    if s.redis_url is not None:
+        return s.redis_url.get_secret_value()
+    valkey = await asyncio.to_thread(embedded.start_valkey, s.data_dir.resolve() / "valkey")
+    started.append(valkey)
+    return str(valkey.url)
 
 
 def local_blob_store(s: Settings) -> LocalBlobStore | None:
@@ -171,13 +185,7 @@ async def _open(s: Settings, local: LocalBlobStore | None, started: list[Any]) -
     writer.start()
 
     # Warm tier
-    if s.redis_url is None:
-        valkey = await asyncio.to_thread(embedded.start_valkey, s.data_dir.resolve() / "valkey")
-        started.append(valkey)
-        redis_url = valkey.url
-    else:
-        redis_url = s.redis_url.get_secret_value()
-    warm = WarmStore.from_url(redis_url)
+    warm = WarmStore.from_url(await redis_url_for(s, started))
     await warm.ping()
     bus = EventBus(warm.redis)
 

@@ -253,7 +253,7 @@ def worker_env(s: Settings, *, database_url: str | None, redis_url: str | None) 
     # The local recogniser's decoders (one process per core and language model by default) are the
     # node's, not each worker's: N workers each starting one per core would start N times too many
     # (32 workers x 32 decoders x 2 models on a 32-core machine).  A value set by hand is per worker.
-    if not any(k in os.environ for k in ("SWITCHBOARD_STT_MAX_DECODERS", "switchboard_stt_max_decoders")):
+    if not any(k.upper() == "SWITCHBOARD_STT_MAX_DECODERS" for k in os.environ):  # names are case-blind
         env["SWITCHBOARD_STT_MAX_DECODERS"] = str(max(1, s.stt_max_decoders // s.workers))
     return env
 
@@ -263,8 +263,7 @@ async def serve_workers(s: Settings, *, demo: bool) -> int:
     from api.bootstrap import Demo, demo_banner, ensure_demo
     from api.restricted_api import keyring_for
     from api.supervisor import TierSupervisor
-    from api.tiers import _admin_url, _shutdown
-    from storage import embedded
+    from api.tiers import _admin_url, _shutdown, by_tier, redis_url_for
     from storage.db import APP_ROLE, Database, migrate, with_user
     from storage.lifeline import DataDirLock
 
@@ -284,13 +283,11 @@ async def serve_workers(s: Settings, *, demo: bool) -> int:
                 await migrate(admin_url, app_password=app_password)
             if s.database_url is None:
                 database_url = admin_url
-            if s.redis_url is None:
-                valkey = await asyncio.to_thread(embedded.start_valkey, s.data_dir.resolve() / "valkey")
-                started.append(valkey)
-                redis_url = valkey.url
-            names = {embedded.EmbeddedPostgres: "postgres", embedded.EmbeddedValkey: "redis"}
-            supervisor = TierSupervisor({names[type(x)]: x for x in started if type(x) in names},
-                                        interval_s=s.supervise_interval_s, backoff_max_s=s.supervise_backoff_max_s)
+            url = await redis_url_for(s, started)
+            if s.redis_url is None:  # the embedded one: the workers are told where it is
+                redis_url = url
+            supervisor = TierSupervisor(by_tier(started), interval_s=s.supervise_interval_s,
+                                        backoff_max_s=s.supervise_backoff_max_s)
             supervisor.start()
             if s.encryption_keys is None:
                 await asyncio.to_thread(keyring_for, s)  # the local key file, created once, before any worker

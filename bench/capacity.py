@@ -180,10 +180,10 @@ class Load:
             tick += 1
 
 
-def get_json(url: str, method: str = "GET") -> dict:  # type: ignore[type-arg]
+def get_json(url: str, method: str = "GET", token: str = METRICS_TOKEN) -> dict:  # type: ignore[type-arg]
     # The server takes POSTs only as JSON (415 otherwise: api/middleware.py).
     req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json",
-                                                              "Authorization": f"Bearer {METRICS_TOKEN}"})
+                                                              "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
@@ -207,16 +207,28 @@ def proc_stat(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def every_worker(url: str, method: str = "GET") -> list[dict]:  # type: ignore[type-arg]
+def every_worker(url: str, method: str = "GET", *, workers: int | None = None,
+                 token: str = METRICS_TOKEN) -> list[dict]:  # type: ignore[type-arg]
     """``url`` answered by each worker of the server once: each new connection lands on a worker the
-    kernel picks, so ask until every one of ``WORKERS`` has answered (bounded)."""
+    kernel picks, so ask until every one of ``workers`` (default ``WORKERS``) has answered (bounded)."""
+    workers = workers or WORKERS
     seen: dict[int, dict] = {}  # type: ignore[type-arg]
-    for _ in range(200 * WORKERS):
-        reply = get_json(url, method)
+    for _ in range(200 * workers):
+        reply = get_json(url, method, token)
         seen.setdefault(reply.get("node", {}).get("pid", 0), reply)
-        if len(seen) >= WORKERS:
+        if len(seen) >= workers:
             return list(seen.values())
-    raise RuntimeError(f"only {len(seen)} of {WORKERS} workers answered")
+    raise RuntimeError(f"only {len(seen)} of {workers} workers answered")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def fetch_all(url: str, method: str = "GET") -> dict:  # type: ignore[type-arg]
@@ -308,12 +320,7 @@ def server(baseline: bool, port: int):  # type: ignore[no-untyped-def]
             time.sleep(0.1)
         yield proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -66,6 +65,7 @@ import uvloop
 import websockets
 
 from api.simulator import telnyx_messages
+from bench.capacity import every_worker, stop
 
 RATE = 8000
 FRAME = RATE // 50  # samples per 20 ms
@@ -338,24 +338,17 @@ def spawned(workers: int, stt: str, deepgram_url: str | None, tmp: Path) -> Iter
     try:
         deadline = time.monotonic() + 180
         while True:
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
+            try:  # every worker answers (each names itself), not just the first one listening
+                every_worker(f"{base}/api/stats", workers=workers, token=api_key)
+                break
+            except (OSError, RuntimeError):
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start; see {tmp / 'server.log'}")
             time.sleep(0.2)
-        time.sleep(1.0 * workers)  # every worker listening (readyz answered for one of them)
         yield base, token, api_key
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 60)
         log.close()
 
 
